@@ -1,0 +1,81 @@
+# Visual product search. Everything a target needs (virtualenv, packages, model weights,
+# database schema) is set up by the target itself, once.
+#
+#   make demo                                   build, index and serve the Fashion-MNIST demo
+#   make test                                   run the test suite
+#   make index CATALOG=<folder> [METADATA=<csv or jsonl>]
+#   make serve [PORT=8000]
+#   DATA_DIR=<folder> chooses where the database and index live (default data/)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PORT ?= 8000
+DEMO_CATALOG := demo-catalog
+
+ifdef DATA_DIR
+export DATA_DIR
+endif
+export PYTHONDONTWRITEBYTECODE := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: help venv weights migrate index serve demo demo-catalog test lint format clean
+
+help:
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+
+$(INSTALLED): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+venv: $(INSTALLED)
+
+weights: venv
+	@$(PY) -m indexer weights
+
+migrate: venv
+	@$(PY) -m indexer migrate
+
+index: weights migrate
+	@test -n "$(CATALOG)" || { echo "usage: make index CATALOG=<folder of product photos> [METADATA=<csv or jsonl>]"; exit 2; }
+	$(PY) -m indexer index --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)")
+
+serve: weights migrate
+	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
+
+# Debian's dataset-fashion-mnist package when apt is there; otherwise Keras downloads it.
+demo-catalog: venv
+	@if [ ! -f $(DEMO_CATALOG)/products.csv ]; then \
+	  if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	      || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+	      || echo "apt-get could not install dataset-fashion-mnist; falling back to Keras's download"; \
+	  fi; \
+	  $(PY) -m indexer demo-catalog $(DEMO_CATALOG); \
+	fi
+
+demo: demo-catalog weights migrate
+	$(PY) -m indexer index --catalog $(DEMO_CATALOG)
+	@echo
+	@echo "Demo ready: open http://127.0.0.1:$(PORT)/ and upload a photo from $(DEMO_CATALOG)-queries/"
+	@echo "  or: curl -F image=@$(DEMO_CATALOG)-queries/sneaker-1.png http://127.0.0.1:$(PORT)/api/search"
+	@echo
+	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
+
+test: weights
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf data $(DEMO_CATALOG) $(DEMO_CATALOG)-queries .pytest_cache .ruff_cache

@@ -1,0 +1,103 @@
+"""Command line: `python -m indexer COMMAND`, one command per job.
+
+python -m indexer index --catalog ../shared/datasets/grocery-store --metadata catalog.csv
+python -m indexer weights
+python -m indexer migrate
+python -m indexer demo-catalog demo-catalog
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from indexer.catalog import CatalogError
+from indexer.config import ConfigError, Settings, load_settings
+from indexer.weights import WeightsError
+
+
+def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.indexing import index_catalog
+    from indexer.model import Embedder
+
+    catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
+    metadata = Path(args.metadata) if args.metadata else None
+    if metadata and not metadata.is_absolute() and not metadata.exists():
+        metadata = catalog / metadata  # a bare file name means one inside the catalog folder
+    if not catalog.is_dir():
+        print(
+            f"error: catalog folder {catalog} does not exist. Pass CATALOG=<folder of product photos>.", file=sys.stderr
+        )
+        return 2
+    report = index_catalog(settings, Embedder(settings), catalog, metadata, progress=not args.quiet)
+    print(report.summary())
+    if report.indexed == 0:
+        print("warning: nothing is searchable: the catalog has no readable images.", file=sys.stderr)
+    print(f"Index and database are in {settings.data_dir}. Next: make serve", file=sys.stderr)
+    return 0
+
+
+def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.model import resolve_weights
+
+    print(f"weights ready: {resolve_weights(settings)}")
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.schema import migrate
+
+    migrate(settings.db_url)
+    print(f"database schema is current: {settings.db_url}")
+    return 0
+
+
+def cmd_demo_catalog(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.demo_catalog import write_demo_catalog
+
+    out = write_demo_catalog(Path(args.out), per_category=args.per_category)
+    print(f"demo catalog written to {out} (queries to try in {out.name}-queries/)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m indexer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="config file (default: config.toml, or $SEARCH_CONFIG)")
+    parser.add_argument("--data-dir", help="where the database and index live (default: $DATA_DIR or data/)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="embed a catalog folder and publish its search index")
+    index.add_argument("--catalog", help="folder of product photos (default: catalog.path in config)")
+    index.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
+    index.add_argument("--quiet", action="store_true", help="no progress bars")
+    index.set_defaults(run=cmd_index)
+
+    weights = commands.add_parser("weights", help="fetch and convert the configured model weights")
+    weights.set_defaults(run=cmd_weights)
+
+    migrate = commands.add_parser("migrate", help="create or upgrade the database schema")
+    migrate.set_defaults(run=cmd_migrate)
+
+    demo = commands.add_parser("demo-catalog", help="write the Fashion-MNIST demo catalog")
+    demo.add_argument("out", help="folder to write")
+    demo.add_argument("--per-category", type=int, default=300)
+    demo.set_defaults(run=cmd_demo_catalog)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = {"data_dir": Path(args.data_dir).resolve()} if args.data_dir else {}
+        settings = load_settings(args.config, **overrides)
+        return args.run(settings, args)
+    except (ConfigError, CatalogError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Read a catalog: a folder of product photos plus optional products.csv / .jsonl metadata.
+
+Without metadata every image under the folder is a product whose sku is its
+relative path without extension and whose category is its parent folder.
+With metadata, the rows are the catalog and image paths are relative to the folder.
+Nothing here raises on a bad row or file: problems are collected for the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indexer.images import IMAGE_SUFFIXES
+
+KNOWN_COLUMNS = ("sku", "image", "title", "category", "price", "url")
+METADATA_NAMES = ("products.csv", "products.jsonl")
+
+
+class CatalogError(ValueError):
+    """The catalog as a whole cannot be read (a missing folder, an unusable metadata file)."""
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    """One product photo and the metadata of the product it shows."""
+
+    sku: str
+    rel_path: str
+    path: Path
+    title: str
+    category: str | None = None
+    price: float | None = None
+    url: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CatalogScan:
+    root: Path
+    images: list[CatalogImage]
+    problems: list[str]
+
+    @property
+    def skus(self) -> set[str]:
+        return {image.sku for image in self.images}
+
+
+def default_metadata(root: Path) -> Path | None:
+    return next((root / name for name in METADATA_NAMES if (root / name).is_file()), None)
+
+
+def scan_catalog(root: Path, metadata: Path | None = None) -> CatalogScan:
+    """List the catalog's images; metadata defaults to <root>/products.csv or .jsonl."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise CatalogError(f"catalog folder {root} does not exist")
+    metadata = metadata or default_metadata(root)
+    if metadata is None:
+        return CatalogScan(root, list(_images_from_folder(root)), [])
+    rows, problems = read_metadata(Path(metadata))
+    images = _images_from_rows(root, rows, problems)
+    return CatalogScan(root, images, problems)
+
+
+def _images_from_folder(root: Path):
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not _hidden(path, root):
+            rel = path.relative_to(root)
+            category = rel.parent.name or None
+            yield CatalogImage(
+                sku=rel.with_suffix("").as_posix(),
+                rel_path=rel.as_posix(),
+                path=path,
+                title=path.stem.replace("_", " ").replace("-", " "),
+                category=category,
+            )
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """Rows of products.csv or products.jsonl as (line number, dict), plus problems found."""
+    problems: list[str] = []
+    if not path.is_file():
+        raise CatalogError(f"metadata file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path} is not UTF-8 text ({exc})") from None
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path.name}:{number}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                problems.append(f"{path.name}:{number}: expected a JSON object")
+                continue
+            rows.append((number, {str(k): "" if v is None else str(v) for k, v in record.items()}))
+        return rows, problems
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in ("sku", "image") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CatalogError(f"{path} has no {' or '.join(missing)} column; it needs at least sku,image")
+    rows = [
+        (number, {k: (v or "").strip() for k, v in row.items() if k is not None})
+        for number, row in enumerate(reader, start=2)
+    ]
+    return rows, problems
+
+
+def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImage]:
+    images: list[CatalogImage] = []
+    seen_paths: set[str] = set()
+    for number, row in rows:
+        sku, image = row.get("sku", "").strip(), row.get("image", "").strip()
+        where = f"line {number}"
+        if not sku or not image:
+            problems.append(f"{where}: needs both sku and image")
+            continue
+        path = (root / image).resolve()
+        if not path.is_relative_to(root):
+            problems.append(f"{where}: image {image!r} is outside the catalog folder")
+            continue
+        if not path.is_file():
+            problems.append(f"{where}: image {image!r} does not exist")
+            continue
+        rel = path.relative_to(root).as_posix()
+        if rel in seen_paths:
+            problems.append(f"{where}: image {image!r} is listed twice; keeping the first")
+            continue
+        seen_paths.add(rel)
+        price = _price(row.get("price", ""), where, problems)
+        images.append(
+            CatalogImage(
+                sku=sku,
+                rel_path=rel,
+                path=path,
+                title=row.get("title") or sku,
+                category=row.get("category") or None,
+                price=price,
+                url=row.get("url") or None,
+                attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
+            )
+        )
+    return images
+
+
+def _price(value: str, where: str, problems: list[str]) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        problems.append(f"{where}: price {value!r} is not a number; stored without a price")
+        return None

@@ -1,0 +1,117 @@
+"""Settings for the indexer and the service, read once from config.toml.
+
+Environment variables override the paths so one checkout can serve several
+catalogs: DATA_DIR, CATALOG, METADATA, MODELS_DIR, DATABASE_URL, and
+SEARCH_CONFIG to point at another config file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config.toml"
+
+MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+# The genuine ImageNet MobileNet v1 that `make weights` converts from a PyPI file.
+PYPI_WEIGHTS = "pypi-mobilenet-v1"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    catalog_dir: Path
+    metadata_path: Path | None
+    model_name: str = "mobilenet_v1"
+    weights: str = PYPI_WEIGHTS
+    batch_size: int = 32
+    data_dir: Path = REPO_ROOT / "data"
+    database_url: str = ""
+    index_factory: str = "Flat"
+    models_dir: Path = REPO_ROOT / "models"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_k: int = 12
+    max_k: int = 100
+    max_upload_bytes: int = 10_000_000
+    workers: int = 1
+    threads: int = 4
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'catalog.sqlite3'}"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)
+
+
+def _path(base: Path, value: str | os.PathLike[str]) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
+    """Read config.toml, apply environment overrides, then explicit keyword overrides."""
+    config_path = Path(config_path or os.environ.get("SEARCH_CONFIG") or DEFAULT_CONFIG)
+    try:
+        raw = tomllib.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path} is not valid TOML: {exc}") from None
+    base = config_path.resolve().parent
+    catalog = raw.get("catalog", {})
+    model = raw.get("model", {})
+    index = raw.get("index", {})
+    service = raw.get("service", {})
+    env = os.environ
+
+    catalog_dir = _path(base, env.get("CATALOG") or catalog.get("path", "catalog"))
+    metadata = env.get("METADATA") or catalog.get("metadata") or ""
+    settings = Settings(
+        catalog_dir=catalog_dir,
+        metadata_path=_path(base, metadata) if metadata else None,
+        model_name=model.get("name", "mobilenet_v1"),
+        weights=str(model.get("weights", PYPI_WEIGHTS)),
+        batch_size=int(model.get("batch_size", 32)),
+        data_dir=_path(base, env.get("DATA_DIR") or index.get("data_dir", "data")),
+        database_url=env.get("DATABASE_URL") or index.get("database_url", ""),
+        index_factory=index.get("factory", "Flat"),
+        models_dir=_path(base, env.get("MODELS_DIR") or index.get("models_dir", "models")),
+        host=service.get("host", "127.0.0.1"),
+        port=int(service.get("port", 8000)),
+        default_k=int(service.get("default_k", 12)),
+        max_k=int(service.get("max_k", 100)),
+        max_upload_bytes=int(service.get("max_upload_bytes", 10_000_000)),
+        workers=int(service.get("workers", 1)),
+        threads=int(service.get("threads", 4)),
+    )
+    settings = replace(settings, **overrides) if overrides else settings
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if settings.model_name not in MODEL_NAMES:
+        raise ConfigError(
+            f"model.name = {settings.model_name!r} is not supported; choose one of {', '.join(MODEL_NAMES)}"
+        )
+    if settings.weights == PYPI_WEIGHTS and settings.model_name != "mobilenet_v1":
+        raise ConfigError(
+            f"weights = {PYPI_WEIGHTS!r} exists only for mobilenet_v1; "
+            f'use weights = "imagenet" or a .weights.h5 path with {settings.model_name}'
+        )
+    if not 1 <= settings.default_k <= settings.max_k:
+        raise ConfigError("service.default_k must be between 1 and service.max_k")
+    if settings.batch_size < 1:
+        raise ConfigError("model.batch_size must be at least 1")

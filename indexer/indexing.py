@@ -1,0 +1,262 @@
+"""The indexing job: catalog folder -> embeddings in SQLite -> a published FAISS index.
+
+Incremental: a file whose bytes (sha256) and model are unchanged is not embedded
+again; changed files are re-embedded under the same id; files gone from the
+catalog leave the database and the index. Embeddings are committed in batches,
+so an interrupted run keeps what it finished and the next run carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from tqdm import tqdm
+
+from indexer.catalog import CatalogImage, CatalogScan, scan_catalog
+from indexer.config import Settings
+from indexer.images import ImageError, load_pixels
+from indexer.model import Embedder
+from indexer.schema import Product, ProductImage, open_database
+from indexer.vectors import build_index, publish_index, read_manifest
+
+
+@dataclass
+class IndexReport:
+    catalog: Path
+    scanned: int = 0
+    embedded: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    indexed: int = 0
+    products: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.embed_seconds if self.embed_seconds else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"Indexed {self.catalog}: {self.indexed} images of {self.products} products are searchable.",
+            f"  scanned {self.scanned}, embedded {self.embedded} ({self.images_per_second:.1f} images/s), "
+            f"unchanged {self.unchanged}, removed {self.removed}, skipped {len(self.problems)}, "
+            f"in {self.seconds:.1f} s",
+        ]
+        if self.problems:
+            lines.append(f"  {len(self.problems)} problem(s); these files or rows were skipped:")
+            lines += [f"    - {p}" for p in self.problems[:50]]
+            if len(self.problems) > 50:
+                lines.append(f"    ... and {len(self.problems) - 50} more")
+        return "\n".join(lines)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_and_hash(image: CatalogImage) -> tuple[CatalogImage, str | None, str | None]:
+    try:
+        return image, sha256_bytes(image.path.read_bytes()), None
+    except OSError as exc:
+        return image, None, f"{image.rel_path}: cannot be read ({exc.strerror or exc})"
+
+
+def _decode(image: CatalogImage, size: int) -> tuple[CatalogImage, np.ndarray | None, str | None]:
+    try:
+        return image, load_pixels(image.path, size), None
+    except (ImageError, OSError) as exc:
+        return image, None, str(exc)
+
+
+def decoded_batches(
+    images: list[CatalogImage], size: int, batch_size: int, pool: ThreadPoolExecutor
+) -> Iterator[tuple[list[CatalogImage], np.ndarray, list[tuple[CatalogImage, str]]]]:
+    """Decode the next batch on worker threads while the caller embeds the current one.
+
+    Yields the decoded images, their pixels, and (image, reason) for those that failed.
+    """
+
+    def submit(start: int):
+        return [pool.submit(_decode, image, size) for image in images[start : start + batch_size]]
+
+    pending = submit(0) if images else []
+    start = 0
+    while pending:
+        start += batch_size
+        following = submit(start) if start < len(images) else []
+        good, pixels, problems = [], [], []
+        for future in pending:
+            image, array, problem = future.result()
+            if problem:
+                problems.append((image, problem))
+            else:
+                good.append(image)
+                pixels.append(array)
+        batch = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+        yield good, batch, problems
+        pending = following
+
+
+def _upsert_products(session: Session, images: Iterable[CatalogImage]) -> dict[str, int]:
+    """Create or refresh each product's metadata (its first row wins); returns sku -> product id."""
+    first_rows: dict[str, CatalogImage] = {}
+    for image in images:
+        first_rows.setdefault(image.sku, image)
+    products = {p.sku: p for p in session.scalars(select(Product))}
+    for sku, image in first_rows.items():
+        product = products.setdefault(sku, Product(sku=sku))
+        product.title, product.category, product.price = image.title, image.category, image.price
+        product.url, product.attributes = image.url, dict(image.attributes)
+        session.add(product)
+    session.flush()
+    return {sku: products[sku].id for sku in first_rows}
+
+
+def index_catalog(
+    settings: Settings,
+    embedder: Embedder,
+    catalog_dir: Path | None = None,
+    metadata: Path | None = None,
+    *,
+    sessions: sessionmaker | None = None,
+    progress: bool = True,
+) -> IndexReport:
+    """Bring the database and the FAISS index in line with the catalog folder."""
+    started = time.perf_counter()
+    catalog_dir = Path(catalog_dir or settings.catalog_dir)
+    scan: CatalogScan = scan_catalog(catalog_dir, metadata or settings.metadata_path)
+    report = IndexReport(catalog=scan.root, scanned=len(scan.images), problems=list(scan.problems))
+    sessions = sessions or open_database(settings)
+    model_key = embedder.identity.key
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+        hashed = list(
+            tqdm(
+                pool.map(_read_and_hash, scan.images),
+                total=len(scan.images),
+                desc="Checking files",
+                unit="img",
+                disable=not progress,
+                leave=False,
+            )
+        )
+        with sessions() as session:
+            known = {
+                row.rel_path: (row.sha256, row.model_key)
+                for row in session.execute(select(ProductImage.rel_path, ProductImage.sha256, ProductImage.model_key))
+            }
+        readable: list[CatalogImage] = []
+        to_embed: list[tuple[CatalogImage, str]] = []
+        for image, digest, problem in hashed:
+            if problem:
+                report.problems.append(problem)
+                continue
+            readable.append(image)
+            if known.get(image.rel_path) == (digest, model_key):
+                report.unchanged += 1
+            else:
+                to_embed.append((image, digest))
+        digests = dict((image.rel_path, digest) for image, digest in to_embed)
+
+        with sessions.begin() as session:
+            product_ids = _upsert_products(session, readable)
+
+        failed: set[str] = set()
+        embed_started = time.perf_counter()
+        bar = tqdm(total=len(to_embed), desc="Embedding", unit="img", disable=not progress)
+        for good, pixels, problems in decoded_batches(
+            [image for image, _ in to_embed], embedder.input_size, settings.batch_size, pool
+        ):
+            for image, problem in problems:
+                failed.add(image.rel_path)
+                report.problems.append(f"{image.rel_path}: {problem}")
+            vectors = embedder.embed_pixels(pixels)
+            with sessions.begin() as session:
+                _store_embeddings(session, good, vectors, digests, product_ids, model_key)
+            report.embedded += len(good)
+            bar.update(len(good) + len(problems))
+        bar.close()
+        report.embed_seconds = time.perf_counter() - embed_started
+
+    keep = {image.rel_path: product_ids[image.sku] for image in readable if image.rel_path not in failed}
+    with sessions.begin() as session:
+        report.removed = _remove_missing(session, keep)
+        ids, vectors = _all_embeddings(session, model_key, embedder.identity.dim)
+        report.products = len(set(session.scalars(select(ProductImage.product_id))))
+    manifest = {
+        **embedder.identity.as_dict(),
+        "model_key": model_key,
+        "factory": settings.index_factory,
+        "catalog": str(scan.root),
+        "catalog_fingerprint": _fingerprint(ids, vectors),
+    }
+    current = read_manifest(settings.index_dir) or {}
+    if any(current.get(key) != value for key, value in manifest.items()):
+        # Only publish when something changed, so an idle re-run does not make servers reload.
+        manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        publish_index(settings.index_dir, build_index(ids, vectors, settings.index_factory), manifest)
+    report.indexed = len(ids)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _store_embeddings(session, images, vectors, digests, product_ids, model_key) -> None:
+    rows = {
+        row.rel_path: row
+        for row in session.scalars(select(ProductImage).where(ProductImage.rel_path.in_([i.rel_path for i in images])))
+    }
+    for image, vector in zip(images, vectors, strict=True):
+        row = rows.get(image.rel_path) or ProductImage(rel_path=image.rel_path)
+        row.product_id = product_ids[image.sku]
+        row.path = str(image.path)
+        row.sha256 = digests[image.rel_path]
+        row.model_key = model_key
+        row.embedding = np.asarray(vector, dtype=np.float32).tobytes()
+        session.add(row)
+
+
+def _remove_missing(session: Session, keep: dict[str, int]) -> int:
+    """Delete image rows no longer in the catalog (or no longer readable) and products left
+    without images; re-point kept images whose row now names another sku."""
+    stale, moved = [], []
+    for row_id, rel_path, product_id in session.execute(
+        select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id)
+    ):
+        if rel_path not in keep:
+            stale.append(row_id)
+        elif keep[rel_path] != product_id:
+            moved.append({"id": row_id, "product_id": keep[rel_path]})
+    for start in range(0, len(stale), 500):
+        session.execute(delete(ProductImage).where(ProductImage.id.in_(stale[start : start + 500])))
+    if moved:
+        session.execute(update(ProductImage), moved)
+    session.execute(delete(Product).where(~Product.id.in_(select(ProductImage.product_id))))
+    return len(stale)
+
+
+def _all_embeddings(session: Session, model_key: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = session.execute(
+        select(ProductImage.id, ProductImage.embedding)
+        .where(ProductImage.model_key == model_key)
+        .order_by(ProductImage.id)
+    ).all()
+    ids = np.fromiter((row_id for row_id, _ in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim)
+    return ids, vectors
+
+
+def _fingerprint(ids: np.ndarray, vectors: np.ndarray) -> str:
+    digest = hashlib.sha256(ids.tobytes())
+    digest.update(np.ascontiguousarray(vectors).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,96 @@
+"""The catalog tables (SQLAlchemy 2 ORM) and how to open the database.
+
+An image row's id is its vector's id in the FAISS index, and the row keeps the
+vector itself, so the index can always be rebuilt from the database.
+Alembic migrations in migrations/ create and evolve these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import JSON, Float, ForeignKey, LargeBinary, String, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+from indexer.config import REPO_ROOT, Settings
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Product(Base):
+    __tablename__ = "products"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(String(512), unique=True)
+    title: Mapped[str] = mapped_column(String(1024))
+    category: Mapped[str | None] = mapped_column(String(256), index=True)
+    price: Mapped[float | None] = mapped_column(Float)
+    url: Mapped[str | None] = mapped_column(String(2048))
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+    images: Mapped[list[ProductImage]] = relationship(
+        back_populates="product", cascade="all, delete-orphan", order_by="ProductImage.id"
+    )
+
+
+class ProductImage(Base):
+    __tablename__ = "images"
+
+    # Also the vector's id in the FAISS index.
+    id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"), index=True)
+    # Relative to the catalog folder; the absolute path is what the service reads.
+    rel_path: Mapped[str] = mapped_column(String(2048), unique=True)
+    path: Mapped[str] = mapped_column(String(4096))
+    sha256: Mapped[str] = mapped_column(String(64))
+    model_key: Mapped[str] = mapped_column(String(128))
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+    product: Mapped[Product] = relationship(back_populates="images")
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record) -> None:
+            cursor = connection.cursor()
+            # WAL lets the service read while the indexer writes.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    return engine
+
+
+def migrate(url: str) -> None:
+    """Bring the database schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", url)
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    engine.dispose()
+
+
+def open_database(settings: Settings, *, upgrade: bool = True) -> sessionmaker:
+    """A session factory for the configured database, migrated to the newest schema first."""
+    if upgrade:
+        migrate(settings.db_url)
+    return sessionmaker(make_engine(settings.db_url), expire_on_commit=False)

@@ -1,0 +1,36 @@
+"""Vectors -> search: the Flask service that finds catalog products that look like a photo.
+
+gunicorn 'service:create_app()'     # what `make serve` runs
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from indexer.config import Settings, load_settings
+from indexer.model import Embedder
+from indexer.schema import open_database
+
+
+def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> Flask:
+    """Application factory: settings and the model are loaded once, here, not at import time."""
+    from service.api import api
+    from service.errors import register_error_handlers
+    from service.pages import pages
+    from service.queries import RecentQueries
+    from service.search import CatalogSearch
+
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
+    app.logger.setLevel(logging.INFO)
+    embedder = embedder or Embedder(settings)
+    search = CatalogSearch(settings, embedder, open_database(settings))
+    app.extensions["catalog_search"] = search
+    app.extensions["recent_queries"] = RecentQueries()
+    app.register_blueprint(api)
+    app.register_blueprint(pages)
+    register_error_handlers(app)
+    return app

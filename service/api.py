@@ -1,0 +1,129 @@
+"""JSON API: search by photo, "more like this", catalog photos, health and readiness."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
+from werkzeug.exceptions import NotFound
+
+from service.errors import BadRequest
+from service.preview import render_preview
+from service.queries import read_category, read_k, read_upload
+from service.search import CatalogSearch, Match
+
+api = Blueprint("api", __name__)
+
+
+def catalog_search() -> CatalogSearch:
+    return current_app.extensions["catalog_search"]
+
+
+def result_json(match: Match) -> dict[str, object]:
+    return {
+        **match.as_dict(),
+        "image_url": url_for("api.product_image", sku=match.sku),
+        "product_url": url_for("pages.product_page", sku=match.sku),
+    }
+
+
+def _search_inputs() -> tuple[int, str | None]:
+    settings = catalog_search().settings
+    k = read_k(request, settings.default_k, settings.max_k)
+    return k, read_category(request, catalog_search().categories())
+
+
+@api.post("/api/search")
+def search_by_photo():
+    started = time.perf_counter()
+    search = catalog_search()
+    search.current()  # 503 before reading the upload when there is nothing to search
+    k, category = _search_inputs()
+    query = current_app.extensions["recent_queries"].add(read_upload(request), search.embedder)
+    matches = search.search(query.vector, k, category=category)
+    return jsonify(
+        {
+            "results": [result_json(m) for m in matches],
+            "k": k,
+            "category": category,
+            "query": query.token,
+            "took_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+    )
+
+
+@api.get("/api/products/<path:sku>/similar")
+def similar_products(sku: str):
+    started = time.perf_counter()
+    k, category = _search_inputs()
+    matches = catalog_search().similar(sku, k, category=category)
+    return jsonify(
+        {
+            "sku": sku,
+            "results": [result_json(m) for m in matches],
+            "k": k,
+            "category": category,
+            "took_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+    )
+
+
+@api.get("/api/products/<path:sku>")
+def product_details(sku: str):
+    product = catalog_search().product(sku)
+    return jsonify(
+        {
+            "sku": product.sku,
+            "title": product.title,
+            "category": product.category,
+            "price": product.price,
+            "url": product.url,
+            "attributes": product.attributes,
+            "image_url": url_for("api.product_image", sku=product.sku),
+        }
+    )
+
+
+@api.get("/api/categories")
+def categories():
+    return jsonify({"categories": catalog_search().categories()})
+
+
+@api.get("/images/<path:sku>")
+def product_image(sku: str):
+    # The path comes from the database row the indexer wrote, never from the request.
+    return send_file(catalog_search().image_path(sku), max_age=3600)
+
+
+@api.route("/api/search/preview.png", methods=["GET", "POST"])
+def search_preview():
+    """A Matplotlib grid of a query and its matches: POST a photo, or GET with ?query=<token> or ?sku=."""
+    search = catalog_search()
+    search.current()
+    k, category = _search_inputs()
+    recent = current_app.extensions["recent_queries"]
+    if request.method == "POST":
+        query = recent.add(read_upload(request), search.embedder)
+        thumbnail, matches = query.thumbnail, search.search(query.vector, k, category=category)
+    elif token := request.args.get("query"):
+        query = recent.get(token)
+        if query is None:
+            raise NotFound("that query is no longer remembered; upload the photo again")
+        thumbnail, matches = query.thumbnail, search.search(query.vector, k, category=category)
+    elif sku := request.args.get("sku"):
+        thumbnail, matches = search.image_path(sku), search.similar(sku, k, category=category)
+    else:
+        raise BadRequest("POST a photo as 'image', or GET with ?query=<token from a search> or ?sku=<sku>")
+    png = render_preview(thumbnail, [(m, search.image_path(m.sku)) for m in matches])
+    return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
+
+
+@api.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz():
+    status = catalog_search().status()
+    return jsonify(status), 200 if status["ready"] else 503

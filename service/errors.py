@@ -1,0 +1,48 @@
+"""Errors as JSON for the API and as a short page for people, with the right status."""
+
+from __future__ import annotations
+
+from flask import Flask, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from service.search import NotReady, UnknownProduct
+
+
+class BadRequest(ValueError):
+    """The request is unusable; the message tells the caller what to send instead."""
+
+    status = 400
+
+
+def _respond(status: int, error: str, message: str):
+    if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
+        return jsonify({"error": error, "message": message}), status
+    return render_template("error.html", status=status, error=error, message=message), status
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(BadRequest)
+    def bad_request(exc: BadRequest):
+        return _respond(400, "bad_request", str(exc))
+
+    @app.errorhandler(UnknownProduct)
+    def unknown_product(exc: UnknownProduct):
+        return _respond(404, "not_found", f"no product with sku {exc.args[0]!r}")
+
+    @app.errorhandler(NotReady)
+    def not_ready(exc: NotReady):
+        response = _respond(503, "not_ready", str(exc))
+        response[0].headers["Retry-After"] = "10"
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = f"the upload is larger than the limit of {app.config['MAX_CONTENT_LENGTH']:,} bytes"
+        return _respond(exc.code or 500, exc.name.lower().replace(" ", "_"), message)
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        app.logger.exception("unhandled error on %s %s", request.method, request.path)
+        return _respond(500, "internal_error", "something went wrong on our side; the error has been logged")

@@ -1,0 +1,58 @@
+"""HTML pages for people: upload a photo and browse the matches, product pages with similar items."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from flask import Blueprint, current_app, render_template, request
+
+from service.api import catalog_search
+from service.errors import BadRequest
+from service.queries import read_category, read_k, read_upload
+from service.search import NotReady
+
+pages = Blueprint("pages", __name__)
+
+
+def _data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pages.route("/", methods=["GET", "POST"])
+def search_page():
+    search = catalog_search()
+    status = search.status()
+    context = {
+        "status": status,
+        "categories": search.categories() if status["ready"] else [],
+        "k": search.settings.default_k,
+        "category": None,
+        "matches": None,
+        "error": None,
+    }
+    if request.method == "POST":
+        try:
+            search.current()
+            context["k"] = read_k(request, search.settings.default_k, search.settings.max_k)
+            context["category"] = read_category(request, context["categories"])
+            query = current_app.extensions["recent_queries"].add(read_upload(request), search.embedder)
+        except (BadRequest, NotReady) as exc:
+            context["error"] = str(exc)
+            return render_template("search.html", **context), 400 if isinstance(exc, BadRequest) else 503
+        context.update(
+            query=query,
+            query_image=_data_url(query.thumbnail),
+            matches=search.search(query.vector, context["k"], category=context["category"]),
+        )
+    return render_template("search.html", **context)
+
+
+@pages.get("/products/<path:sku>")
+def product_page(sku: str):
+    search = catalog_search()
+    product = search.product(sku)
+    k = read_k(request, search.settings.default_k, search.settings.max_k)
+    return render_template("product.html", product=product, matches=search.similar(sku, k), k=k)

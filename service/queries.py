@@ -1,0 +1,91 @@
+"""Reading a search request: the uploaded photo, k and the category filter.
+
+Recent uploads are remembered (a small in-memory LRU keyed by the photo's
+sha256) so that a results page can link to its preview grid without the
+shopper uploading the photo again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+from flask import Request
+
+from indexer.images import ImageError, open_image, to_model_input
+from indexer.model import Embedder
+from service.errors import BadRequest
+
+
+@dataclass(frozen=True)
+class Query:
+    token: str
+    vector: np.ndarray
+    thumbnail: object  # a small RGB PIL image of the query, for pages and previews
+
+
+def read_upload(request: Request) -> bytes:
+    upload = request.files.get("image")
+    if upload is None:
+        raise BadRequest("send the photo as a multipart/form-data file field named 'image'")
+    data = upload.read()
+    if not data:
+        raise BadRequest("the uploaded image is empty (0 bytes)")
+    return data
+
+
+def read_k(request: Request, default: int, most: int) -> int:
+    raw = request.values.get("k", "").strip()
+    if not raw:
+        return default
+    try:
+        k = int(raw)
+    except ValueError:
+        raise BadRequest(f"k must be a whole number from 1 to {most}, not {raw[:40]!r}") from None
+    if k < 1:
+        raise BadRequest(f"k must be a whole number from 1 to {most}")
+    return min(k, most)
+
+
+def read_category(request: Request, known: list[str]) -> str | None:
+    category = request.values.get("category", "").strip() or None
+    if category is not None and category not in known:
+        raise BadRequest(f"unknown category {category[:80]!r}; GET /api/categories lists them")
+    return category
+
+
+class RecentQueries:
+    """The last few query photos, embedded once, by the sha256 of their bytes."""
+
+    def __init__(self, size: int = 64):
+        self._size = size
+        self._items: OrderedDict[str, Query] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, data: bytes, embedder: Embedder) -> Query:
+        """Decode and embed an uploaded photo once, or return it from the cache."""
+        token = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            if token in self._items:
+                self._items.move_to_end(token)
+                return self._items[token]
+        try:
+            image = open_image(data, target_size=embedder.input_size)
+        except ImageError as exc:
+            raise BadRequest(f"the upload is not a usable image: {exc}") from None
+        vector = embedder.embed_pixels(to_model_input(image, embedder.input_size)[None])[0]
+        thumbnail = image.copy()
+        thumbnail.thumbnail((256, 256))
+        query = Query(token=token, vector=vector, thumbnail=thumbnail)
+        with self._lock:
+            self._items[token] = query
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return query
+
+    def get(self, token: str) -> Query | None:
+        with self._lock:
+            return self._items.get(token)
