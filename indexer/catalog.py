@@ -9,7 +9,9 @@ Nothing here raises on a bad row or file: problems are collected for the report.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +96,8 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[st
         raise CatalogError(f"{path} is not UTF-8 text ({exc})") from None
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # split on \n only: splitlines() also breaks at U+2028, U+0085... which JSON strings may hold
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -107,14 +110,12 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[st
                 continue
             rows.append((number, {str(k): "" if v is None else str(v) for k, v in record.items()}))
         return rows, problems
-    reader = csv.DictReader(text.splitlines())
+    # a stream, not splitlines(): keeps line breaks inside quoted fields and line_num right
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in ("sku", "image") if c not in (reader.fieldnames or [])]
     if missing:
         raise CatalogError(f"{path} has no {' or '.join(missing)} column; it needs at least sku,image")
-    rows = [
-        (number, {k: (v or "").strip() for k, v in row.items() if k is not None})
-        for number, row in enumerate(reader, start=2)
-    ]
+    rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}) for row in reader]
     return rows, problems
 
 
@@ -159,7 +160,10 @@ def _price(value: str, where: str, problems: list[str]) -> float | None:
     if not value:
         return None
     try:
-        return float(value)
+        price = float(value)
+        if not math.isfinite(price):  # nan / inf would end up as invalid JSON in the API
+            raise ValueError(value)
+        return price
     except ValueError:
         problems.append(f"{where}: price {value!r} is not a number; stored without a price")
         return None

@@ -71,10 +71,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # 16-bit and float images: map the full range to 8 bits instead of clipping at 255.
         array = np.asarray(image, dtype=np.float32)
         peak = float(array.max(initial=0))
-        top = max(peak, 1.0) if image.mode == "F" else (65535.0 if peak > 255 else 255.0)
+        if image.mode == "F":
+            top = max(peak, 1.0)
+        elif image.mode.startswith("I;16") or peak > 255:  # I;16* is 16-bit even when dark
+            top = 65535.0
+        else:  # plain I may hold 8-bit values
+            top = 255.0
         image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # a transparent palette entry, grey level or colour (PNG tRNS, GIF)
+        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))

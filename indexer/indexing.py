@@ -189,9 +189,11 @@ def index_catalog(
         bar.close()
         report.embed_seconds = time.perf_counter() - embed_started
 
-    keep = {image.rel_path: product_ids[image.sku] for image in readable if image.rel_path not in failed}
+    keep = {
+        image.rel_path: (product_ids[image.sku], str(image.path)) for image in readable if image.rel_path not in failed
+    }
     with sessions.begin() as session:
-        report.removed = _remove_missing(session, keep)
+        report.removed = _reconcile_rows(session, keep)
         ids, vectors = _all_embeddings(session, model_key, embedder.identity.dim)
         report.products = len(set(session.scalars(select(ProductImage.product_id))))
     manifest = {
@@ -226,21 +228,21 @@ def _store_embeddings(session, images, vectors, digests, product_ids, model_key)
         session.add(row)
 
 
-def _remove_missing(session: Session, keep: dict[str, int]) -> int:
+def _reconcile_rows(session: Session, keep: dict[str, tuple[int, str]]) -> int:
     """Delete image rows no longer in the catalog (or no longer readable) and products left
-    without images; re-point kept images whose row now names another sku."""
-    stale, moved = [], []
-    for row_id, rel_path, product_id in session.execute(
-        select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id)
+    without images; re-point kept rows whose sku or absolute path changed. Returns rows deleted."""
+    stale, changed = [], []
+    for row_id, rel_path, product_id, path in session.execute(
+        select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id, ProductImage.path)
     ):
         if rel_path not in keep:
             stale.append(row_id)
-        elif keep[rel_path] != product_id:
-            moved.append({"id": row_id, "product_id": keep[rel_path]})
+        elif keep[rel_path] != (product_id, path):
+            changed.append({"id": row_id, "product_id": keep[rel_path][0], "path": keep[rel_path][1]})
     for start in range(0, len(stale), 500):
         session.execute(delete(ProductImage).where(ProductImage.id.in_(stale[start : start + 500])))
-    if moved:
-        session.execute(update(ProductImage), moved)
+    if changed:
+        session.execute(update(ProductImage), changed)
     session.execute(delete(Product).where(~Product.id.in_(select(ProductImage.product_id))))
     return len(stale)
 

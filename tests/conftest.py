@@ -1,0 +1,72 @@
+"""Shared fixtures: settings in a temporary folder, the real embedding model, small real catalogs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from indexer.config import REPO_ROOT, Settings, load_settings
+
+GROCERY = Path(os.environ.get("GROCERY_DIR", REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"))
+
+# Real photos that scikit-image ships, by category: a tiny catalog that is always there.
+SKIMAGE_CATALOG = {
+    "animals": ["chelsea"],
+    "drinks": ["coffee"],
+    "people": ["astronaut", "camera"],
+    "space": ["rocket"],
+    "medical": ["retina"],
+}
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    """config.toml as shipped, ignoring the environment's path overrides."""
+    for name in ("DATA_DIR", "CATALOG", "METADATA", "DATABASE_URL", "SEARCH_CONFIG"):
+        os.environ.pop(name, None)
+    return load_settings(REPO_ROOT / "config.toml")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, base_settings: Settings) -> Settings:
+    return base_settings.with_overrides(
+        data_dir=tmp_path / "data", catalog_dir=tmp_path / "catalog", metadata_path=None, batch_size=4
+    )
+
+
+@pytest.fixture(scope="session")
+def embedder(base_settings: Settings):
+    """The real MobileNet v1 with genuine ImageNet weights (converted by `make weights`)."""
+    from indexer.model import Embedder
+
+    return Embedder(base_settings)
+
+
+def skimage_photo(name: str) -> Image.Image:
+    return Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
+
+
+def write_skimage_catalog(folder: Path) -> Path:
+    """A category-per-folder catalog of scikit-image's real photos, as JPEGs."""
+    for category, names in SKIMAGE_CATALOG.items():
+        (folder / category).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            skimage_photo(name).save(folder / category / f"{name}.jpg", quality=92)
+    return folder
+
+
+@pytest.fixture
+def skimage_catalog(tmp_path: Path) -> Path:
+    return write_skimage_catalog(tmp_path / "catalog")
+
+
+@pytest.fixture(scope="session")
+def grocery() -> Path:
+    if not (GROCERY / "catalog.csv").exists():
+        pytest.skip(f"the grocery-store dataset is not at {GROCERY} (set GROCERY_DIR to its folder)")
+    return GROCERY

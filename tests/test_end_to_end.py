@@ -1,0 +1,95 @@
+"""End to end on real shop photos: `python -m indexer index` on a small grocery catalog,
+then shopper photos searched over HTTP through the Flask app."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from indexer.config import REPO_ROOT
+from service import create_app
+
+# Ten products from different coarse groups, with all their catalog photos (about 420).
+CATEGORIES = (
+    "Banana", "Carrots", "Kiwi", "Lemon", "Watermelon",
+    "Oatly-Oat-Milk", "Pineapple", "Pomegranate", "Red-Bell-Pepper", "Brown-Cap-Mushroom",
+)  # fmt: skip
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def small_grocery_catalog(grocery, tmp_path_factory):
+    """A products.csv in a temporary folder whose image paths point into the shared dataset."""
+    rows = read_csv(grocery / "catalog.csv")
+    chosen = [row for row in rows if row["category"] in CATEGORIES]
+    metadata = tmp_path_factory.mktemp("grocery") / "products.csv"
+    with open(metadata, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=rows[0].keys())
+        writer.writeheader()
+        writer.writerows(chosen)
+    return grocery, metadata, len(chosen)
+
+
+@pytest.fixture(scope="module")
+def indexed(small_grocery_catalog, base_settings, tmp_path_factory):
+    catalog, metadata, count = small_grocery_catalog
+    data_dir = tmp_path_factory.mktemp("grocery-data")
+    command = [
+        sys.executable,
+        "-m",
+        "indexer",
+        "index",
+        "--catalog",
+        str(catalog),
+        "--metadata",
+        str(metadata),
+        "--quiet",
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATA_DIR": str(data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{count} images of {count} products are searchable" in result.stdout
+    return base_settings.with_overrides(data_dir=data_dir)
+
+
+def middle_query_per_category(grocery):
+    """One held-out shop photo per category: the middle one of its test photos."""
+    queries = read_csv(grocery / "queries.csv")
+    per_category = [[q for q in queries if q["category"] == c] for c in CATEGORIES]
+    return [photos[len(photos) // 2] for photos in per_category]
+
+
+def test_shopper_photos_find_products_of_their_category(indexed, embedder, grocery):
+    client = create_app(indexed, embedder).test_client()
+    hits = []
+    for query in middle_query_per_category(grocery):
+        photo = (grocery / query["image"]).read_bytes()
+        response = client.post(
+            "/api/search", data={"image": (io.BytesIO(photo), "q.jpg"), "k": "5"}, content_type="multipart/form-data"
+        )
+        assert response.status_code == 200
+        hits.append(response.json["results"][0]["category"] == query["category"])
+    assert sum(hits) >= 8, f"top-1 category hits: {sum(hits)}/10"
+
+
+def test_re_running_the_indexer_embeds_nothing(indexed, small_grocery_catalog, embedder):
+    from indexer.indexing import index_catalog
+
+    catalog, metadata, count = small_grocery_catalog
+    report = index_catalog(indexed, embedder, catalog, metadata, progress=False)
+    assert (report.embedded, report.unchanged, report.indexed) == (0, count, count)
