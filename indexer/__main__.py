@@ -19,7 +19,7 @@ from indexer.weights import WeightsError
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     from indexer.indexing import index_catalog
-    from indexer.model import Embedder
+    from indexer.model import load_embedder
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = Path(args.metadata) if args.metadata else None
@@ -30,7 +30,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             f"error: catalog folder {catalog} does not exist. Pass CATALOG=<folder of product photos>.", file=sys.stderr
         )
         return 2
-    report = index_catalog(settings, Embedder(settings), catalog, metadata, progress=not args.quiet)
+    report = index_catalog(settings, load_embedder(settings), catalog, metadata, progress=not args.quiet)
     print(report.summary())
     if report.indexed == 0:
         print("warning: nothing is searchable: the catalog has no readable images.", file=sys.stderr)
@@ -39,9 +39,11 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.model import resolve_weights
+    from indexer.model import ensure_litert_export, resolve_weights
 
     print(f"weights ready: {resolve_weights(settings)}")
+    if settings.engine == "litert":
+        print(f"LiteRT model ready: {ensure_litert_export(settings).model_path}")
     return 0
 
 
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--quiet", action="store_true", help="no progress bars")
     index.set_defaults(run=cmd_index)
 
-    weights = commands.add_parser("weights", help="fetch and convert the configured model weights")
+    weights = commands.add_parser(
+        "weights", help="fetch and convert the configured model weights (and its LiteRT model)"
+    )
     weights.set_defaults(run=cmd_weights)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the database schema")

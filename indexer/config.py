@@ -31,6 +31,10 @@ class Settings:
     model_name: str = "mobilenet_v1"
     weights: str = PYPI_WEIGHTS
     batch_size: int = 32
+    engine: str = "litert"
+    # Inference threads per engine and image-decoding threads while indexing; 0 = one per CPU core.
+    model_threads: int = 0
+    decode_workers: int = 0
     data_dir: Path = REPO_ROOT / "data"
     database_url: str = ""
     index_factory: str = "Flat"
@@ -41,7 +45,19 @@ class Settings:
     max_k: int = 100
     max_upload_bytes: int = 10_000_000
     workers: int = 1
-    threads: int = 4
+    threads: int = 0
+
+    @property
+    def inference_threads(self) -> int:
+        return self.model_threads or cpu_count()
+
+    @property
+    def decode_threads(self) -> int:
+        return self.decode_workers or cpu_count()
+
+    @property
+    def server_threads(self) -> int:
+        return self.threads or cpu_count()
 
     @property
     def db_url(self) -> str:
@@ -53,6 +69,14 @@ class Settings:
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (respects affinity and container limits where the OS reports them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _path(base: Path, value: str | os.PathLike[str]) -> Path:
@@ -84,6 +108,9 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         model_name=model.get("name", "mobilenet_v1"),
         weights=str(model.get("weights", PYPI_WEIGHTS)),
         batch_size=int(model.get("batch_size", 32)),
+        engine=env.get("ENGINE") or model.get("engine", "litert"),
+        model_threads=int(model.get("threads", 0)),
+        decode_workers=int(index.get("decode_workers", 0)),
         data_dir=_path(base, env.get("DATA_DIR") or index.get("data_dir", "data")),
         database_url=env.get("DATABASE_URL") or index.get("database_url", ""),
         index_factory=index.get("factory", "Flat"),
@@ -94,7 +121,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         max_k=int(service.get("max_k", 100)),
         max_upload_bytes=int(service.get("max_upload_bytes", 10_000_000)),
         workers=int(service.get("workers", 1)),
-        threads=int(service.get("threads", 4)),
+        threads=int(service.get("threads", 0)),
     )
     settings = replace(settings, **overrides) if overrides else settings
     validate(settings)
@@ -111,6 +138,8 @@ def validate(settings: Settings) -> None:
             f"weights = {PYPI_WEIGHTS!r} exists only for mobilenet_v1; "
             f'use weights = "imagenet" or a .weights.h5 path with {settings.model_name}'
         )
+    if settings.engine not in ("litert", "keras"):
+        raise ConfigError(f'model.engine = {settings.engine!r}: choose "litert" or "keras"')
     if not 1 <= settings.default_k <= settings.max_k:
         raise ConfigError("service.default_k must be between 1 and service.max_k")
     if settings.batch_size < 1:

@@ -140,7 +140,7 @@ def index_catalog(
     sessions = sessions or open_database(settings)
     model_key = embedder.identity.key
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode") as pool:
         hashed = list(
             tqdm(
                 pool.map(_read_and_hash, scan.images),
@@ -199,6 +199,8 @@ def index_catalog(
     manifest = {
         **embedder.identity.as_dict(),
         "model_key": model_key,
+        "engine": embedder.engine.name,
+        "tflite_sha256": embedder.tflite_sha256,
         "factory": settings.index_factory,
         "catalog": str(scan.root),
         "catalog_fingerprint": _fingerprint(ids, vectors),

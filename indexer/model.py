@@ -1,7 +1,8 @@
 """The embedding model: MobileNet without its classifier, pixels in, unit vectors out.
 
-The Keras model takes uint8-range RGB pixels and does its own input scaling,
-so callers never need to know which MobileNet variant is configured.
+The network takes uint8-range RGB pixels and does its own input scaling, so
+callers never need to know which MobileNet variant is configured. Keras builds
+it; `load_embedder` runs it with the configured engine (LiteRT by default).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from indexer.config import PYPI_WEIGHTS, ConfigError, Settings
+from indexer.engines import Engine, KerasEngine, LiteRTEngine, LiteRTExport, export_litert, export_path, read_export
 from indexer.images import load_pixels
+from indexer.weights import sha256_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,6 +34,10 @@ class ModelIdentity:
 
     def as_dict(self) -> dict[str, object]:
         return {"model": self.name, "weights_sha256": self.weights_sha256, "dim": self.dim}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelIdentity:
+        return cls(name=data["model"], weights_sha256=data["weights_sha256"], dim=int(data["dim"]))
 
     @property
     def key(self) -> str:
@@ -123,29 +130,63 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 class Embedder:
     """Embeds batches of pixels or single images into L2-normalised float32 vectors."""
 
-    def __init__(self, settings: Settings):
-        import tensorflow as tf
-
-        self.settings = settings
+    def __init__(self, engine: Engine, identity: ModelIdentity, tflite_sha256: str | None = None):
+        self.engine = engine
+        self.identity = identity
+        self.tflite_sha256 = tflite_sha256
         self.input_size = INPUT_SIZE
-        self.model = build_feature_model(settings)
-        self.identity = ModelIdentity(
-            name=settings.model_name,
-            weights_sha256=weights_fingerprint(self.model),
-            dim=int(self.model.output_shape[-1]),
-        )
-        signature = tf.TensorSpec((None, INPUT_SIZE, INPUT_SIZE, 3), tf.uint8)
-        self._forward = tf.function(
-            lambda pixels: self.model(tf.cast(pixels, tf.float32), training=False),
-            input_signature=[signature],
-        )
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 pixels -> (N, dim) unit vectors."""
         if len(pixels) == 0:
             return np.zeros((0, self.identity.dim), dtype=np.float32)
-        return l2_normalize(self._forward(np.ascontiguousarray(pixels, dtype=np.uint8)).numpy())
+        return l2_normalize(self.engine.features(pixels))
 
     def embed_image(self, source: bytes | str | Path) -> np.ndarray:
         """One image file or upload -> (dim,) unit vector; raises ImageError for bad input."""
         return self.embed_pixels(load_pixels(source, self.input_size)[None])[0]
+
+
+def identity_of(settings: Settings, feature_model) -> ModelIdentity:
+    return ModelIdentity(settings.model_name, weights_fingerprint(feature_model), int(feature_model.output_shape[-1]))
+
+
+def weights_key(settings: Settings, *, convert: bool = True) -> str:
+    """Names the configured weights without loading them: a file's sha256, or "imagenet"."""
+    if settings.weights == "imagenet":
+        return "imagenet"
+    if settings.weights == PYPI_WEIGHTS and not convert:
+        from indexer.weights import WEIGHTS_FILE
+
+        path = settings.models_dir / WEIGHTS_FILE
+        if not path.exists():
+            raise ConfigError(f"the model weights are not converted yet ({path}); run `make weights`")
+        return sha256_file(path)
+    return sha256_file(Path(resolve_weights(settings)))
+
+
+def ensure_litert_export(settings: Settings, *, create: bool = True) -> LiteRTExport:
+    """The .tflite conversion of the configured model, converting it (with TensorFlow) if allowed."""
+    path = export_path(settings.models_dir, settings.model_name, weights_key(settings, convert=create))
+    export = read_export(path)
+    if export is None:
+        if not create:
+            raise ConfigError(f"no LiteRT model at {path} for the configured weights yet; run `make weights`")
+        feature_model = build_feature_model(settings)
+        export = export_litert(feature_model, identity_of(settings, feature_model).as_dict(), path)
+    return export
+
+
+def load_embedder(settings: Settings, *, engine: str | None = None, create_export: bool = True) -> Embedder:
+    """The configured engine with the configured model; LiteRT never imports TensorFlow
+    unless it must convert the model first (and create_export allows it)."""
+    engine = engine or settings.engine
+    if engine == "keras":
+        feature_model = build_feature_model(settings)
+        return Embedder(KerasEngine(feature_model), identity_of(settings, feature_model))
+    export = ensure_litert_export(settings, create=create_export)
+    return Embedder(
+        LiteRTEngine(export.model_path, settings.inference_threads),
+        ModelIdentity.from_dict(export.identity),
+        tflite_sha256=export.tflite_sha256,
+    )

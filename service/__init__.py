@@ -9,8 +9,8 @@ import logging
 
 from flask import Flask
 
-from indexer.config import Settings, load_settings
-from indexer.model import Embedder
+from indexer.config import Settings, cpu_count, load_settings
+from indexer.model import Embedder, load_embedder
 from indexer.schema import open_database
 
 
@@ -26,7 +26,11 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
     app.logger.setLevel(logging.INFO)
-    embedder = embedder or Embedder(settings)
+    if embedder is None:
+        if not settings.model_threads:
+            # Each server thread has its own interpreter; together they should fill the cores, not oversubscribe them.
+            settings = settings.with_overrides(model_threads=max(1, cpu_count() // settings.server_threads))
+        embedder = load_embedder(settings, create_export=False)
     search = CatalogSearch(settings, embedder, open_database(settings))
     app.extensions["catalog_search"] = search
     app.extensions["recent_queries"] = RecentQueries()

@@ -41,10 +41,18 @@ def settings(tmp_path: Path, base_settings: Settings) -> Settings:
 
 @pytest.fixture(scope="session")
 def embedder(base_settings: Settings):
-    """The real MobileNet v1 with genuine ImageNet weights (converted by `make weights`)."""
-    from indexer.model import Embedder
+    """The real MobileNet v1 with genuine ImageNet weights, run by the default engine (LiteRT)."""
+    from indexer.model import load_embedder
 
-    return Embedder(base_settings)
+    return load_embedder(base_settings)
+
+
+@pytest.fixture(scope="session")
+def keras_embedder(base_settings: Settings):
+    """The same model run by TensorFlow/Keras."""
+    from indexer.model import load_embedder
+
+    return load_embedder(base_settings, engine="keras")
 
 
 def skimage_photo(name: str) -> Image.Image:

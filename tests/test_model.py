@@ -7,7 +7,7 @@ import pytest
 
 from indexer.config import ConfigError
 from indexer.images import load_pixels, to_model_input
-from indexer.model import Embedder, resolve_weights
+from indexer.model import load_embedder, resolve_weights
 from tests.conftest import skimage_photo
 
 
@@ -51,5 +51,5 @@ def test_missing_weights_file_is_a_config_error(settings, tmp_path):
 
 def test_a_weights_file_path_loads_the_same_model(settings, embedder):
     converted = resolve_weights(settings)
-    same = Embedder(settings.with_overrides(weights=converted))
+    same = load_embedder(settings.with_overrides(weights=converted), engine="keras")
     assert same.identity == embedder.identity

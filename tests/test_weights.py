@@ -28,7 +28,7 @@ def test_cached_frozen_graph_matches_its_published_checksum(base_settings):
     assert sha256_file(base_settings.models_dir / GRAPH_FILE) == GRAPH_SHA256
 
 
-def test_keras_pooled_features_match_the_frozen_graph(base_settings, embedder):
+def test_keras_pooled_features_match_the_frozen_graph(base_settings, keras_embedder):
     import tensorflow as tf
 
     pixels = np.stack([to_model_input(skimage_photo(name), 224) for name in ("chelsea", "astronaut")])
@@ -42,7 +42,7 @@ def test_keras_pooled_features_match_the_frozen_graph(base_settings, embedder):
             for image in scaled:  # the frozen graph's input is fixed at batch 1
                 pooled = session.run("MobilenetV1/Logits/AvgPool_1a/AvgPool:0", {"input:0": image[None]})
                 frozen.append(pooled.reshape(-1))
-    keras_features = embedder.model(pixels.astype(np.float32), training=False).numpy()
+    keras_features = keras_embedder.engine.features(pixels)
     np.testing.assert_allclose(keras_features, np.stack(frozen), atol=2e-5)
 
 
