@@ -5,6 +5,7 @@
 #   make test                                   run the test suite
 #   make index CATALOG=<folder> [METADATA=<csv or jsonl>]
 #   make serve [PORT=8000]
+#   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
 
 PYTHON ?= python3
@@ -20,10 +21,10 @@ endif
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv weights migrate index serve demo demo-catalog test lint format clean
+.PHONY: help venv weights migrate index serve demo demo-catalog test bench lint format clean
 
 help:
-	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
 
 $(INSTALLED): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +69,10 @@ demo: demo-catalog weights migrate
 
 test: weights
 	$(PY) -m pytest
+
+# Throughput, latency and memory on a real catalog (default: the grocery-store dataset beside the repo).
+bench: weights migrate
+	$(PY) -m bench $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
 
 lint: venv
 	$(VENV)/bin/ruff check .

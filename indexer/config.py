@@ -32,9 +32,10 @@ class Settings:
     weights: str = PYPI_WEIGHTS
     batch_size: int = 32
     engine: str = "litert"
-    # Inference threads per engine and image-decoding threads while indexing; 0 = one per CPU core.
+    # Inference threads per interpreter, and indexing threads (each decodes a batch and embeds it
+    # with its own interpreter); 0 = automatic.
     model_threads: int = 0
-    decode_workers: int = 0
+    index_workers: int = 0
     data_dir: Path = REPO_ROOT / "data"
     database_url: str = ""
     index_factory: str = "Flat"
@@ -48,12 +49,12 @@ class Settings:
     threads: int = 0
 
     @property
-    def inference_threads(self) -> int:
-        return self.model_threads or cpu_count()
+    def embed_workers(self) -> int:
+        return self.index_workers or cpu_count()
 
     @property
-    def decode_threads(self) -> int:
-        return self.decode_workers or cpu_count()
+    def inference_threads(self) -> int:
+        return self.model_threads or cpu_count()
 
     @property
     def server_threads(self) -> int:
@@ -110,7 +111,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         batch_size=int(model.get("batch_size", 32)),
         engine=env.get("ENGINE") or model.get("engine", "litert"),
         model_threads=int(model.get("threads", 0)),
-        decode_workers=int(index.get("decode_workers", 0)),
+        index_workers=int(index.get("workers", 0)),
         data_dir=_path(base, env.get("DATA_DIR") or index.get("data_dir", "data")),
         database_url=env.get("DATABASE_URL") or index.get("database_url", ""),
         index_factory=index.get("factory", "Flat"),

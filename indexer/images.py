@@ -97,3 +97,10 @@ def to_model_input(image: Image.Image, size: int) -> np.ndarray:
 def load_pixels(source: bytes | str | Path, size: int) -> np.ndarray:
     """Decode and resize in one step: what both the indexer and the service call."""
     return to_model_input(open_image(source, target_size=size), size)
+
+
+def thumbnail(source: bytes | str | Path, size: int = 256) -> Image.Image:
+    """A small upright RGB copy for showing to people (pages, preview grids)."""
+    image = open_image(source, target_size=size)
+    image.thumbnail((size, size))
+    return image

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,33 +80,42 @@ def _decode(image: CatalogImage, size: int) -> tuple[CatalogImage, np.ndarray | 
         return image, None, str(exc)
 
 
-def decoded_batches(
-    images: list[CatalogImage], size: int, batch_size: int, pool: ThreadPoolExecutor
-) -> Iterator[tuple[list[CatalogImage], np.ndarray, list[tuple[CatalogImage, str]]]]:
-    """Decode the next batch on worker threads while the caller embeds the current one.
+@dataclass
+class EmbeddedBatch:
+    images: list[CatalogImage]
+    vectors: np.ndarray
+    failures: list[tuple[CatalogImage, str]]
 
-    Yields the decoded images, their pixels, and (image, reason) for those that failed.
-    """
 
-    def submit(start: int):
-        return [pool.submit(_decode, image, size) for image in images[start : start + batch_size]]
+def _decode_and_embed(images: list[CatalogImage], embedder: Embedder) -> EmbeddedBatch:
+    """One worker's unit of work: decode a batch, then embed it with this thread's interpreter."""
+    good, pixels, failures = [], [], []
+    for image in images:
+        _, array, problem = _decode(image, embedder.input_size)
+        if problem:
+            failures.append((image, problem))
+        else:
+            good.append(image)
+            pixels.append(array)
+    size = embedder.input_size
+    batch = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    return EmbeddedBatch(good, embedder.embed_pixels(batch), failures)
 
-    pending = submit(0) if images else []
-    start = 0
+
+def embedded_batches(
+    images: list[CatalogImage], embedder: Embedder, batch_size: int, pool: ThreadPoolExecutor, workers: int
+) -> Iterator[EmbeddedBatch]:
+    """Embed batches on `workers` threads, each decoding and then running its own interpreter, so
+    both kinds of work keep every core busy. Results come back in order; at most 2 batches per
+    worker are in flight, so memory stays bounded for any catalog size."""
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.submit(_decode_and_embed, batch, embedder))
+        if len(pending) >= 2 * workers:
+            yield pending.popleft().result()
     while pending:
-        start += batch_size
-        following = submit(start) if start < len(images) else []
-        good, pixels, problems = [], [], []
-        for future in pending:
-            image, array, problem = future.result()
-            if problem:
-                problems.append((image, problem))
-            else:
-                good.append(image)
-                pixels.append(array)
-        batch = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-        yield good, batch, problems
-        pending = following
+        yield pending.popleft().result()
 
 
 def _upsert_products(session: Session, images: Iterable[CatalogImage]) -> dict[str, int]:
@@ -140,7 +150,7 @@ def index_catalog(
     sessions = sessions or open_database(settings)
     model_key = embedder.identity.key
 
-    with ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool:
         hashed = list(
             tqdm(
                 pool.map(_read_and_hash, scan.images),
@@ -175,17 +185,16 @@ def index_catalog(
         failed: set[str] = set()
         embed_started = time.perf_counter()
         bar = tqdm(total=len(to_embed), desc="Embedding", unit="img", disable=not progress)
-        for good, pixels, problems in decoded_batches(
-            [image for image, _ in to_embed], embedder.input_size, settings.batch_size, pool
+        for batch in embedded_batches(
+            [image for image, _ in to_embed], embedder, settings.batch_size, pool, settings.embed_workers
         ):
-            for image, problem in problems:
+            for image, problem in batch.failures:
                 failed.add(image.rel_path)
                 report.problems.append(f"{image.rel_path}: {problem}")
-            vectors = embedder.embed_pixels(pixels)
             with sessions.begin() as session:
-                _store_embeddings(session, good, vectors, digests, product_ids, model_key)
-            report.embedded += len(good)
-            bar.update(len(good) + len(problems))
+                _store_embeddings(session, batch.images, batch.vectors, digests, product_ids, model_key)
+            report.embedded += len(batch.images)
+            bar.update(len(batch.images) + len(batch.failures))
         bar.close()
         report.embed_seconds = time.perf_counter() - embed_started
 

@@ -31,7 +31,8 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
             # Each server thread has its own interpreter; together they should fill the cores, not oversubscribe them.
             settings = settings.with_overrides(model_threads=max(1, cpu_count() // settings.server_threads))
         embedder = load_embedder(settings, create_export=False)
-    search = CatalogSearch(settings, embedder, open_database(settings))
+    # `make serve` migrates first; a service never changes the schema under a running indexer.
+    search = CatalogSearch(settings, embedder, open_database(settings, upgrade=False))
     app.extensions["catalog_search"] = search
     app.extensions["recent_queries"] = RecentQueries()
     app.register_blueprint(api)

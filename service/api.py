@@ -104,12 +104,12 @@ def search_preview():
     recent = current_app.extensions["recent_queries"]
     if request.method == "POST":
         query = recent.add(read_upload(request), search.embedder)
-        thumbnail, matches = query.thumbnail, search.search(query.vector, k, category=category)
+        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, category=category)
     elif token := request.args.get("query"):
         query = recent.get(token)
         if query is None:
             raise NotFound("that query is no longer remembered; upload the photo again")
-        thumbnail, matches = query.thumbnail, search.search(query.vector, k, category=category)
+        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, category=category)
     elif sku := request.args.get("sku"):
         thumbnail, matches = search.image_path(sku), search.similar(sku, k, category=category)
     else:

@@ -44,7 +44,7 @@ def search_page():
             return render_template("search.html", **context), 400 if isinstance(exc, BadRequest) else 503
         context.update(
             query=query,
-            query_image=_data_url(query.thumbnail),
+            query_image=_data_url(query.thumbnail()),
             matches=search.search(query.vector, context["k"], category=context["category"]),
         )
     return render_template("search.html", **context)

@@ -11,11 +11,9 @@ import math
 import textwrap
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
-from indexer.images import ImageError, open_image
+from indexer.images import ImageError, thumbnail
 
 COLUMNS = 5
 
@@ -24,15 +22,17 @@ def _thumbnail(source: Image.Image | Path) -> Image.Image | None:
     if isinstance(source, Image.Image):
         return source
     try:
-        image = open_image(source, target_size=256)
-    except ImageError:
+        return thumbnail(source)
+    except ImageError:  # a catalog file broken since it was indexed: leave its panel empty
         return None
-    image.thumbnail((256, 256))
-    return image
 
 
 def render_preview(query: Image.Image | Path, matches: list[tuple[object, Path]]) -> bytes:
     """PNG bytes of a grid: the query first, then each (match, image path) in order."""
+    # Imported here: Matplotlib costs start-up time and memory that searches never need.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     panels = [(_thumbnail(query), "query")] + [
         (_thumbnail(path), f"{textwrap.shorten(match.title, 28)}\nscore {match.score:.3f}") for match, path in matches
     ]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from flask import Request
+from PIL import Image
 
-from indexer.images import ImageError, open_image, to_model_input
+from indexer.images import ImageError, open_image, thumbnail, to_model_input
 from indexer.model import Embedder
 from service.errors import BadRequest
 
@@ -24,7 +25,11 @@ from service.errors import BadRequest
 class Query:
     token: str
     vector: np.ndarray
-    thumbnail: object  # a small RGB PIL image of the query, for pages and previews
+    photo: bytes
+
+    def thumbnail(self) -> Image.Image:
+        """Made only when a page or preview shows the photo, not on every search."""
+        return thumbnail(self.photo)
 
 
 def read_upload(request: Request) -> bytes:
@@ -58,10 +63,13 @@ def read_category(request: Request, known: list[str]) -> str | None:
 
 
 class RecentQueries:
-    """The last few query photos, embedded once, by the sha256 of their bytes."""
+    """The last few query photos with their vectors, by the sha256 of their bytes, so that a
+    results page can link to its preview. Bounded in count and in bytes held."""
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 64, max_bytes: int = 32_000_000):
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[str, Query] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -77,13 +85,14 @@ class RecentQueries:
         except ImageError as exc:
             raise BadRequest(f"the upload is not a usable image: {exc}") from None
         vector = embedder.embed_pixels(to_model_input(image, embedder.input_size)[None])[0]
-        thumbnail = image.copy()
-        thumbnail.thumbnail((256, 256))
-        query = Query(token=token, vector=vector, thumbnail=thumbnail)
+        query = Query(token=token, vector=vector, photo=data)
         with self._lock:
-            self._items[token] = query
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            if token not in self._items:
+                self._items[token] = query
+                self._bytes += len(data)
+            while self._items and (len(self._items) > self._size or self._bytes > self._max_bytes):
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= len(evicted.photo)
         return query
 
     def get(self, token: str) -> Query | None:

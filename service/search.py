@@ -61,6 +61,7 @@ class CatalogSearch:
         self._lock = threading.Lock()
         self._version: IndexVersion | None = None
         self._problem: str | None = None
+        self._categories: tuple[tuple[int, int], list[str]] | None = None
 
     # --- index version -------------------------------------------------------------------
 
@@ -154,20 +155,21 @@ class CatalogSearch:
 
     def _matches(self, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None) -> list[Match]:
         found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
+        columns = (Product.sku, Product.title, Product.category, Product.price, Product.url)
         with self.sessions() as session:
             rows = session.execute(
-                select(ProductImage.id, Product).join(Product).where(ProductImage.id.in_([i for i, _ in found]))
+                select(ProductImage.id, *columns).join(Product).where(ProductImage.id.in_([i for i, _ in found]))
             ).all()
-        products = {image_id: product for image_id, product in rows}
+        products = {row[0]: row[1:] for row in rows}
         matches: list[Match] = []
         seen: set[str] = set()
         for image_id, score in found:
             product = products.get(image_id)
             # An id the database no longer has was deleted after this index version was built.
-            if product is None or product.sku in seen or product.sku == exclude_sku:
+            if product is None or product[0] in seen or product[0] == exclude_sku:
                 continue
-            seen.add(product.sku)
-            matches.append(Match(product.sku, product.title, product.category, product.price, product.url, score))
+            seen.add(product[0])
+            matches.append(Match(*product, score=score))
             if len(matches) == k:
                 break
         return matches
@@ -192,5 +194,12 @@ class CatalogSearch:
         return Path(path)
 
     def categories(self) -> list[str]:
+        """The catalog's categories, read once per index version."""
+        version = self.current()
+        cached = self._categories
+        if cached is not None and cached[0] == version.manifest_stamp:
+            return cached[1]
         with self.sessions() as session:
-            return sorted(c for c in session.scalars(select(Product.category).distinct()) if c)
+            categories = sorted(c for c in session.scalars(select(Product.category).distinct()) if c)
+        self._categories = (version.manifest_stamp, categories)
+        return categories

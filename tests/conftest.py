@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -53,6 +54,11 @@ def keras_embedder(base_settings: Settings):
     from indexer.model import load_embedder
 
     return load_embedder(base_settings, engine="keras")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def skimage_photo(name: str) -> Image.Image:

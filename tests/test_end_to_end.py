@@ -13,17 +13,13 @@ import pytest
 
 from indexer.config import REPO_ROOT
 from service import create_app
+from tests.conftest import read_csv
 
 # Ten products from different coarse groups, with all their catalog photos (about 420).
 CATEGORIES = (
     "Banana", "Carrots", "Kiwi", "Lemon", "Watermelon",
     "Oatly-Oat-Milk", "Pineapple", "Pomegranate", "Red-Bell-Pepper", "Brown-Cap-Mushroom",
 )  # fmt: skip
-
-
-def read_csv(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")

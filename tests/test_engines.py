@@ -14,8 +14,7 @@ from indexer.config import REPO_ROOT, ConfigError
 from indexer.images import load_pixels
 from indexer.model import ensure_litert_export, load_embedder
 from indexer.vectors import build_index
-from tests.conftest import SKIMAGE_CATALOG
-from tests.test_end_to_end import read_csv
+from tests.conftest import SKIMAGE_CATALOG, read_csv
 
 
 def test_litert_and_keras_vectors_agree_on_real_photos(embedder, keras_embedder, skimage_catalog):

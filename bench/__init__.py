@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` measures speed and memory against baselines from the same run."""

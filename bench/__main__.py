@@ -1,0 +1,290 @@
+"""`make bench`: throughput, latency and memory, each as a ratio to a baseline measured in the same run.
+
+    python -m bench --catalog ../shared/datasets/grocery-store --metadata catalog.csv
+
+Writes bench/results.json and bench/results.png. Everything runs on this machine;
+the HTTP load goes to a gunicorn server on 127.0.0.1 only, bounded in requests and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.load import multipart_body, run_load
+from indexer.catalog import scan_catalog
+from indexer.config import REPO_ROOT, cpu_count, load_settings
+from indexer.images import load_pixels
+from indexer.model import load_embedder
+
+OUT_DIR = REPO_ROOT / "bench"
+
+
+def rate(function, items: list, min_seconds: float) -> float:
+    """Items per second of calling function on each item, looping for at least min_seconds."""
+    function(items[0])  # warm-up
+    done, started = 0, time.perf_counter()
+    while True:
+        for item in items:
+            function(item)
+            done += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return done / elapsed
+
+
+def percentiles(values_ms: list[float]) -> dict[str, float]:
+    return {f"p{p}_ms": round(float(np.percentile(values_ms, p)), 2) for p in (50, 95, 99)}
+
+
+def measure_engine(settings, tensors: np.ndarray) -> dict:
+    """Forward passes on preprocessed tensors, batch 1: one interpreter using every core (the
+    single-image rate, the reference for the ratios), and one single-threaded interpreter per
+    core side by side (how indexing workers and server threads run it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    embedder = load_embedder(settings)
+    single = rate(lambda x: embedder.engine.features(x[None]), list(tensors), 8.0)
+    per_core = load_embedder(settings.with_overrides(model_threads=1))
+    cores = cpu_count()
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        chunks = np.array_split(tensors, cores)
+        parallel = sum(
+            pool.map(lambda chunk: rate(lambda x: per_core.engine.features(x[None]), list(chunk), 8.0), chunks)
+        )
+    return {
+        "engine": embedder.engine.name,
+        "threads": settings.inference_threads,
+        "images_per_s": round(single, 1),
+        "one_thread_per_core_images_per_s": round(parallel, 1),
+    }
+
+
+def measure_seed_baseline(settings, tensors: np.ndarray) -> dict:
+    """How tutorials embed: Keras model.predict on one image at a time."""
+    from indexer.model import build_feature_model
+
+    model = build_feature_model(settings)
+    per_image = rate(lambda x: model.predict(x[None].astype(np.float32), verbose=0), list(tensors[:40]), 6.0)
+    return {"images_per_s": round(per_image, 1)}
+
+
+def measure_indexing(catalog: Path, metadata: Path | None, data_dir: Path) -> dict:
+    """`python -m indexer index` from files into an empty data folder, as a separate process."""
+    command = [sys.executable, "-m", "indexer", "index", "--catalog", str(catalog), "--quiet"]
+    command += ["--metadata", str(metadata)] if metadata else []
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "DATA_DIR": str(data_dir)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    output = process.stdout.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"indexing failed:\n{process.stderr.read()}")
+    count = int(output.split(" images of ")[0].rsplit(" ", 1)[-1])
+    return {"images": count, "seconds": round(seconds, 2), "images_per_s": round(count / seconds, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "summary": output.strip()}  # fmt: skip
+
+
+def measure_in_process(settings, data_dir: Path, photos: list[bytes]) -> dict:
+    """Query latency inside the service (decode + embed + search + product lookup), and its parts alone."""
+    from indexer.schema import open_database
+    from service.search import CatalogSearch
+
+    settings = settings.with_overrides(data_dir=data_dir)
+    embedder = load_embedder(settings)
+    search = CatalogSearch(settings, embedder, open_database(settings))
+    version = search.current()
+    vectors = [embedder.embed_image(photo) for photo in photos]
+    embed_ms = [_timed(embedder.embed_image, photo) for photo in photos]
+    search_ms = [_timed(lambda v: version.index.search(v[None], settings.default_k * 3), v) for v in vectors]
+    query_ms = [_timed(lambda p: search.search(embedder.embed_image(p), settings.default_k), p) for p in photos]
+    one_embedding_and_search = float(np.median(embed_ms) + np.median(search_ms))
+    return {
+        **percentiles(query_ms),
+        "embed_median_ms": round(float(np.median(embed_ms)), 2),
+        "search_median_ms": round(float(np.median(search_ms)), 3),
+        "p50_over_embed_plus_search": round(float(np.median(query_ms)) / one_embedding_and_search, 3),
+    }
+
+
+def _timed(function, argument) -> float:
+    started = time.perf_counter()
+    function(argument)
+    return (time.perf_counter() - started) * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_tree_memory_mb(pid: int) -> dict[str, float]:
+    """Resident and peak resident memory of a process and its children (Linux /proc)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(child) for child in (task / "children").read_text().split()]
+    rss = hwm = 0.0
+    for each in pids:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{each}/status").read_text().splitlines())
+        rss += int(status["VmRSS"].split()[0]) / 1024
+        hwm += int(status["VmHWM"].split()[0]) / 1024
+    return {"processes": len(pids), "rss_mb": round(rss, 1), "peak_rss_mb": round(hwm, 1)}
+
+
+def measure_http(data_dir: Path, photos: list[bytes], levels: tuple[int, ...]) -> dict:
+    """Start the production server as `make serve` does, time it until ready, then load it."""
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(data_dir), "PORT": str(port)}
+    command = [str(Path(sys.executable).with_name("gunicorn")), "--config", "service/gunicorn.conf.py",
+               "--access-logfile", "/dev/null", "service:create_app()"]  # fmt: skip
+    started = time.perf_counter()
+    server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            if server.poll() is not None or time.perf_counter() - started > 60:
+                raise RuntimeError(f"the server did not start:\n{server.stderr.read().decode()}")
+            time.sleep(0.02)
+        ready_seconds = time.perf_counter() - started
+        idle_memory = process_tree_memory_mb(server.pid)
+        bodies = [multipart_body(photo, {"k": "12"}) for photo in photos]
+        run_load(f"{url}/api/search", bodies, clients=1, max_requests=20, max_seconds=10)  # warm-up
+        loads = [run_load(f"{url}/api/search", bodies, clients, max_requests=2000, max_seconds=10).summary()
+                 for clients in levels]  # fmt: skip
+        loaded_memory = process_tree_memory_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"ready_seconds": round(ready_seconds, 2), "memory_idle": idle_memory, "memory_after_load": loaded_memory,
+            "load": loads}  # fmt: skip
+
+
+def chart(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    rates, latency = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    limit = results["engine"]["images_per_s"]
+    bars = {
+        "Keras predict,\none image\n(baseline)": results["seed_baseline"]["images_per_s"],
+        "LiteRT forward\n(the limit)": limit,
+        "make index\nfrom files": results["indexing"]["images_per_s"],
+        **{f"HTTP, {r['clients']}\nclient(s)": r["requests_per_s"] for r in results["http"]["load"]},
+    }
+    drawn = rates.bar(list(bars), list(bars.values()), color=["#999", "#2c7fb8", "#41ab5d"] + ["#fd8d3c"] * 4)
+    rates.bar_label(drawn, labels=[f"{v:.0f}\n{v / limit:.2f}×" for v in bars.values()], fontsize=8)
+    rates.set_ylabel("images or requests per second")
+    rates.set_title("Throughput (ratio to the LiteRT forward rate)")
+    rates.tick_params(axis="x", labelsize=7)
+    rates.margins(y=0.2)
+    loads = results["http"]["load"]
+    for key, marker in (("p50_ms", "o"), ("p95_ms", "s"), ("p99_ms", "^")):
+        latency.plot([r["clients"] for r in loads], [r[key] for r in loads], marker=marker, label=f"HTTP {key[:3]}")
+    latency.axhline(results["in_process"]["p50_ms"], color="#41ab5d", linestyle="--", label="in-process p50")
+    latency.set_xscale("log", base=2)
+    latency.set_xticks([r["clients"] for r in loads], [str(r["clients"]) for r in loads])
+    latency.set_xlabel("concurrent clients")
+    latency.set_ylabel("ms")
+    latency.set_title("Search latency")
+    latency.legend(fontsize=8)
+    figure.suptitle(f"{results['machine']['cpus']} CPUs, {results['machine']['processor']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {"cpus": cpu_count(), "processor": model, "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    default_catalog = REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"
+    parser.add_argument("--catalog", default=str(default_catalog))
+    parser.add_argument("--metadata", help="default: <catalog>/catalog.csv or products.csv when present")
+    parser.add_argument("--queries", type=int, default=200, help="query photos for the latency runs")
+    parser.add_argument("--out", default=str(OUT_DIR))
+    args = parser.parse_args(argv)
+    catalog = Path(args.catalog)
+    metadata = Path(args.metadata) if args.metadata else next(
+        (catalog / n for n in ("catalog.csv", "products.csv") if (catalog / n).exists()), None
+    )  # fmt: skip
+    if metadata and not metadata.is_absolute() and not metadata.exists():
+        metadata = catalog / metadata
+    settings = load_settings()
+    images = scan_catalog(catalog, metadata).images
+    if not images:
+        print(f"error: no images in {catalog}", file=sys.stderr)
+        return 2
+    sample = images[:: max(1, len(images) // args.queries)][: args.queries]
+    photos = [image.path.read_bytes() for image in sample]
+    tensors = np.stack([load_pixels(image.path, 224) for image in sample])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: dict = {"machine": machine(), "catalog": str(catalog), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    steps = [
+        ("engine", "raw engine forward rate", lambda: measure_engine(settings, tensors)),
+        ("seed_baseline", "Keras per-image predict", lambda: measure_seed_baseline(settings, tensors)),
+    ]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data_dir = Path(tmp)
+        steps += [
+            ("indexing", f"python -m indexer index ({len(images)} images)",
+             lambda: measure_indexing(catalog, metadata, data_dir)),
+            ("in_process", "in-process query latency", lambda: measure_in_process(settings, data_dir, photos)),
+            ("http", "HTTP against gunicorn", lambda: measure_http(data_dir, photos, (1, 2, 4, 8))),
+        ]  # fmt: skip
+        for key, title, step in steps:
+            print(f"bench: {title} ...", file=sys.stderr, flush=True)
+            results[key] = step()
+        index_file = data_dir / "index" / json.loads((data_dir / "index" / "manifest.json").read_text())["index_file"]
+        results["index_mb"] = round(index_file.stat().st_size / 2**20, 2)
+
+    limit = results["engine"]["images_per_s"]
+    four = next(r for r in results["http"]["load"] if r["clients"] == 4)
+    results["ratios"] = {
+        "indexing_over_engine": round(results["indexing"]["images_per_s"] / limit, 3),
+        "indexing_over_one_thread_per_core": round(
+            results["indexing"]["images_per_s"] / results["engine"]["one_thread_per_core_images_per_s"], 3
+        ),
+        "indexing_over_seed_baseline": round(
+            results["indexing"]["images_per_s"] / results["seed_baseline"]["images_per_s"], 1
+        ),
+        "in_process_p50_over_embed_plus_search": results["in_process"]["p50_over_embed_plus_search"],
+        "http_4_clients_over_engine": round(four["requests_per_s"] / limit, 3),
+        "server_ready_seconds": results["http"]["ready_seconds"],
+        "server_rss_mb_minus_index": round(results["http"]["memory_after_load"]["rss_mb"] - results["index_mb"], 1),
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    chart(results, out / "results.png")
+    print(json.dumps(results["ratios"], indent=2))
+    print(f"wrote {out / 'results.json'} and {out / 'results.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
