@@ -55,8 +55,8 @@ def measure_engine(settings, tensors: np.ndarray) -> dict:
 
     embedder = load_embedder(settings)
     single = rate(lambda x: embedder.engine.features(x[None]), list(tensors), 8.0)
-    per_core = load_embedder(settings.with_overrides(model_threads=1))
     cores = cpu_count()
+    per_core = load_embedder(settings.with_overrides(model_threads=1), concurrency=cores)
     with ThreadPoolExecutor(max_workers=cores) as pool:
         chunks = np.array_split(tensors, cores)
         parallel = sum(

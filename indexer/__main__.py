@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from indexer.catalog import CatalogError
-from indexer.config import ConfigError, Settings, cpu_count, load_settings
+from indexer.config import ConfigError, Settings, load_settings
 from indexer.weights import WeightsError
 
 
@@ -30,9 +30,9 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
             f"error: catalog folder {catalog} does not exist. Pass CATALOG=<folder of product photos>.", file=sys.stderr
         )
         return 2
-    if not settings.model_threads:  # the cores are shared among the indexing workers' interpreters
-        settings = settings.with_overrides(model_threads=max(1, cpu_count() // settings.embed_workers))
-    report = index_catalog(settings, load_embedder(settings), catalog, metadata, progress=not args.quiet)
+    settings = settings.sharing_cores(settings.embed_workers)
+    embedder = load_embedder(settings, concurrency=settings.embed_workers)
+    report = index_catalog(settings, embedder, catalog, metadata, progress=not args.quiet)
     print(report.summary())
     if report.indexed == 0:
         print("warning: nothing is searchable: the catalog has no readable images.", file=sys.stderr)

@@ -54,11 +54,19 @@ class Settings:
 
     @property
     def inference_threads(self) -> int:
+        """Threads per interpreter: the configured number, or all cores for a lone interpreter."""
         return self.model_threads or cpu_count()
+
+    def sharing_cores(self, interpreters: int) -> Settings:
+        """These settings with the cores divided among `interpreters` running side by side."""
+        if self.model_threads:
+            return self
+        return replace(self, model_threads=max(1, cpu_count() // interpreters))
 
     @property
     def server_threads(self) -> int:
-        return self.threads or cpu_count()
+        # Two per core: while one waits on the network or SQLite, the other runs its interpreter.
+        return self.threads or 2 * cpu_count()
 
     @property
     def db_url(self) -> str:

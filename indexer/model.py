@@ -177,16 +177,19 @@ def ensure_litert_export(settings: Settings, *, create: bool = True) -> LiteRTEx
     return export
 
 
-def load_embedder(settings: Settings, *, engine: str | None = None, create_export: bool = True) -> Embedder:
-    """The configured engine with the configured model; LiteRT never imports TensorFlow
-    unless it must convert the model first (and create_export allows it)."""
+def load_embedder(
+    settings: Settings, *, engine: str | None = None, create_export: bool = True, concurrency: int = 1
+) -> Embedder:
+    """The configured engine with the configured model, for up to `concurrency` simultaneous
+    callers. LiteRT never imports TensorFlow unless it must convert the model first (and
+    create_export allows it)."""
     engine = engine or settings.engine
     if engine == "keras":
         feature_model = build_feature_model(settings)
         return Embedder(KerasEngine(feature_model), identity_of(settings, feature_model))
     export = ensure_litert_export(settings, create=create_export)
     return Embedder(
-        LiteRTEngine(export.model_path, settings.inference_threads),
+        LiteRTEngine(export.model_path, settings.inference_threads, interpreters=concurrency),
         ModelIdentity.from_dict(export.identity),
         tflite_sha256=export.tflite_sha256,
     )

@@ -27,10 +27,9 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
     app.logger.setLevel(logging.INFO)
     if embedder is None:
-        if not settings.model_threads:
-            # Each server thread has its own interpreter; together they should fill the cores, not oversubscribe them.
-            settings = settings.with_overrides(model_threads=max(1, cpu_count() // settings.server_threads))
-        embedder = load_embedder(settings, create_export=False)
+        # One single-threaded interpreter per core, lent to the request threads (two per core).
+        interpreters = min(cpu_count(), settings.server_threads)
+        embedder = load_embedder(settings.sharing_cores(interpreters), create_export=False, concurrency=interpreters)
     # `make serve` migrates first; a service never changes the schema under a running indexer.
     search = CatalogSearch(settings, embedder, open_database(settings, upgrade=False))
     app.extensions["catalog_search"] = search

@@ -7,7 +7,7 @@ from indexer.config import load_settings
 _settings = load_settings()
 bind = f"{_settings.host}:{os.environ.get('PORT') or _settings.port}"
 workers = _settings.workers
-threads = _settings.threads
+threads = _settings.server_threads
 # The first request of a worker may wait for the model to load.
 timeout = 120
 accesslog = "-"

@@ -40,11 +40,12 @@ def test_litert_and_keras_find_the_same_neighbours(embedder, keras_embedder, gro
     assert same.mean() >= 0.99, f"{int(same.sum())}/{len(same)} identical top-5 lists"
 
 
-def test_litert_interpreters_are_safe_to_use_from_many_threads(embedder, skimage_catalog):
+def test_a_pool_of_litert_interpreters_is_safe_to_share_between_threads(base_settings, embedder, skimage_catalog):
     paths = sorted(skimage_catalog.rglob("*.jpg")) * 4
     expected = np.stack([embedder.embed_image(p) for p in paths])
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        concurrent = np.stack(list(pool.map(embedder.embed_image, paths)))
+    pooled = load_embedder(base_settings.with_overrides(model_threads=1), concurrency=3)
+    with ThreadPoolExecutor(max_workers=6) as pool:  # more callers than interpreters: some wait their turn
+        concurrent = np.stack(list(pool.map(pooled.embed_image, paths)))
     np.testing.assert_allclose(concurrent, expected, atol=1e-6)
 
 
