@@ -6,6 +6,7 @@
 #   make index CATALOG=<folder> [METADATA=<csv or jsonl>]
 #   make serve [PORT=8000]
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
+#   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
 
 PYTHON ?= python3
@@ -21,10 +22,10 @@ endif
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv weights migrate index serve demo demo-catalog test bench lint format clean
+.PHONY: help venv weights migrate index serve demo demo-catalog test bench eval finetune lint format clean
 
 help:
-	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
 
 $(INSTALLED): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +74,12 @@ test: weights
 # Throughput, latency and memory on a real catalog (default: the grocery-store dataset beside the repo).
 bench: weights migrate
 	$(PY) -m bench $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
+
+# Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
+eval: weights migrate
+	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category]"; exit 2; }
+	$(PY) -m eval --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
+	  $(if $(QUERIES),--queries "$(QUERIES)") $(if $(LABEL),--label "$(LABEL)")
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -41,6 +41,7 @@ class IndexReport:
     products: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -52,7 +53,7 @@ class IndexReport:
             f"Indexed {self.catalog}: {self.indexed} images of {self.products} products are searchable.",
             f"  scanned {self.scanned}, embedded {self.embedded} ({self.images_per_second:.1f} images/s), "
             f"unchanged {self.unchanged}, removed {self.removed}, skipped {len(self.problems)}, "
-            f"in {self.seconds:.1f} s",
+            f"in {self.seconds:.1f} s, peak memory {self.peak_memory_mb:.0f} MB",
         ]
         if self.problems:
             lines.append(f"  {len(self.problems)} problem(s); these files or rows were skipped:")
@@ -221,7 +222,19 @@ def index_catalog(
         publish_index(settings.index_dir, build_index(ids, vectors, settings.index_factory), manifest)
     report.indexed = len(ids)
     report.seconds = time.perf_counter() - started
+    report.peak_memory_mb = peak_memory_mb()
     return report
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _store_embeddings(session, images, vectors, digests, product_ids, model_key) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import faiss
 from flask import Flask
 
 from indexer.config import Settings, cpu_count, load_settings
@@ -26,6 +27,9 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
     app.logger.setLevel(logging.INFO)
+    # Requests already run in parallel; FAISS's OpenMP threads would spin on the cores the
+    # interpreters need (one query vector is a sub-millisecond search on one core).
+    faiss.omp_set_num_threads(1)
     if embedder is None:
         # One single-threaded interpreter per core, lent to the request threads (two per core).
         interpreters = min(cpu_count(), settings.server_threads)

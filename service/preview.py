@@ -7,8 +7,8 @@ requests share no global figure state.
 from __future__ import annotations
 
 import io
-import math
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -27,25 +27,38 @@ def _thumbnail(source: Image.Image | Path) -> Image.Image | None:
         return None
 
 
+@dataclass(frozen=True)
+class Panel:
+    image: Image.Image | Path | None
+    caption: str
+    colour: str = "black"
+
+
 def render_preview(query: Image.Image | Path, matches: list[tuple[object, Path]]) -> bytes:
-    """PNG bytes of a grid: the query first, then each (match, image path) in order."""
+    """PNG bytes of a grid: the query first, then each (match, image path), COLUMNS to a row."""
+    panels = [Panel(query, "query", "#c0392b")] + [
+        Panel(path, f"{textwrap.shorten(match.title, 28)}\nscore {match.score:.3f}") for match, path in matches
+    ]
+    return render_grid([panels[i : i + COLUMNS] for i in range(0, len(panels), COLUMNS)])
+
+
+def render_grid(rows: list[list[Panel]]) -> bytes:
+    """PNG bytes of rows of captioned photos, axes off (also used by `make eval`)."""
     # Imported here: Matplotlib costs start-up time and memory that searches never need.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(_thumbnail(query), "query")] + [
-        (_thumbnail(path), f"{textwrap.shorten(match.title, 28)}\nscore {match.score:.3f}") for match, path in matches
-    ]
-    columns = min(COLUMNS, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(2.4 * columns, 2.7 * rows), dpi=80)
+    columns = max(len(row) for row in rows)
+    figure = Figure(figsize=(2.4 * columns, 2.7 * len(rows)), dpi=80)
     FigureCanvasAgg(figure)
-    for position, (image, caption) in enumerate(panels, start=1):
-        axes = figure.add_subplot(rows, columns, position)
-        if image is not None:
-            axes.imshow(image)
-        axes.set_title(caption, fontsize=9, color="#c0392b" if position == 1 else "black")
-        axes.axis("off")
+    for row_number, row in enumerate(rows):
+        for column, panel in enumerate(row):
+            axes = figure.add_subplot(len(rows), columns, row_number * columns + column + 1)
+            image = _thumbnail(panel.image) if panel.image is not None else None
+            if image is not None:
+                axes.imshow(image)
+            axes.set_title(panel.caption, fontsize=9, color=panel.colour)
+            axes.axis("off")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -1,0 +1,170 @@
+"""`make eval`: how often the search finds products of the query's category.
+
+    python -m eval --catalog ../shared/datasets/grocery-store --metadata catalog.csv --queries queries.csv
+
+Queries go through the service itself (POST /api/search, or GET /api/products/<sku>/similar for
+leave-one-out when no query set is given) on the index in DATA_DIR, so what is measured is what
+shoppers get. Writes eval/results.json and eval/hardest.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import select
+
+from eval.metrics import hit_matrix, per_label, summarise
+from indexer.config import REPO_ROOT, cpu_count, load_settings
+from indexer.schema import Product
+from indexer.vectors import read_manifest
+
+OUT_DIR = REPO_ROOT / "eval"
+K = 10
+
+
+def product_labels(app, label: str) -> dict[str, str | None]:
+    """sku -> the product's label: its category, or another metadata column (an attribute)."""
+    sessions = app.extensions["catalog_search"].sessions
+    with sessions() as session:
+        products = session.execute(select(Product.sku, Product.category, Product.attributes)).all()
+    if label == "category":
+        return {sku: category for sku, category, _ in products}
+    return {sku: (attributes or {}).get(label) for sku, _, attributes in products}
+
+
+def read_queries(path: Path, catalog: Path, label: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "image" not in rows[0] or label not in rows[0]:
+        raise SystemExit(f"error: {path} needs an 'image' and a '{label}' column")
+    for row in rows:  # like metadata, image paths are relative to the catalog folder
+        row["path"] = str(catalog / row["image"])
+    return rows
+
+
+def run_queries(app, queries: list[dict[str, str]] | None, skus: list[str]) -> list[list[dict]]:
+    """Result lists from the API, one per query photo (or per catalog sku for leave-one-out)."""
+
+    def by_photo(query: dict[str, str]) -> list[dict]:
+        photo = Path(query["path"]).read_bytes()
+        response = app.test_client().post(
+            "/api/search", data={"image": (io.BytesIO(photo), "query.jpg"), "k": str(K)},
+            content_type="multipart/form-data",
+        )  # fmt: skip
+        if response.status_code != 200:
+            raise SystemExit(f"error: {query['image']}: {response.status_code} {response.get_json()}")
+        return response.get_json()["results"]
+
+    def by_sku(sku: str) -> list[dict]:
+        response = app.test_client().get(f"/api/products/{sku}/similar", query_string={"k": K})
+        if response.status_code != 200:
+            raise SystemExit(f"error: {sku}: {response.status_code} {response.get_json()}")
+        return response.get_json()["results"]
+
+    from tqdm import tqdm
+
+    work, items = (by_photo, queries) if queries is not None else (by_sku, skus)
+    with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
+        return list(tqdm(pool.map(work, items), total=len(items), desc="Searching", unit="query"))
+
+
+def hardest_figure(rows: list[dict], app, path: Path, count: int) -> None:
+    from service.preview import Panel, render_grid
+
+    search = app.extensions["catalog_search"]
+    grid = []
+    for row in rows[:count]:
+        panels = [Panel(Path(row["query_path"]), f"query: {row['label']}", "#2c3e50")]
+        for result in row["results"][:5]:
+            hit = result["label"] == row["label"]
+            panels.append(Panel(search.image_path(result["sku"]), f"{result['label']}\nscore {result['score']:.3f}",
+                                "#1e8449" if hit else "#c0392b"))  # fmt: skip
+        grid.append(panels)
+    if grid:
+        path.write_bytes(render_grid(grid))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--catalog", required=True, help="the catalog folder that DATA_DIR's index was built from")
+    parser.add_argument("--metadata", help="accepted for symmetry with `make index`; labels come from the index")
+    parser.add_argument("--queries", help="CSV of query photos (image,<label>); default: leave-one-out")
+    parser.add_argument("--label", default="category", help="the column that defines a hit (default: category)")
+    parser.add_argument("--hardest", type=int, default=8, help="queries shown in eval/hardest.png")
+    parser.add_argument("--out", default=str(OUT_DIR))
+    args = parser.parse_args(argv)
+
+    from service import create_app
+
+    settings = load_settings()
+    catalog = Path(args.catalog).resolve()
+    manifest = read_manifest(settings.index_dir)
+    if manifest is None or Path(manifest["catalog"]) != catalog:
+        built = manifest and manifest["catalog"]
+        print(f"error: the index in {settings.data_dir} is {'of ' + built if built else 'missing'}, not of {catalog};"
+              f" run `make index CATALOG={args.catalog}` first (same DATA_DIR)", file=sys.stderr)  # fmt: skip
+        return 2
+    app = create_app(settings)
+    labels = product_labels(app, args.label)
+    queries = None
+    if args.queries:
+        queries_path = Path(args.queries)
+        if not queries_path.is_absolute() and not queries_path.exists():
+            queries_path = catalog / queries_path
+        queries = read_queries(queries_path, catalog, args.label)
+    skus = sorted(labels)
+    started = time.perf_counter()
+    results = run_queries(app, queries, skus)
+    seconds = time.perf_counter() - started
+    query_labels = [q[args.label] for q in queries] if queries is not None else [labels[s] for s in skus]
+    query_paths = [q["path"] for q in queries] if queries is not None else [
+        str(app.extensions["catalog_search"].image_path(s)) for s in skus
+    ]  # fmt: skip
+    for result_list in results:
+        for result in result_list:
+            result["label"] = labels.get(result["sku"])
+    hits = hit_matrix(query_labels, [[r["label"] for r in rs] for rs in results], K)
+
+    summary = summarise(hits)
+    table = per_label(query_labels, hits)
+    ranked = sorted(range(len(results)), key=lambda i: (hits[i].any(), hits[i].argmax() if hits[i].any() else K,
+                                                       -results[i][0]["score"] if results[i] else 0))  # fmt: skip
+    hardest = [{"query_path": query_paths[i], "label": query_labels[i], "results": results[i][:5]}
+               for i in ranked[: args.hardest]]  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "protocol": "queries" if queries is not None else "leave-one-out",
+        "label": args.label,
+        "catalog": str(catalog),
+        "queries_file": args.queries,
+        "index": {key: manifest.get(key) for key in ("version", "model", "weights_sha256", "dim", "count", "engine")},
+        "seconds": round(seconds, 1),
+        "summary": summary,
+        "per_label": table,
+        "hardest": hardest,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    hardest_figure(hardest, app, out / "hardest.png", args.hardest)
+
+    print(f"{report['protocol']} on {catalog.name}, label '{args.label}', {summary['queries']} queries:")
+    print("  R@1 {recall@1:.3f}  R@5 {recall@5:.3f}  R@10 {recall@10:.3f}  mAP@10 {map@10:.3f}".format(**summary))
+    print("  worst labels:")
+    for row in table[:10]:
+        print(
+            f"    {row['label']:<40} R@1 {row['recall@1']:.2f}  mAP@10 {row['map@10']:.2f}  ({row['queries']} queries)"
+        )
+    print(f"wrote {out / 'results.json'} and {out / 'hardest.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
