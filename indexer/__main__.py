@@ -65,6 +65,30 @@ def cmd_demo_catalog(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.config import ACTIVE_MODEL_FILE
+
+    active = settings.models_dir / ACTIVE_MODEL_FILE
+    if args.reset:
+        active.unlink(missing_ok=True)
+        print("the plain ImageNet model is active again; run `make index` to re-embed the catalog")
+        return 0
+    from indexer.finetune import FinetuneOptions, finetune
+
+    catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
+    metadata = Path(args.metadata) if args.metadata else None
+    if metadata and not metadata.is_absolute() and not metadata.exists():
+        metadata = catalog / metadata
+    options = FinetuneOptions(epochs=args.epochs, views=args.views)
+    summary = finetune(settings, catalog, metadata, options, progress=not args.quiet)
+    print(
+        f"model version {summary['version']} is active: validation R@1 {summary['validation_recall@1']:.3f} "
+        f"(epoch {summary['best_epoch']} of {options.epochs}, {summary['seconds'] / 60:.1f} min)."
+    )
+    print("Next: make index CATALOG=... to re-embed the catalog with it.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m indexer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         "weights", help="fetch and convert the configured model weights (and its LiteRT model)"
     )
     weights.set_defaults(run=cmd_weights)
+
+    tune = commands.add_parser("finetune", help="adapt the model to a catalog's categories (transfer learning)")
+    tune.add_argument("--catalog", help="folder of product photos with a category for each")
+    tune.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
+    tune.add_argument("--epochs", type=int, default=12)
+    tune.add_argument("--views", type=int, default=4, help="augmented views of each photo (the first is unaltered)")
+    tune.add_argument("--reset", action="store_true", help="go back to the plain ImageNet model")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(run=cmd_finetune)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(run=cmd_migrate)

@@ -7,6 +7,7 @@ SEARCH_CONFIG to point at another config file.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, replace
@@ -18,6 +19,8 @@ DEFAULT_CONFIG = REPO_ROOT / "config.toml"
 MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
 # The genuine ImageNet MobileNet v1 that `make weights` converts from a PyPI file.
 PYPI_WEIGHTS = "pypi-mobilenet-v1"
+# Written by `make finetune` in models_dir: the fine-tuned model version in use.
+ACTIVE_MODEL_FILE = "active-model.json"
 
 
 class ConfigError(ValueError):
@@ -32,6 +35,8 @@ class Settings:
     weights: str = PYPI_WEIGHTS
     batch_size: int = 32
     engine: str = "litert"
+    # Weights of a fine-tuned version of this model (from models/active-model.json), if any.
+    finetuned: Path | None = None
     # Inference threads per interpreter, and indexing threads (each decodes a batch and embeds it
     # with its own interpreter); 0 = automatic.
     model_threads: int = 0
@@ -133,8 +138,22 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         threads=int(service.get("threads", 0)),
     )
     settings = replace(settings, **overrides) if overrides else settings
+    if model.get("use_finetuned", True) and "finetuned" not in overrides:
+        settings = replace(settings, finetuned=active_finetuned(settings))
     validate(settings)
     return settings
+
+
+def active_finetuned(settings: Settings) -> Path | None:
+    """The fine-tuned weights `make finetune` activated for this base model and weights, if any."""
+    try:
+        active = json.loads((settings.models_dir / ACTIVE_MODEL_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    if active.get("base_model") != settings.model_name or active.get("base_weights") != settings.weights:
+        return None
+    path = settings.models_dir / active["weights"]
+    return path if path.exists() else None
 
 
 def validate(settings: Settings) -> None:

@@ -209,6 +209,7 @@ def index_catalog(
     manifest = {
         **embedder.identity.as_dict(),
         "model_key": model_key,
+        "model_version": embedder.version,
         "engine": embedder.engine.name,
         "tflite_sha256": embedder.tflite_sha256,
         "factory": settings.index_factory,

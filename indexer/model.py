@@ -100,7 +100,10 @@ def build_feature_model(settings: Settings):
     scaled = (
         pixels if settings.model_name.startswith("mobilenet_v3") else keras.layers.Rescaling(1 / 127.5, -1.0)(pixels)
     )
-    return keras.Model(pixels, backbone(scaled), name="embedder")
+    model = keras.Model(pixels, backbone(scaled), name="embedder")
+    if settings.finetuned is not None:
+        model.load_weights(settings.finetuned)
+    return model
 
 
 def _last_feature_map(model):
@@ -130,10 +133,14 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 class Embedder:
     """Embeds batches of pixels or single images into L2-normalised float32 vectors."""
 
-    def __init__(self, engine: Engine, identity: ModelIdentity, tflite_sha256: str | None = None):
+    def __init__(
+        self, engine: Engine, identity: ModelIdentity, tflite_sha256: str | None = None, version: str = "plain"
+    ):
         self.engine = engine
         self.identity = identity
         self.tflite_sha256 = tflite_sha256
+        # "plain" (ImageNet weights) or the name of a fine-tuned model version.
+        self.version = version
         self.input_size = INPUT_SIZE
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -153,6 +160,8 @@ def identity_of(settings: Settings, feature_model) -> ModelIdentity:
 
 def weights_key(settings: Settings, *, convert: bool = True) -> str:
     """Names the configured weights without loading them: a file's sha256, or "imagenet"."""
+    if settings.finetuned is not None:
+        return sha256_file(settings.finetuned)
     if settings.weights == "imagenet":
         return "imagenet"
     if settings.weights == PYPI_WEIGHTS and not convert:
@@ -184,12 +193,14 @@ def load_embedder(
     callers. LiteRT never imports TensorFlow unless it must convert the model first (and
     create_export allows it)."""
     engine = engine or settings.engine
+    version = settings.finetuned.name.removesuffix(".weights.h5") if settings.finetuned else "plain"
     if engine == "keras":
         feature_model = build_feature_model(settings)
-        return Embedder(KerasEngine(feature_model), identity_of(settings, feature_model))
+        return Embedder(KerasEngine(feature_model), identity_of(settings, feature_model), version=version)
     export = ensure_litert_export(settings, create=create_export)
     return Embedder(
         LiteRTEngine(export.model_path, settings.inference_threads, interpreters=concurrency),
         ModelIdentity.from_dict(export.identity),
         tflite_sha256=export.tflite_sha256,
+        version=version,
     )

@@ -30,7 +30,8 @@ def base_settings() -> Settings:
     """config.toml as shipped, ignoring the environment's path overrides."""
     for name in ("DATA_DIR", "CATALOG", "METADATA", "DATABASE_URL", "SEARCH_CONFIG"):
         os.environ.pop(name, None)
-    return load_settings(REPO_ROOT / "config.toml")
+    # The plain ImageNet model, even where `make finetune` has activated a fine-tuned version.
+    return load_settings(REPO_ROOT / "config.toml").with_overrides(finetuned=None)
 
 
 @pytest.fixture

@@ -1,0 +1,262 @@
+"""Transfer learning: adapt MobileNet's last blocks to a catalog's own categories.
+
+The network up to block 11 stays frozen; its feature maps of several augmented views of each
+catalog photo are computed once and cached on disk. Blocks 12-13 are then trained on those
+maps with a cosine classifier over the catalog's categories (CosFace margin), so that photos of
+one category end up close in cosine similarity: what the index searches by. A stratified
+validation split of the catalog (never the shopper queries) picks the best epoch.
+
+Interrupting is safe: the cache fills in resumable chunks and training resumes from the last
+finished epoch (Keras BackupAndRestore). The result is a new model version under
+models/finetuned/, made the active one in models/active-model.json; `make index` then
+re-embeds everything with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer.catalog import CatalogImage, scan_catalog
+from indexer.config import ACTIVE_MODEL_FILE, Settings
+from indexer.images import load_pixels, open_image
+
+SPLIT_LAYER = "conv_pw_11_relu"
+BACKBONE = "mobilenet_v1_features"
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    epochs: int = 12
+    views: int = 4
+    batch_size: int = 64
+    learning_rate: float = 2e-4
+    scale: float = 24.0
+    margin: float = 0.15
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indexes of training and validation items; each label keeps at least one training item."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted(set(labels)):
+        members = rng.permutation([i for i, item in enumerate(labels) if item == label])
+        held = round(len(members) * fraction) if len(members) >= 4 else 0
+        val += list(members[:held])
+        train += list(members[held:])
+    return np.array(sorted(train)), np.array(sorted(val))
+
+
+def augmented_pixels(image: CatalogImage, view: int, size: int, seed: int) -> np.ndarray:
+    """View 0 is the photo as the indexer sees it; other views are random crops, flips and light changes."""
+    if view == 0:
+        return load_pixels(image.path, size)
+    from PIL import Image, ImageEnhance
+
+    rng = np.random.default_rng([seed, view, int(hashlib.sha1(image.rel_path.encode()).hexdigest()[:8], 16)])
+    photo = open_image(image.path, target_size=size)
+    width, height = photo.size
+    area = width * height * rng.uniform(0.55, 1.0)
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    crop_w = int(min(width, round(np.sqrt(area * ratio))))
+    crop_h = int(min(height, round(np.sqrt(area / ratio))))
+    left, top = rng.integers(0, width - crop_w + 1), rng.integers(0, height - crop_h + 1)
+    photo = photo.crop((left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(0.8, 1.2))
+    photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(0.8, 1.2))
+    return np.asarray(photo.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def split_model(feature_model):
+    """(lower, upper): the frozen network up to SPLIT_LAYER, and the trainable rest that shares
+    its layers (and so its weights) with feature_model."""
+    import keras
+
+    backbone = feature_model.get_layer(BACKBONE)
+    names = [layer.name for layer in backbone.layers]
+    split = names.index(SPLIT_LAYER)
+    scale = feature_model.layers[1]  # pixels -> [-1, 1]
+    pixels = keras.Input(shape=feature_model.input_shape[1:])
+    lower = keras.Model(pixels, keras.Model(backbone.input, backbone.get_layer(SPLIT_LAYER).output)(scale(pixels)))
+    maps = keras.Input(shape=backbone.get_layer(SPLIT_LAYER).output.shape[1:])
+    x = maps
+    for layer in backbone.layers[split + 1 :]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False  # small batches: keep the ImageNet statistics
+        x = layer(x)
+    return lower, keras.Model(maps, x)
+
+
+def _cosine_classifier(classes: int, scale: float, margin: float):
+    import keras
+    from keras import ops
+
+    class CosFace(keras.layers.Layer):
+        """Logits s*(cos - m) for the true class and s*cos otherwise, on unit vectors."""
+
+        def build(self, input_shape):
+            self.centres = self.add_weight(shape=(input_shape[0][-1], classes), initializer="glorot_normal")
+
+        def call(self, inputs):
+            features, labels = inputs
+            cosine = ops.matmul(ops.normalize(features, axis=-1), ops.normalize(self.centres, axis=0))
+            return scale * (cosine - margin * ops.one_hot(ops.cast(labels, "int32"), classes))
+
+    return CosFace()
+
+
+def fill_cache(cache: Path, lower, images: list[CatalogImage], options: FinetuneOptions, progress: bool) -> np.ndarray:
+    """float16 feature maps [views, images, H, W, C] on disk; rows already done are kept."""
+    shape = (options.views, len(images), *lower.output_shape[1:])
+    done_file = cache.with_suffix(".done.json")
+    done = set(json.loads(done_file.read_text())) if done_file.exists() and cache.exists() else set()
+    mode = "r+" if cache.exists() and done else "w+"
+    maps = np.lib.format.open_memmap(cache, mode=mode, dtype=np.float16, shape=shape)
+    chunk = 64
+    work = [(v, s) for v in range(options.views) for s in range(0, len(images), chunk) if f"{v}:{s}" not in done]
+    for view, start in tqdm(work, desc="Caching frozen features", unit="chunk", disable=not progress):
+        batch = np.stack([augmented_pixels(im, view, 224, options.seed) for im in images[start : start + chunk]])
+        maps[view, start : start + len(batch)] = lower.predict(batch.astype(np.float32), batch_size=32, verbose=0)
+        maps.flush()
+        done.add(f"{view}:{start}")
+        done_file.write_text(json.dumps(sorted(done)))
+    return maps
+
+
+def recall_at_1(vectors: np.ndarray, labels: np.ndarray, query: np.ndarray, catalog: np.ndarray) -> float:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    nearest = np.argmax(unit[query] @ unit[catalog].T, axis=1)
+    return float(np.mean(labels[catalog][nearest] == labels[query]))
+
+
+def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, options: FinetuneOptions | None = None,
+             *, progress: bool = True) -> dict:  # fmt: skip
+    """Train, pick the best epoch on the validation split, save and activate the new model version."""
+    import keras
+
+    from indexer.model import build_feature_model, ensure_litert_export
+
+    options = options or FinetuneOptions()
+    started = time.perf_counter()
+    keras.utils.set_random_seed(options.seed)
+    scan = scan_catalog(catalog_dir, metadata)
+    images = [image for image in scan.images if image.category]
+    categories = sorted({image.category for image in images})
+    if len(categories) < 2:
+        raise ValueError("fine-tuning needs a catalog with at least two categories")
+    labels = np.array([categories.index(image.category) for image in images])
+    train, val = stratified_split([image.category for image in images], options.val_fraction, options.seed)
+
+    plain = settings.with_overrides(finetuned=None)
+    feature_model = build_feature_model(plain)
+    lower, upper = split_model(feature_model)
+    cache_key = [
+        plain.model_name,
+        plain.weights,
+        options.views,
+        options.seed,
+        [(i.rel_path, i.category) for i in images],
+    ]
+    fingerprint = hashlib.sha256(json.dumps(cache_key).encode()).hexdigest()[:16]
+    work_dir = settings.models_dir / "finetune-work" / fingerprint
+    work_dir.mkdir(parents=True, exist_ok=True)
+    maps = fill_cache(work_dir / "maps.npy", lower, images, options, progress)
+
+    features = keras.Input(shape=upper.input_shape[1:])
+    label_input = keras.Input(shape=(), dtype="int32")
+    classifier = _cosine_classifier(len(categories), options.scale, options.margin)
+    trainer = keras.Model([features, label_input], classifier([upper(features), label_input]))
+    steps = int(np.ceil(len(train) / options.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(options.learning_rate, decay_steps=steps * options.epochs)
+    trainer.compile(optimizer=keras.optimizers.Adam(schedule),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+
+    rng = np.random.default_rng(options.seed)
+
+    class Views(keras.utils.PyDataset):
+        """Each epoch, every training photo once, as one of its cached views at random."""
+
+        def __len__(self):
+            return steps
+
+        def __getitem__(self, index):
+            chosen = self.order[index * options.batch_size : (index + 1) * options.batch_size]
+            view = rng.integers(0, options.views, size=len(chosen))
+            batch = np.stack([maps[v, i] for v, i in zip(view, chosen, strict=True)]).astype(np.float32)
+            return (batch, labels[chosen]), labels[chosen]
+
+        def on_epoch_end(self):
+            self.order = rng.permutation(train)
+
+    def embed_view0() -> np.ndarray:
+        return np.concatenate([upper.predict(maps[0, s : s + 128].astype(np.float32), verbose=0)
+                               for s in range(0, len(images), 128)])  # fmt: skip
+
+    plain_vectors = embed_view0()
+    # Start each class centre at its photos' mean direction: the untrained head then already
+    # agrees with the pretrained features, and its first gradients do not scramble them.
+    unit = plain_vectors / np.linalg.norm(plain_vectors, axis=1, keepdims=True)
+    centres = np.stack([unit[train][labels[train] == c].mean(axis=0) for c in range(len(categories))], axis=1)
+    classifier.centres.assign(centres / np.linalg.norm(centres, axis=0, keepdims=True))
+    history: list[dict] = []
+    best = {"val_recall@1": recall_at_1(plain_vectors, labels, val, train), "epoch": 0}
+    history.append({"epoch": 0, "val_recall@1": round(best["val_recall@1"], 4)})
+    best_weights = work_dir / "best.weights.h5"
+    upper.save_weights(best_weights)
+
+    class Validate(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            score = recall_at_1(embed_view0(), labels, val, train)
+            history.append({"epoch": epoch + 1, "loss": round(float(logs["loss"]), 4), "val_recall@1": round(score, 4)})
+            print(f"epoch {epoch + 1}: loss {logs['loss']:.3f}, validation R@1 {score:.3f}", flush=True)
+            if score > best["val_recall@1"]:
+                best.update({"val_recall@1": score, "epoch": epoch + 1})
+                upper.save_weights(best_weights)
+
+    data = Views()
+    data.on_epoch_end()
+    trainer.fit(data, epochs=options.epochs, verbose=1 if progress else 0,
+                callbacks=[keras.callbacks.BackupAndRestore(str(work_dir / "backup")), Validate()])  # fmt: skip
+    upper.load_weights(best_weights)
+
+    out_dir = settings.models_dir / "finetuned"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    version = f"{settings.model_name}-{Path(scan.root).name}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    weights_path = out_dir / f"{version}.weights.h5"
+    feature_model.save_weights(weights_path)
+    summary = {
+        "version": version,
+        "weights": str(weights_path.relative_to(settings.models_dir)),
+        "base_model": plain.model_name,
+        "base_weights": plain.weights,
+        "catalog": str(scan.root),
+        "categories": len(categories),
+        "train_images": len(train),
+        "validation_images": len(val),
+        "options": options.__dict__,
+        "best_epoch": best["epoch"],
+        "validation_recall@1": round(best["val_recall@1"], 4),
+        "history": history,
+        "seconds": round(time.perf_counter() - started, 1),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    weights_path.with_suffix("").with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    partial = settings.models_dir / (ACTIVE_MODEL_FILE + ".partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    partial.replace(settings.models_dir / ACTIVE_MODEL_FILE)
+    if settings.engine == "litert":
+        ensure_litert_export(settings.with_overrides(finetuned=weights_path))
+    shutil.rmtree(work_dir / "backup", ignore_errors=True)
+    return summary

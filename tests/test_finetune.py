@@ -1,0 +1,97 @@
+"""Transfer learning on a tiny real catalog, and how its model version takes over."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from indexer.catalog import scan_catalog
+from indexer.config import ACTIVE_MODEL_FILE, REPO_ROOT, load_settings
+from indexer.finetune import FinetuneOptions, augmented_pixels, finetune, stratified_split
+from indexer.images import load_pixels
+from indexer.model import load_embedder
+from indexer.weights import WEIGHTS_FILE
+from tests.conftest import read_csv
+
+APPLES = ("Golden-Delicious", "Granny-Smith", "Pink-Lady", "Royal-Gala", "Red-Delicious")
+
+
+def test_stratified_split_keeps_every_label_in_training_and_is_repeatable():
+    labels = ["a"] * 20 + ["b"] * 10 + ["c"] * 2
+    train, val = stratified_split(labels, 0.1, seed=3)
+    assert sorted([*train, *val]) == list(range(32))
+    assert [labels[i] for i in val].count("a") == 2 and [labels[i] for i in val].count("b") == 1
+    assert "c" not in [labels[i] for i in val]  # too few photos to hold any out
+    again, _ = stratified_split(labels, 0.1, seed=3)
+    np.testing.assert_array_equal(train, again)
+
+
+def test_first_view_is_the_photo_as_indexed_and_others_are_repeatable_variations(skimage_catalog):
+    image = scan_catalog(skimage_catalog).images[0]
+    np.testing.assert_array_equal(augmented_pixels(image, 0, 224, seed=0), load_pixels(image.path, 224))
+    view = augmented_pixels(image, 1, 224, seed=0)
+    assert view.shape == (224, 224, 3) and not np.array_equal(view, load_pixels(image.path, 224))
+    np.testing.assert_array_equal(view, augmented_pixels(image, 1, 224, seed=0))
+
+
+def leave_one_out_recall(vectors: np.ndarray, labels: list[str]) -> float:
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    return float(np.mean(np.array(labels)[similarity.argmax(axis=1)] == np.array(labels)))
+
+
+def test_finetuning_a_tiny_real_catalog_improves_it_and_becomes_the_active_model(
+    grocery, base_settings, keras_embedder, tmp_path
+):
+    rows = [r for c in APPLES for r in [r for r in read_csv(grocery / "catalog.csv") if r["category"] == c][:16]]
+    metadata = tmp_path / "apples.csv"
+    with open(metadata, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / WEIGHTS_FILE).symlink_to(base_settings.models_dir / WEIGHTS_FILE)
+    settings = base_settings.with_overrides(models_dir=models)
+
+    summary = finetune(settings, grocery, metadata, FinetuneOptions(epochs=4, views=2, val_fraction=0.0),
+                       progress=False)  # fmt: skip
+
+    assert summary["train_images"] == 80 and summary["categories"] == 5
+    active = json.loads((models / ACTIVE_MODEL_FILE).read_text())
+    assert active["version"] == summary["version"]
+    tuned_settings = load_settings(REPO_ROOT / "config.toml", models_dir=models)
+    assert tuned_settings.finetuned == models / active["weights"]
+    tuned = load_embedder(tuned_settings, engine="keras")
+    assert tuned.version == summary["version"] and tuned.identity != keras_embedder.identity
+
+    pixels = np.stack([load_pixels(grocery / r["image"], 224) for r in rows])
+    labels = [r["category"] for r in rows]
+    before = leave_one_out_recall(keras_embedder.embed_pixels(pixels), labels)
+    after = leave_one_out_recall(tuned.embed_pixels(pixels), labels)
+    assert after > before, f"training-split leave-one-out R@1 {before:.3f} -> {after:.3f}"
+    # The LiteRT export of the new version exists and agrees with Keras.
+    litert = load_embedder(tuned_settings, create_export=False)
+    assert (litert.embed_pixels(pixels[:4]) * tuned.embed_pixels(pixels[:4])).sum(axis=1).min() >= 0.9999
+
+
+@pytest.mark.parametrize("use_finetuned", [True, False])
+def test_use_finetuned_false_keeps_the_plain_model(tmp_path, use_finetuned):
+    models = tmp_path / "models"
+    (models / "finetuned").mkdir(parents=True)
+    (models / "finetuned" / "v1.weights.h5").write_bytes(b"weights")
+    (models / ACTIVE_MODEL_FILE).write_text(json.dumps(
+        {"weights": "finetuned/v1.weights.h5", "base_model": "mobilenet_v1", "base_weights": "pypi-mobilenet-v1"}
+    ))  # fmt: skip
+    config = tmp_path / "config.toml"
+    config.write_text(
+        (REPO_ROOT / "config.toml")
+        .read_text()
+        .replace("use_finetuned = true", f"use_finetuned = {str(use_finetuned).lower()}")
+    )
+    settings = load_settings(config, models_dir=models)
+    expected = models / "finetuned" / "v1.weights.h5" if use_finetuned else None
+    assert settings.finetuned == expected
