@@ -7,6 +7,7 @@
 #   make serve [PORT=8000]
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
+#   make finetune CATALOG=<folder> [METADATA=<csv>] adapt the model to the catalog (then make index)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
 
 PYTHON ?= python3
@@ -25,7 +26,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 .PHONY: help venv weights migrate index serve demo demo-catalog test bench eval finetune lint format clean
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
 
 $(INSTALLED): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,6 +81,11 @@ eval: weights migrate
 	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category]"; exit 2; }
 	$(PY) -m eval --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
 	  $(if $(QUERIES),--queries "$(QUERIES)") $(if $(LABEL),--label "$(LABEL)")
+
+# Transfer learning on the catalog's categories; the new model version becomes the active one.
+finetune: weights migrate
+	@test -n "$(CATALOG)" || { echo "usage: make finetune CATALOG=<folder> [METADATA=<csv>]"; exit 2; }
+	$(PY) -m indexer finetune --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)")
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -54,7 +54,7 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
         held = round(len(members) * fraction) if len(members) >= 4 else 0
         val += list(members[:held])
         train += list(members[held:])
-    return np.array(sorted(train)), np.array(sorted(val))
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
 
 
 def augmented_pixels(image: CatalogImage, view: int, size: int, seed: int) -> np.ndarray:
@@ -136,7 +136,13 @@ def fill_cache(cache: Path, lower, images: list[CatalogImage], options: Finetune
 
 
 def recall_at_1(vectors: np.ndarray, labels: np.ndarray, query: np.ndarray, catalog: np.ndarray) -> float:
+    """Share of query items whose nearest catalog item has their label; with no query items,
+    leave-one-out within the catalog items (the training-split figure)."""
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    if len(query) == 0:
+        similarity = unit[catalog] @ unit[catalog].T
+        np.fill_diagonal(similarity, -np.inf)
+        return float(np.mean(labels[catalog][similarity.argmax(axis=1)] == labels[catalog]))
     nearest = np.argmax(unit[query] @ unit[catalog].T, axis=1)
     return float(np.mean(labels[catalog][nearest] == labels[query]))
 
@@ -210,20 +216,26 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
     unit = plain_vectors / np.linalg.norm(plain_vectors, axis=1, keepdims=True)
     centres = np.stack([unit[train][labels[train] == c].mean(axis=0) for c in range(len(categories))], axis=1)
     classifier.centres.assign(centres / np.linalg.norm(centres, axis=0, keepdims=True))
-    history: list[dict] = []
-    best = {"val_recall@1": recall_at_1(plain_vectors, labels, val, train), "epoch": 0}
-    history.append({"epoch": 0, "val_recall@1": round(best["val_recall@1"], 4)})
     best_weights = work_dir / "best.weights.h5"
-    upper.save_weights(best_weights)
+    progress_file = work_dir / "progress.json"
+    if progress_file.exists() and (work_dir / "backup").exists():  # resuming an interrupted run
+        state = json.loads(progress_file.read_text())
+        history, best = state["history"], state["best"]
+    else:
+        best = {"val_recall@1": recall_at_1(plain_vectors, labels, val, train), "epoch": 0}
+        history = [{"epoch": 0, "val_recall@1": round(best["val_recall@1"], 4)}]
+        upper.save_weights(best_weights)
+        progress_file.write_text(json.dumps({"history": history, "best": best}))
 
     class Validate(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             score = recall_at_1(embed_view0(), labels, val, train)
             history.append({"epoch": epoch + 1, "loss": round(float(logs["loss"]), 4), "val_recall@1": round(score, 4)})
-            print(f"epoch {epoch + 1}: loss {logs['loss']:.3f}, validation R@1 {score:.3f}", flush=True)
+            print(f"\nepoch {epoch + 1}: loss {logs['loss']:.3f}, validation R@1 {score:.3f}", flush=True)
             if score > best["val_recall@1"]:
                 best.update({"val_recall@1": score, "epoch": epoch + 1})
                 upper.save_weights(best_weights)
+            progress_file.write_text(json.dumps({"history": history, "best": best}))
 
     data = Views()
     data.on_epoch_end()
@@ -259,4 +271,5 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
     if settings.engine == "litert":
         ensure_litert_export(settings.with_overrides(finetuned=weights_path))
     shutil.rmtree(work_dir / "backup", ignore_errors=True)
+    progress_file.unlink(missing_ok=True)
     return summary
