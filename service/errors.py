@@ -27,7 +27,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(UnknownProduct)
     def unknown_product(exc: UnknownProduct):
-        return _respond(404, "not_found", f"no product with sku {exc.args[0]!r}")
+        return _respond(404, "not_found", f"no product with sku {exc.args[0][:200]!r}")
 
     @app.errorhandler(NotReady)
     def not_ready(exc: NotReady):

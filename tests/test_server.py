@@ -74,3 +74,17 @@ def test_server_rejects_garbage_and_keeps_serving(server):
         requests.get(f"{url}/images/drinks/coffee", timeout=5).content
         == (catalog / "drinks" / "coffee.jpg").read_bytes()
     )
+
+
+def test_an_upload_over_the_limit_is_refused_before_its_body_is_sent(server):
+    """Only the headers go out: a 413 must come back without the server waiting for 50 MB."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+        connection.sendall(
+            b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50000000\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n\r\n"
+        )
+        reply = connection.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413") and "limit" in reply
+    assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
