@@ -52,6 +52,8 @@ class Settings:
     max_upload_bytes: int = 10_000_000
     workers: int = 1
     threads: int = 0
+    # The storefront write API (PUT/DELETE /api/products/<sku>) is off while this is empty.
+    api_key: str = ""
 
     @property
     def embed_workers(self) -> int:
@@ -136,6 +138,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         max_upload_bytes=int(service.get("max_upload_bytes", 10_000_000)),
         workers=int(service.get("workers", 1)),
         threads=int(service.get("threads", 0)),
+        api_key=env.get("API_KEY") or service.get("api_key", ""),
     )
     settings = replace(settings, **overrides) if overrides else settings
     if model.get("use_finetuned", True) and "finetuned" not in overrides:

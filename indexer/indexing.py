@@ -18,16 +18,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from indexer.catalog import CatalogImage, CatalogScan, scan_catalog
 from indexer.config import Settings
 from indexer.images import ImageError, load_pixels
+from indexer.locking import write_lock
 from indexer.model import Embedder
 from indexer.schema import Product, ProductImage, open_database
 from indexer.vectors import build_index, publish_index, read_manifest
+
+CATALOG = "catalog"  # ProductImage.source of rows that follow the catalog folder
 
 
 @dataclass
@@ -165,7 +168,11 @@ def index_catalog(
         with sessions() as session:
             known = {
                 row.rel_path: (row.sha256, row.model_key)
-                for row in session.execute(select(ProductImage.rel_path, ProductImage.sha256, ProductImage.model_key))
+                for row in session.execute(
+                    select(ProductImage.rel_path, ProductImage.sha256, ProductImage.model_key).where(
+                        ProductImage.source == CATALOG
+                    )
+                )
             }
         readable: list[CatalogImage] = []
         to_embed: list[tuple[CatalogImage, str]] = []
@@ -180,7 +187,7 @@ def index_catalog(
                 to_embed.append((image, digest))
         digests = dict((image.rel_path, digest) for image, digest in to_embed)
 
-        with sessions.begin() as session:
+        with write_lock(settings.data_dir), sessions.begin() as session:
             product_ids = _upsert_products(session, readable)
 
         failed: set[str] = set()
@@ -192,7 +199,7 @@ def index_catalog(
             for image, problem in batch.failures:
                 failed.add(image.rel_path)
                 report.problems.append(f"{image.rel_path}: {problem}")
-            with sessions.begin() as session:
+            with write_lock(settings.data_dir), sessions.begin() as session:
                 _store_embeddings(session, batch.images, batch.vectors, digests, product_ids, model_key)
             report.embedded += len(batch.images)
             bar.update(len(batch.images) + len(batch.failures))
@@ -202,18 +209,31 @@ def index_catalog(
     keep = {
         image.rel_path: (product_ids[image.sku], str(image.path)) for image in readable if image.rel_path not in failed
     }
-    with sessions.begin() as session:
-        report.removed = _reconcile_rows(session, keep)
-        ids, vectors = _all_embeddings(session, model_key, embedder.identity.dim)
-        report.products = len(set(session.scalars(select(ProductImage.product_id))))
+    with write_lock(settings.data_dir):
+        with sessions.begin() as session:
+            report.removed = _reconcile_rows(session, keep)
+        report.indexed, report.products = publish_from_database(settings, sessions, embedder, str(scan.root))
+    report.seconds = time.perf_counter() - started
+    report.peak_memory_mb = peak_memory_mb()
+    return report
+
+
+def publish_from_database(
+    settings: Settings, sessions: sessionmaker, embedder: Embedder, catalog: str
+) -> tuple[int, int]:
+    """Build the index from every committed vector and publish it, if it differs from the
+    current version. Call it holding write_lock. Returns (images, products) searchable."""
+    with sessions() as session:
+        ids, vectors = _all_embeddings(session, embedder.identity.key, embedder.identity.dim)
+        products = session.scalar(select(func.count(func.distinct(ProductImage.product_id))))
     manifest = {
         **embedder.identity.as_dict(),
-        "model_key": model_key,
+        "model_key": embedder.identity.key,
         "model_version": embedder.version,
         "engine": embedder.engine.name,
         "tflite_sha256": embedder.tflite_sha256,
         "factory": settings.index_factory,
-        "catalog": str(scan.root),
+        "catalog": catalog,
         "catalog_fingerprint": _fingerprint(ids, vectors),
     }
     current = read_manifest(settings.index_dir) or {}
@@ -221,10 +241,7 @@ def index_catalog(
         # Only publish when something changed, so an idle re-run does not make servers reload.
         manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         publish_index(settings.index_dir, build_index(ids, vectors, settings.index_factory), manifest)
-    report.indexed = len(ids)
-    report.seconds = time.perf_counter() - started
-    report.peak_memory_mb = peak_memory_mb()
-    return report
+    return len(ids), int(products or 0)
 
 
 def peak_memory_mb() -> float:
@@ -258,7 +275,9 @@ def _reconcile_rows(session: Session, keep: dict[str, tuple[int, str]]) -> int:
     without images; re-point kept rows whose sku or absolute path changed. Returns rows deleted."""
     stale, changed = [], []
     for row_id, rel_path, product_id, path in session.execute(
-        select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id, ProductImage.path)
+        select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id, ProductImage.path).where(
+            ProductImage.source == CATALOG
+        )
     ):
         if rel_path not in keep:
             stale.append(row_id)

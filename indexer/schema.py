@@ -51,6 +51,8 @@ class ProductImage(Base):
     path: Mapped[str] = mapped_column(String(4096))
     sha256: Mapped[str] = mapped_column(String(64))
     model_key: Mapped[str] = mapped_column(String(128))
+    # "catalog" rows follow the catalog folder (make index); "api" rows belong to the write API.
+    source: Mapped[str] = mapped_column(String(16), default="catalog", server_default="catalog", index=True)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
     product: Mapped[Product] = relationship(back_populates="images")

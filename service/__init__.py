@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     from service.pages import pages
     from service.queries import RecentQueries
     from service.search import CatalogSearch
+    from service.writes import writes
 
     settings = settings or load_settings()
     app = Flask(__name__)
@@ -40,5 +41,6 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.extensions["recent_queries"] = RecentQueries()
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(writes)
     register_error_handlers(app)
     return app

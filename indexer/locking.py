@@ -1,0 +1,23 @@
+"""One writer at a time per data folder: the indexer's commits and the write API's changes
+take the same lock, so that a published index always matches the rows it was built from."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def write_lock(data_dir: Path) -> Iterator[None]:
+    """An exclusive advisory lock on <data_dir>/.write.lock, across threads and processes."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(data_dir / ".write.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by the kernel if the holder dies
+        yield
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)

@@ -1,0 +1,120 @@
+"""The storefront write API: keyed, immediate, durable, serialised, and kept by `make index`."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from indexer.indexing import index_catalog
+from service import create_app
+from tests.conftest import skimage_photo, write_skimage_catalog
+
+KEY = "s3cret-key-for-tests"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def jpeg(name: str, angle: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    skimage_photo(name).rotate(angle).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def setup(base_settings, embedder, tmp_path):
+    settings = base_settings.with_overrides(data_dir=tmp_path / "data", api_key=KEY)
+    catalog = write_skimage_catalog(tmp_path / "catalog")
+    index_catalog(settings, embedder, catalog, progress=False)
+    return settings, catalog, create_app(settings, embedder).test_client()
+
+
+def put(client, sku: str, photo: bytes, headers=AUTH, **fields):
+    data = {"image": (io.BytesIO(photo), "p.jpg"), **fields}
+    return client.put(f"/api/products/{sku}", data=data, headers=headers, content_type="multipart/form-data")
+
+
+def search(client, photo: bytes, k: int = 3) -> list[str]:
+    response = client.post("/api/search", data={"image": (io.BytesIO(photo), "q.jpg"), "k": str(k)},
+                           content_type="multipart/form-data")  # fmt: skip
+    return [r["sku"] for r in response.json["results"]]
+
+
+def test_writes_are_off_without_a_key(base_settings, embedder, tmp_path):
+    client = create_app(base_settings.with_overrides(data_dir=tmp_path / "data", api_key=""), embedder).test_client()
+    response = put(client, "x", jpeg("coffee"))
+    assert response.status_code == 403 and "api_key" in response.json["message"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY + "x"}])
+def test_a_missing_or_wrong_key_is_refused(setup, headers):
+    _, _, client = setup
+    assert put(client, "x", jpeg("coffee"), headers=headers).status_code == 401
+    assert client.delete("/api/products/drinks/coffee", headers=headers).status_code == 401
+    assert client.get("/api/products/drinks/coffee").status_code == 200  # nothing changed
+
+
+def test_a_new_product_is_searchable_at_once_and_after_a_restart(setup, embedder):
+    settings, _, client = setup
+    photo = jpeg("coffee", angle=180)
+    response = put(client, "mug-9", photo, title="Upside-down espresso", category="drinks", price="2.5", colour="white")
+    assert response.status_code == 201 and response.json["created"] and response.json["items"] == 7
+    assert search(client, photo)[0] == "mug-9"
+    details = client.get("/api/products/mug-9").json
+    assert (details["title"], details["price"], details["attributes"]) == (
+        "Upside-down espresso",
+        2.5,
+        {"colour": "white"},
+    )
+    assert client.get("/images/mug-9").data == photo
+
+    restarted = create_app(settings, embedder).test_client()
+    assert search(restarted, photo)[0] == "mug-9"
+
+
+def test_replacing_a_product_swaps_its_photo_and_metadata(setup):
+    _, _, client = setup
+    put(client, "thing", jpeg("coffee"), title="Cup")
+    response = put(client, "thing", jpeg("rocket"), title="Rocket")
+    assert response.status_code == 200 and not response.json["created"] and response.json["items"] == 7
+    assert search(client, jpeg("rocket"), k=2)[:2].count("thing") == 1
+    assert client.get("/api/products/thing").json["title"] == "Rocket"
+
+
+def test_a_deleted_product_never_appears_again(setup):
+    _, _, client = setup
+    response = client.delete("/api/products/drinks/coffee", headers=AUTH)
+    assert response.status_code == 200 and response.json["items"] == 5
+    assert "drinks/coffee" not in search(client, jpeg("coffee"), k=5)
+    assert client.get("/api/products/drinks/coffee").status_code == 404
+    assert client.delete("/api/products/drinks/coffee", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(("photo", "fields"), [(b"not an image", {}), (None, {"price": "cheap"})])
+def test_bad_writes_are_400s_and_change_nothing(setup, photo, fields):
+    _, _, client = setup
+    response = put(client, "bad", photo if photo is not None else jpeg("coffee"), **fields)
+    assert response.status_code == 400
+    assert client.get("/api/products/bad").status_code == 404
+    assert client.get("/readyz").json["items"] == 6
+
+
+def test_concurrent_writers_are_serialised(setup):
+    _, _, client = setup
+    photos = {f"sku-{i}": jpeg(name, angle=i * 7) for i, name in enumerate(["coffee", "rocket", "astronaut"] * 4)}
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(lambda item: put(client, item[0], item[1]).status_code, photos.items()))
+    assert statuses == [201] * len(photos)
+    assert client.get("/readyz").json["items"] == 6 + len(photos)
+    for sku in photos:
+        assert client.get(f"/api/products/{sku}").status_code == 200
+
+
+def test_make_index_keeps_products_written_through_the_api(setup, embedder):
+    settings, catalog, client = setup
+    put(client, "api-only", jpeg("astronaut", angle=90))
+    (catalog / "space" / "rocket.jpg").unlink()
+    report = index_catalog(settings, embedder, catalog, progress=False)
+    assert report.removed == 1 and report.indexed == 6  # 5 catalog photos + the API's
+    assert client.get("/api/products/api-only").status_code == 200
+    assert client.get("/api/products/space/rocket").status_code == 404
