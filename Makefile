@@ -6,6 +6,7 @@
 #   make index CATALOG=<folder> [METADATA=<csv or jsonl>]
 #   make serve [PORT=8000]
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
+#   make soak                                     searches during re-indexing and API writes, to bench/
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] adapt the model to the catalog (then make index)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
@@ -23,7 +24,7 @@ endif
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv weights migrate index serve demo demo-catalog test bench eval finetune lint format clean
+.PHONY: help venv weights migrate index serve demo demo-catalog test bench soak eval finetune lint format clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -75,6 +76,10 @@ test: weights
 # Throughput, latency and memory on a real catalog (default: the grocery-store dataset beside the repo).
 bench: weights migrate
 	$(PY) -m bench $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
+
+# Searches under concurrent re-indexing and API writes: 0 errors and 0 wrong results, to bench/soak.json.
+soak: weights migrate
+	$(PY) -m bench.soak $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
 
 # Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
 eval: weights migrate

@@ -37,16 +37,17 @@ def _search_inputs() -> tuple[int, str | None]:
 def search_by_photo():
     started = time.perf_counter()
     search = catalog_search()
-    search.current()  # 503 before reading the upload when there is nothing to search
+    version = search.current()  # 503 before reading the upload when there is nothing to search
     k, category = _search_inputs()
     query = current_app.extensions["recent_queries"].add(read_upload(request), search.embedder)
-    matches = search.search(query.vector, k, category=category)
+    matches = search.search(query.vector, k, category=category, version=version)
     return jsonify(
         {
             "results": [result_json(m) for m in matches],
             "k": k,
             "category": category,
             "query": query.token,
+            "index_version": version.manifest.get("version"),
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
     )

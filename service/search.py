@@ -117,10 +117,16 @@ class CatalogSearch:
         return self.embedder.embed_image(image)
 
     def search(
-        self, vector: np.ndarray, k: int, category: str | None = None, exclude_sku: str | None = None
+        self,
+        vector: np.ndarray,
+        k: int,
+        category: str | None = None,
+        exclude_sku: str | None = None,
+        version: IndexVersion | None = None,
     ) -> list[Match]:
-        """The k best products for a unit query vector, best first, one entry per product."""
-        version = self.current()
+        """The k best products for a unit query vector, best first, one entry per product,
+        from the given index version (default: the current one)."""
+        version = version or self.current()
         params = None
         if category is not None:
             ids = self._image_ids(category=category)
