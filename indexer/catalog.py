@@ -156,14 +156,19 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
     return images
 
 
-def _price(value: str, where: str, problems: list[str]) -> float | None:
+def parse_price(value: str | None) -> float | None:
+    """A price from text: None when empty; ValueError unless a finite number."""
     if not value:
         return None
+    price = float(value)
+    if not math.isfinite(price):  # nan / inf would end up as invalid JSON in the API
+        raise ValueError(f"{value!r} is not a finite number")
+    return price
+
+
+def _price(value: str, where: str, problems: list[str]) -> float | None:
     try:
-        price = float(value)
-        if not math.isfinite(price):  # nan / inf would end up as invalid JSON in the API
-            raise ValueError(value)
-        return price
+        return parse_price(value)
     except ValueError:
         problems.append(f"{where}: price {value!r} is not a number; stored without a price")
         return None

@@ -19,6 +19,7 @@ from PIL import Image
 from sqlalchemy import delete, select
 from werkzeug.exceptions import Forbidden, Unauthorized
 
+from indexer.catalog import parse_price
 from indexer.images import ImageError, open_image, to_model_input
 from indexer.indexing import publish_from_database
 from indexer.locking import write_lock
@@ -53,15 +54,10 @@ def _check_sku(sku: str) -> str:
 
 
 def _price(value: str | None) -> float | None:
-    if not value:
-        return None
     try:
-        price = float(value)
+        return parse_price(value)
     except ValueError:
-        raise BadRequest(f"price must be a number, not {value[:40]!r}") from None
-    if price != price or price in (float("inf"), float("-inf")):
-        raise BadRequest("price must be a finite number")
-    return price
+        raise BadRequest(f"price must be a finite number, not {(value or '')[:40]!r}") from None
 
 
 def _store_photo(data: bytes, image_format: str) -> Path:
