@@ -43,7 +43,9 @@ def write_catalog(rows: list[dict], path: Path) -> None:
 def index(catalog: Path, metadata: Path, env: dict) -> None:
     command = [sys.executable, "-m", "indexer", "index", "--catalog", str(catalog), "--metadata", str(metadata),
                "--quiet"]  # fmt: skip
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"indexing {metadata.name} failed:\n{result.stderr[-3000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +149,11 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
 
     def reindexer() -> None:
         time.sleep(3)
-        index(catalog, tmp / "second.csv", env)
-        events["reindexed_at"] = time.monotonic()
+        try:
+            index(catalog, tmp / "second.csv", env)
+            events["reindexed_at"] = time.monotonic()
+        except RuntimeError as exc:
+            events["reindex_error"] = str(exc)
 
     threads = [threading.Thread(target=search_client, args=(i,)) for i in range(args.clients)]
     threads += [threading.Thread(target=writer), threading.Thread(target=reindexer)]
@@ -189,6 +194,7 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         "writes": len(write_statuses),
         "write_errors": sum(1 for status in write_statuses if status not in (200, 201)),
         "reindexed": events["reindexed_at"] is not None,
+        "reindex_error": events.get("reindex_error"),
     }
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from eval.metrics import hit_matrix, per_label, summarise
 from indexer.config import REPO_ROOT, cpu_count, load_settings
-from indexer.schema import Product
+from indexer.schema import Product, live_product_ids
 from indexer.vectors import read_manifest
 
 OUT_DIR = REPO_ROOT / "eval"
@@ -33,7 +33,9 @@ def product_labels(app, label: str) -> dict[str, str | None]:
     """sku -> the product's label: its category, or another metadata column (an attribute)."""
     sessions = app.extensions["catalog_search"].sessions
     with sessions() as session:
-        products = session.execute(select(Product.sku, Product.category, Product.attributes)).all()
+        products = session.execute(
+            select(Product.sku, Product.category, Product.attributes).where(Product.id.in_(live_product_ids()))
+        ).all()
     if label == "category":
         return {sku: category for sku, category, _ in products}
     return {sku: (attributes or {}).get(label) for sku, _, attributes in products}

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,8 @@ from indexer.config import Settings
 from indexer.images import ImageError, load_pixels
 from indexer.locking import write_lock
 from indexer.model import Embedder
-from indexer.schema import Product, ProductImage, open_database
-from indexer.vectors import build_index, publish_index, read_manifest
+from indexer.schema import LIVE, Product, ProductImage, open_database
+from indexer.vectors import KEEP_OLD_SECONDS, build_index, publish_index, read_manifest
 
 CATALOG = "catalog"  # ProductImage.source of rows that follow the catalog folder
 
@@ -170,7 +170,7 @@ def index_catalog(
                 row.rel_path: (row.sha256, row.model_key)
                 for row in session.execute(
                     select(ProductImage.rel_path, ProductImage.sha256, ProductImage.model_key).where(
-                        ProductImage.source == CATALOG
+                        ProductImage.source == CATALOG, LIVE
                     )
                 )
             }
@@ -225,7 +225,7 @@ def publish_from_database(
     current version. Call it holding write_lock. Returns (images, products) searchable."""
     with sessions() as session:
         ids, vectors = _all_embeddings(session, embedder.identity.key, embedder.identity.dim)
-        products = session.scalar(select(func.count(func.distinct(ProductImage.product_id))))
+        products = session.scalar(select(func.count(func.distinct(ProductImage.product_id))).where(LIVE))
     manifest = {
         **embedder.identity.as_dict(),
         "model_key": embedder.identity.key,
@@ -241,6 +241,8 @@ def publish_from_database(
         # Only publish when something changed, so an idle re-run does not make servers reload.
         manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         publish_index(settings.index_dir, build_index(ids, vectors, settings.index_factory), manifest)
+    with sessions.begin() as session:
+        purge_tombstones(session, timedelta(seconds=KEEP_OLD_SECONDS))
     return len(ids), int(products or 0)
 
 
@@ -267,34 +269,52 @@ def _store_embeddings(session, images, vectors, digests, product_ids, model_key)
         row.sha256 = digests[image.rel_path]
         row.model_key = model_key
         row.embedding = np.asarray(vector, dtype=np.float32).tobytes()
+        row.deleted_at = None  # a file back in the catalog revives its old row and id
         session.add(row)
 
 
 def _reconcile_rows(session: Session, keep: dict[str, tuple[int, str]]) -> int:
-    """Delete image rows no longer in the catalog (or no longer readable) and products left
-    without images; re-point kept rows whose sku or absolute path changed. Returns rows deleted."""
+    """Tombstone live catalog image rows no longer in the catalog (or no longer readable);
+    re-point kept rows whose sku or absolute path changed. Returns the rows tombstoned."""
     stale, changed = [], []
     for row_id, rel_path, product_id, path in session.execute(
         select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id, ProductImage.path).where(
-            ProductImage.source == CATALOG
+            ProductImage.source == CATALOG, LIVE
         )
     ):
         if rel_path not in keep:
             stale.append(row_id)
         elif keep[rel_path] != (product_id, path):
             changed.append({"id": row_id, "product_id": keep[rel_path][0], "path": keep[rel_path][1]})
+    now = datetime.now(UTC)
     for start in range(0, len(stale), 500):
-        session.execute(delete(ProductImage).where(ProductImage.id.in_(stale[start : start + 500])))
+        session.execute(
+            update(ProductImage).where(ProductImage.id.in_(stale[start : start + 500])).values(deleted_at=now)
+        )
     if changed:
         session.execute(update(ProductImage), changed)
+    # Products of this run none of whose photos could be read (the API writes a product and its
+    # image in one transaction, so it never leaves one without).
     session.execute(delete(Product).where(~Product.id.in_(select(ProductImage.product_id))))
     return len(stale)
+
+
+def purge_tombstones(session: Session, older_than: timedelta) -> int:
+    """Delete image rows tombstoned long enough ago that no index version in use refers to
+    them, and the products they leave without any image. Returns the image rows deleted."""
+    cutoff = datetime.now(UTC) - older_than
+    expired = ProductImage.deleted_at.is_not(None) & (ProductImage.deleted_at < cutoff)
+    owners = set(session.scalars(select(ProductImage.product_id).where(expired)))
+    purged = session.execute(delete(ProductImage).where(expired)).rowcount
+    # Only those products: one the indexer has just created may not have its images yet.
+    session.execute(delete(Product).where(Product.id.in_(owners), ~Product.id.in_(select(ProductImage.product_id))))
+    return purged
 
 
 def _all_embeddings(session: Session, model_key: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
     rows = session.execute(
         select(ProductImage.id, ProductImage.embedding)
-        .where(ProductImage.model_key == model_key)
+        .where(ProductImage.model_key == model_key, LIVE)
         .order_by(ProductImage.id)
     ).all()
     ids = np.fromiter((row_id for row_id, _ in rows), dtype=np.int64, count=len(rows))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, Float, ForeignKey, LargeBinary, String, create_engine, event
+from sqlalchemy import JSON, Float, ForeignKey, LargeBinary, String, create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -55,7 +55,18 @@ class ProductImage(Base):
     source: Mapped[str] = mapped_column(String(16), default="catalog", server_default="catalog", index=True)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+    # Set when the image leaves the catalog: the row stays (hidden) while index versions that
+    # may still be in use refer to its id, then it is purged.
+    deleted_at: Mapped[datetime | None] = mapped_column(index=True)
     product: Mapped[Product] = relationship(back_populates="images")
+
+
+# Images that searches may show; products are live while they have one.
+LIVE = ProductImage.deleted_at.is_(None)
+
+
+def live_product_ids():
+    return select(ProductImage.product_id).where(LIVE)
 
 
 def make_engine(url: str) -> Engine:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 from indexer.config import Settings
 from indexer.model import Embedder
-from indexer.schema import Product, ProductImage
+from indexer.schema import LIVE, Product, ProductImage, live_product_ids
 from indexer.vectors import IndexVersion, load_index, manifest_stamp
 
 # Several images of one product collapse into one result, so fetch a few more neighbours.
@@ -144,7 +144,7 @@ class CatalogSearch:
         version = self.current()
         with self.sessions() as session:
             image_ids = session.scalars(
-                select(ProductImage.id).join(Product).where(Product.sku == sku).order_by(ProductImage.id)
+                select(ProductImage.id).join(Product).where(Product.sku == sku, LIVE).order_by(ProductImage.id)
             ).all()
         if not image_ids:
             raise UnknownProduct(sku)
@@ -156,7 +156,7 @@ class CatalogSearch:
 
     def _image_ids(self, category: str) -> np.ndarray:
         with self.sessions() as session:
-            ids = session.scalars(select(ProductImage.id).join(Product).where(Product.category == category)).all()
+            ids = session.scalars(select(ProductImage.id).join(Product).where(Product.category == category, LIVE)).all()
         return np.asarray(ids, dtype=np.int64)
 
     def _matches(self, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None) -> list[Match]:
@@ -164,14 +164,14 @@ class CatalogSearch:
         columns = (Product.sku, Product.title, Product.category, Product.price, Product.url)
         with self.sessions() as session:
             rows = session.execute(
-                select(ProductImage.id, *columns).join(Product).where(ProductImage.id.in_([i for i, _ in found]))
+                select(ProductImage.id, *columns).join(Product).where(ProductImage.id.in_([i for i, _ in found]), LIVE)
             ).all()
         products = {row[0]: row[1:] for row in rows}
         matches: list[Match] = []
         seen: set[str] = set()
         for image_id, score in found:
             product = products.get(image_id)
-            # An id the database no longer has was deleted after this index version was built.
+            # A tombstoned (or purged) id: deleted after this index version was built.
             if product is None or product[0] in seen or product[0] == exclude_sku:
                 continue
             seen.add(product[0])
@@ -184,7 +184,7 @@ class CatalogSearch:
 
     def product(self, sku: str) -> Product:
         with self.sessions() as session:
-            product = session.scalar(select(Product).where(Product.sku == sku))
+            product = session.scalar(select(Product).where(Product.sku == sku, Product.id.in_(live_product_ids())))
         if product is None:
             raise UnknownProduct(sku)
         return product
@@ -193,7 +193,11 @@ class CatalogSearch:
         """The catalog file of a product's first image; only paths stored by the indexer."""
         with self.sessions() as session:
             path = session.scalar(
-                select(ProductImage.path).join(Product).where(Product.sku == sku).order_by(ProductImage.id).limit(1)
+                select(ProductImage.path)
+                .join(Product)
+                .where(Product.sku == sku, LIVE)
+                .order_by(ProductImage.id)
+                .limit(1)
             )
         if path is None or not Path(path).is_file():
             raise UnknownProduct(sku)
@@ -206,6 +210,7 @@ class CatalogSearch:
         if cached is not None and cached[0] == version.manifest_stamp:
             return cached[1]
         with self.sessions() as session:
-            categories = sorted(c for c in session.scalars(select(Product.category).distinct()) if c)
+            live = select(Product.category).where(Product.id.in_(live_product_ids())).distinct()
+            categories = sorted(c for c in session.scalars(live) if c)
         self._categories = (version.manifest_stamp, categories)
         return categories

@@ -12,18 +12,19 @@ import hashlib
 import hmac
 import io
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
-from sqlalchemy import delete, select
+from sqlalchemy import select, update
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.catalog import parse_price
 from indexer.images import ImageError, open_image, to_model_input
 from indexer.indexing import publish_from_database
 from indexer.locking import write_lock
-from indexer.schema import Product, ProductImage
+from indexer.schema import LIVE, Product, ProductImage
 from indexer.vectors import read_manifest
 from service.api import catalog_search
 from service.errors import BadRequest
@@ -100,10 +101,13 @@ def put_product(sku: str):
     attributes = {k: v for k, v in request.form.items() if k not in FIELDS and v}
     path = _store_photo(data, image_format)
     digest = path.stem
+    rel_path = f"api/{digest}/{sku}"
     with write_lock(search.settings.data_dir):
         with search.sessions.begin() as session:
             product = session.scalar(select(Product).where(Product.sku == sku))
-            created = product is None
+            created = product is None or not session.scalar(
+                select(ProductImage.id).where(ProductImage.product_id == product.id, LIVE).limit(1)
+            )
             product = product or Product(sku=sku, attributes={})
             product.title = fields["title"] or sku
             product.category = fields["category"] or None
@@ -112,11 +116,18 @@ def put_product(sku: str):
             product.attributes = attributes
             session.add(product)
             session.flush()
-            session.execute(delete(ProductImage).where(ProductImage.product_id == product.id))
-            session.add(ProductImage(
-                product_id=product.id, rel_path=f"api/{digest}/{sku}", path=str(path), sha256=digest,
-                model_key=search.embedder.identity.key, embedding=vector.astype("float32").tobytes(), source=API,
-            ))  # fmt: skip
+            # The product's other images become tombstones; the same photo again revives its row.
+            session.execute(
+                update(ProductImage)
+                .where(ProductImage.product_id == product.id, ProductImage.rel_path != rel_path, LIVE)
+                .values(deleted_at=datetime.now(UTC))
+            )
+            row = session.scalar(select(ProductImage).where(ProductImage.rel_path == rel_path))
+            row = row or ProductImage(rel_path=rel_path, source=API)
+            row.product_id, row.path, row.sha256, row.deleted_at = product.id, str(path), digest, None
+            row.model_key = search.embedder.identity.key
+            row.embedding = vector.astype("float32").tobytes()
+            session.add(row)
         published = _publish()
     return jsonify({"sku": sku, "created": created, **published}), 201 if created else 200
 
@@ -126,10 +137,11 @@ def delete_product(sku: str):
     search = catalog_search()
     with write_lock(search.settings.data_dir):
         with search.sessions.begin() as session:
-            product = session.scalar(select(Product).where(Product.sku == sku))
-            if product is None:
+            live = session.scalars(select(ProductImage).join(Product).where(Product.sku == sku, LIVE)).all()
+            if not live:
                 raise UnknownProduct(sku)
-            session.delete(product)
+            for image in live:  # tombstones: ids in index versions still in use keep resolving
+                image.deleted_at = datetime.now(UTC)
         published = _publish()
     return jsonify({"sku": sku, "deleted": True, **published})
 

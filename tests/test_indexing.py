@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from indexer.indexing import index_catalog
-from indexer.schema import Product, ProductImage, open_database
+from indexer.schema import LIVE, Product, ProductImage, live_product_ids, open_database
 from indexer.vectors import load_index, read_manifest
 from tests.conftest import skimage_photo
 
@@ -20,7 +20,7 @@ def run(settings, embedder, catalog, metadata=None):
 
 def indexed_paths(settings) -> dict[str, str]:
     with open_database(settings)() as session:
-        return dict(session.execute(select(ProductImage.rel_path, ProductImage.sha256)).all())
+        return dict(session.execute(select(ProductImage.rel_path, ProductImage.sha256).where(LIVE)).all())
 
 
 def test_first_run_embeds_every_image_and_publishes_them(settings, embedder, skimage_catalog):
@@ -58,7 +58,8 @@ def test_added_changed_and_deleted_files_are_all_reflected(settings, embedder, s
     assert "space/hubble.png" in after and "medical/retina.jpg" not in after
     assert after["people/camera.jpg"] != before["people/camera.jpg"]
     with open_database(settings)() as session:
-        assert session.scalar(select(func.count()).select_from(Product).where(Product.category == "medical")) == 0
+        live = select(func.count()).select_from(Product).where(Product.id.in_(live_product_ids()))
+        assert session.scalar(live.where(Product.category == "medical")) == 0
         changed_id = session.scalar(select(ProductImage.id).where(ProductImage.rel_path == "people/camera.jpg"))
     rotated = embedder.embed_image(skimage_catalog / "people" / "camera.jpg")
     np.testing.assert_allclose(load_index(settings.index_dir).index.reconstruct(changed_id), rotated, atol=1e-6)
@@ -115,3 +116,37 @@ def test_configured_faiss_factory_is_used(settings, embedder, skimage_catalog, f
     run(settings.with_overrides(index_factory=factory), embedder, skimage_catalog)
     assert read_manifest(settings.index_dir)["factory"] == factory
     assert load_index(settings.index_dir).index.ntotal == 6
+
+
+def test_removed_images_stay_resolvable_for_older_index_versions_until_purged(settings, embedder, skimage_catalog):
+    from datetime import timedelta
+
+    from indexer.indexing import purge_tombstones
+
+    run(settings, embedder, skimage_catalog)
+    old_version = load_index(settings.index_dir)
+    (skimage_catalog / "space" / "rocket.jpg").rename(skimage_catalog.parent / "rocket.jpg")
+    run(settings, embedder, skimage_catalog)
+    sessions = open_database(settings)
+    with sessions() as session:  # every id of the version published before still has its row
+        ids = [int(i) for i in faiss_ids(old_version.index)]
+        assert len(session.scalars(select(ProductImage.id).where(ProductImage.id.in_(ids))).all()) == 6
+        rocket = session.scalar(select(ProductImage).where(ProductImage.rel_path == "space/rocket.jpg"))
+        assert rocket.deleted_at is not None
+    (skimage_catalog.parent / "rocket.jpg").rename(skimage_catalog / "space" / "rocket.jpg")
+    report = run(settings, embedder, skimage_catalog)  # the file is back: same row, same id
+    assert report.embedded == 1 and report.indexed == 6
+    with sessions() as session:
+        revived = session.scalar(select(ProductImage).where(ProductImage.rel_path == "space/rocket.jpg"))
+        assert revived.id == rocket.id and revived.deleted_at is None
+    (skimage_catalog / "space" / "rocket.jpg").unlink()
+    run(settings, embedder, skimage_catalog)
+    with sessions.begin() as session:
+        assert purge_tombstones(session, timedelta(seconds=0)) == 1
+        assert session.scalar(select(Product).where(Product.sku == "space/rocket")) is None
+
+
+def faiss_ids(index) -> np.ndarray:
+    import faiss
+
+    return faiss.vector_to_array(index.id_map)

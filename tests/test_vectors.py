@@ -68,8 +68,8 @@ def test_migrations_create_the_catalog_tables_in_wal_mode(tmp_path):
     assert {"products", "images", "alembic_version"} <= tables
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
-        assert "source" in {column["name"] for column in inspect(engine).get_columns("images")}
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert {"source", "deleted_at"} <= {column["name"] for column in inspect(engine).get_columns("images")}
 
 
 def test_products_and_images_round_trip_through_the_orm(settings):

@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import pytest
+from sqlalchemy import select
 
 from indexer.indexing import index_catalog
+from indexer.schema import ProductImage, open_database
+from indexer.vectors import load_index
 from service import create_app
 from tests.conftest import skimage_photo, write_skimage_catalog
 
@@ -82,12 +86,17 @@ def test_replacing_a_product_swaps_its_photo_and_metadata(setup):
 
 
 def test_a_deleted_product_never_appears_again(setup):
-    _, _, client = setup
+    settings, _, client = setup
+    before = load_index(settings.index_dir)
     response = client.delete("/api/products/drinks/coffee", headers=AUTH)
     assert response.status_code == 200 and response.json["items"] == 5
     assert "drinks/coffee" not in search(client, jpeg("coffee"), k=5)
     assert client.get("/api/products/drinks/coffee").status_code == 404
     assert client.delete("/api/products/drinks/coffee", headers=AUTH).status_code == 404
+    # A request still holding the version from before the delete can resolve every id it finds.
+    with open_database(settings, upgrade=False)() as session:
+        ids = [int(i) for i in faiss.vector_to_array(before.index.id_map)]
+        assert len(session.scalars(select(ProductImage.id).where(ProductImage.id.in_(ids))).all()) == len(ids)
 
 
 @pytest.mark.parametrize(("photo", "fields"), [(b"not an image", {}), (None, {"price": "cheap"})])
