@@ -106,15 +106,14 @@ class CatalogSearch:
             "ready": True,
             "items": int(version.index.ntotal),
             "model": self.embedder.identity.as_dict(),
+            "model_version": self.embedder.version,
+            "engine": self.embedder.engine.name,
             "index_version": manifest.get("version"),
             "index_created": manifest.get("created"),
             "factory": manifest.get("factory"),
         }
 
     # --- searching -----------------------------------------------------------------------
-
-    def embed(self, image: bytes) -> np.ndarray:
-        return self.embedder.embed_image(image)
 
     def search(
         self,

@@ -85,6 +85,7 @@ def test_readyz_reports_item_count_and_model(client):
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.json["items"] == 6 and response.json["model"]["model"] == "mobilenet_v1"
+    assert response.json["model_version"] == "plain" and response.json["engine"] == "litert"
 
 
 def test_search_by_photo_returns_the_matching_product_first(client, cat_query):
