@@ -102,6 +102,20 @@ def migrate(url: str) -> None:
     engine.dispose()
 
 
+def schema_behind(engine: Engine) -> str | None:
+    """None when the database is at the newest migration; else what to do about it."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(REPO_ROOT / "migrations"))
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    head = script.get_current_head()
+    if current == head:
+        return None
+    return f"the database schema is at {current or 'nothing'}, this code needs {head}: run `make migrate`"
+
+
 def open_database(settings: Settings, *, upgrade: bool = True) -> sessionmaker:
     """A session factory for the configured database, migrated to the newest schema first."""
     if upgrade:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 from indexer.config import Settings
 from indexer.model import Embedder
-from indexer.schema import LIVE, Product, ProductImage, live_product_ids
+from indexer.schema import LIVE, Product, ProductImage, live_product_ids, schema_behind
 from indexer.vectors import IndexVersion, load_index, manifest_stamp
 
 # Several images of one product collapse into one result, so fetch a few more neighbours.
@@ -80,6 +80,9 @@ class CatalogSearch:
 
     def _load(self) -> IndexVersion | None:
         version = load_index(self.settings.index_dir)
+        if version is not None and (behind := schema_behind(self.sessions.kw["bind"])):
+            self._problem = behind  # e.g. new code started without `make migrate`
+            return None
         if version is None:
             self._problem = (
                 f"no index in {self.settings.index_dir} yet: run `make index CATALOG=<folder of product photos>`"

@@ -8,6 +8,7 @@ import json
 import pytest
 from PIL import Image
 
+from indexer.config import REPO_ROOT
 from indexer.indexing import index_catalog
 from service import create_app
 from tests.conftest import skimage_photo, write_skimage_catalog
@@ -243,3 +244,22 @@ def test_a_new_index_version_is_served_without_a_restart(client, app_settings, e
         extra.unlink()
         index_catalog(app_settings, embedder, catalog, progress=False)
     assert client.get("/readyz").json["items"] == 6
+
+
+def test_a_database_behind_the_code_gets_503_until_migrated(base_settings, embedder, tmp_path, skimage_catalog):
+    from alembic import command
+    from alembic.config import Config
+
+    from indexer.schema import migrate
+
+    settings = base_settings.with_overrides(data_dir=tmp_path / "data")
+    index_catalog(settings, embedder, skimage_catalog, progress=False)
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.db_url)
+    command.downgrade(config, "0002")  # as if new code met an old database
+    client = create_app(settings, embedder).test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503 and "make migrate" in response.json["reason"]
+    migrate(settings.db_url)
+    assert client.get("/readyz").status_code == 200  # no restart needed
