@@ -13,7 +13,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import sessionmaker
 
 from indexer.config import Settings
@@ -51,6 +51,13 @@ class Match:
             "url": self.url,
             "score": round(self.score, 6),
         }
+
+
+_MATCH_ROWS = (
+    select(ProductImage.id, Product.sku, Product.title, Product.category, Product.price, Product.url)
+    .join(Product)
+    .where(ProductImage.id.in_(bindparam("ids", expanding=True)), LIVE)
+)
 
 
 class CatalogSearch:
@@ -163,11 +170,10 @@ class CatalogSearch:
 
     def _matches(self, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None) -> list[Match]:
         found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
-        columns = (Product.sku, Product.title, Product.category, Product.price, Product.url)
-        with self.sessions() as session:
-            rows = session.execute(
-                select(ProductImage.id, *columns).join(Product).where(ProductImage.id.in_([i for i, _ in found]), LIVE)
-            ).all()
+        # A Core query on a pooled connection: this runs on every search, and the ORM session
+        # around it would cost more than the query itself.
+        with self.sessions.kw["bind"].connect() as connection:
+            rows = connection.execute(_MATCH_ROWS, {"ids": [i for i, _ in found]}).all()
         products = {row[0]: row[1:] for row in rows}
         matches: list[Match] = []
         seen: set[str] = set()
