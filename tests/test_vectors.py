@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import inspect, select, text
 
 from indexer.model import l2_normalize
-from indexer.schema import Product, ProductImage, make_engine, migrate, open_database
+from indexer.schema import SCHEMA_REVISION, Product, ProductImage, make_engine, migrate, open_database
 from indexer.vectors import KEEP_OLD_SECONDS, MANIFEST, build_index, load_index, publish_index
 
 
@@ -68,7 +68,7 @@ def test_migrations_create_the_catalog_tables_in_wal_mode(tmp_path):
     assert {"products", "images", "alembic_version"} <= tables
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_REVISION
         assert {"source", "deleted_at"} <= {column["name"] for column in inspect(engine).get_columns("images")}
 
 
@@ -91,3 +91,11 @@ def test_products_and_images_round_trip_through_the_orm(settings):
         session.delete(session.scalar(select(Product).where(Product.sku == "SKU-1")))
     with sessions() as session:
         assert session.scalars(select(ProductImage)).all() == []  # images go with their product
+
+
+def test_the_schema_revision_the_service_expects_is_alembics_head():
+    from alembic.script import ScriptDirectory
+
+    from indexer.config import REPO_ROOT
+
+    assert ScriptDirectory(str(REPO_ROOT / "migrations")).get_current_head() == SCHEMA_REVISION
