@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.load import multipart_body, run_load
-from indexer.catalog import scan_catalog
+from bench.server import running_server
+from indexer.catalog import in_catalog, scan_catalog
 from indexer.config import REPO_ROOT, cpu_count, load_settings
 from indexer.images import load_pixels
 from indexer.model import load_embedder
@@ -127,12 +127,6 @@ def _timed(function, argument) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def process_tree_memory_mb(pid: int) -> dict[str, float]:
     """Resident and peak resident memory of a process and its children (Linux /proc)."""
     pids = [pid]
@@ -148,37 +142,15 @@ def process_tree_memory_mb(pid: int) -> dict[str, float]:
 
 def measure_http(data_dir: Path, photos: list[bytes], levels: tuple[int, ...]) -> dict:
     """Start the production server as `make serve` does, time it until ready, then load it."""
-    import requests
-
-    port = free_port()
-    env = {**os.environ, "DATA_DIR": str(data_dir), "PORT": str(port)}
-    command = [str(Path(sys.executable).with_name("gunicorn")), "--config", "service/gunicorn.conf.py",
-               "--access-logfile", "/dev/null", "service:create_app()"]  # fmt: skip
-    started = time.perf_counter()
-    server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if server.poll() is not None or time.perf_counter() - started > 60:
-                raise RuntimeError(f"the server did not start:\n{server.stderr.read().decode()}")
-            time.sleep(0.02)
-        ready_seconds = time.perf_counter() - started
-        idle_memory = process_tree_memory_mb(server.pid)
+    with running_server({"DATA_DIR": str(data_dir)}) as server:
+        idle_memory = process_tree_memory_mb(server.process.pid)
         bodies = [multipart_body(photo, {"k": "12"}) for photo in photos]
-        run_load(f"{url}/api/search", bodies, clients=1, max_requests=20, max_seconds=10)  # warm-up
-        loads = [run_load(f"{url}/api/search", bodies, clients, max_requests=2000, max_seconds=10).summary()
-                 for clients in levels]  # fmt: skip
-        loaded_memory = process_tree_memory_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    return {"ready_seconds": round(ready_seconds, 2), "memory_idle": idle_memory, "memory_after_load": loaded_memory,
-            "load": loads}  # fmt: skip
+        search = f"{server.url}/api/search"
+        run_load(search, bodies, clients=1, max_requests=20, max_seconds=10)  # warm-up
+        loads = [run_load(search, bodies, clients, max_requests=2000, max_seconds=10).summary() for clients in levels]
+        loaded_memory = process_tree_memory_mb(server.process.pid)
+    return {"ready_seconds": round(server.ready_seconds, 2), "memory_idle": idle_memory,
+            "memory_after_load": loaded_memory, "load": loads}  # fmt: skip
 
 
 def chart(results: dict, path: Path) -> None:
@@ -235,13 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     metadata = Path(args.metadata) if args.metadata else next(
         (catalog / n for n in ("catalog.csv", "products.csv") if (catalog / n).exists()), None
     )  # fmt: skip
-    if metadata and not metadata.is_absolute() and not metadata.exists():
-        metadata = catalog / metadata
+    metadata = in_catalog(catalog, metadata)
     settings = load_settings()
     images = scan_catalog(catalog, metadata).images
     if not images:
         print(f"error: no images in {catalog}", file=sys.stderr)
         return 2
+    # More distinct photos than the service's recent-query cache holds (64), so that every HTTP
+    # request is decoded and embedded, never answered from that cache.
     sample = images[:: max(1, len(images) // args.queries)][: args.queries]
     photos = [image.path.read_bytes() for image in sample]
     tensors = np.stack([load_pixels(image.path, 224) for image in sample])

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.__main__ import free_port
 from bench.load import multipart_body
+from bench.server import running_server
 from indexer.config import REPO_ROOT
 
 KEY = "soak-test-key"
@@ -70,25 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         write_catalog(first, tmp / "first.csv")
         write_catalog(second, tmp / "second.csv")
         index(catalog, tmp / "first.csv", env)
-        port = free_port()
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("gunicorn")), "--config", "service/gunicorn.conf.py",
-             "--access-logfile", "/dev/null", "service:create_app()"],
-            cwd=REPO_ROOT, env={**env, "PORT": str(port)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                        break
-                except (requests.ConnectionError, requests.Timeout):
-                    time.sleep(0.1)
-            report = soak(url, catalog, tmp, env, photos, first, second, args)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        with running_server(env) as server:
+            report = soak(server.url, catalog, tmp, env, photos, first, second, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "wrong_examples"}, indent=2))

@@ -21,6 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from eval.metrics import hit_matrix, per_label, summarise
+from indexer.catalog import in_catalog
 from indexer.config import REPO_ROOT, cpu_count, load_settings
 from indexer.schema import Product, live_product_ids
 from indexer.vectors import read_manifest
@@ -118,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = product_labels(app, args.label)
     queries = None
     if args.queries:
-        queries_path = Path(args.queries)
-        if not queries_path.is_absolute() and not queries_path.exists():
-            queries_path = catalog / queries_path
-        queries = read_queries(queries_path, catalog, args.label)
+        queries = read_queries(in_catalog(catalog, args.queries), catalog, args.label)
     skus = sorted(labels)
     started = time.perf_counter()
     results = run_queries(app, queries, skus)

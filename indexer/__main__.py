@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from indexer.catalog import CatalogError
+from indexer.catalog import CatalogError, in_catalog
 from indexer.config import ConfigError, Settings, load_settings
 from indexer.weights import WeightsError
 
@@ -22,9 +22,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     from indexer.model import load_embedder
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
-    metadata = Path(args.metadata) if args.metadata else None
-    if metadata and not metadata.is_absolute() and not metadata.exists():
-        metadata = catalog / metadata  # a bare file name means one inside the catalog folder
+    metadata = in_catalog(catalog, args.metadata)
     if not catalog.is_dir():
         print(
             f"error: catalog folder {catalog} does not exist. Pass CATALOG=<folder of product photos>.", file=sys.stderr
@@ -76,9 +74,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
     from indexer.finetune import FinetuneOptions, finetune
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
-    metadata = Path(args.metadata) if args.metadata else None
-    if metadata and not metadata.is_absolute() and not metadata.exists():
-        metadata = catalog / metadata
+    metadata = in_catalog(catalog, args.metadata)
     options = FinetuneOptions(epochs=args.epochs, views=args.views)
     summary = finetune(settings, catalog, metadata, options, progress=not args.quiet)
     print(

@@ -50,6 +50,14 @@ class CatalogScan:
         return {image.sku for image in self.images}
 
 
+def in_catalog(catalog: Path, path: str | Path | None) -> Path | None:
+    """A path as given on the command line, or else a file of that name inside the catalog folder."""
+    if not path:
+        return None
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else Path(catalog) / path
+
+
 def default_metadata(root: Path) -> Path | None:
     return next((root / name for name in METADATA_NAMES if (root / name).is_file()), None)
 

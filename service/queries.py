@@ -16,7 +16,7 @@ import numpy as np
 from flask import Request
 from PIL import Image
 
-from indexer.images import ImageError, open_image, thumbnail, to_model_input
+from indexer.images import ImageError, thumbnail
 from indexer.model import Embedder
 from service.errors import BadRequest
 
@@ -62,6 +62,14 @@ def read_category(request: Request, known: list[str]) -> str | None:
     return category
 
 
+def embed_upload(data: bytes, embedder: Embedder) -> np.ndarray:
+    """The upload's vector, or a 400 that says why the bytes are not a usable photo."""
+    try:
+        return embedder.embed_image(data)
+    except ImageError as exc:
+        raise BadRequest(f"the upload is not a usable image: {exc}") from None
+
+
 class RecentQueries:
     """The last few query photos with their vectors, by the sha256 of their bytes, so that a
     results page can link to its preview. Bounded in count and in bytes held."""
@@ -80,11 +88,7 @@ class RecentQueries:
             if token in self._items:
                 self._items.move_to_end(token)
                 return self._items[token]
-        try:
-            image = open_image(data, target_size=embedder.input_size)
-        except ImageError as exc:
-            raise BadRequest(f"the upload is not a usable image: {exc}") from None
-        vector = embedder.embed_pixels(to_model_input(image, embedder.input_size)[None])[0]
+        vector = embed_upload(data, embedder)
         query = Query(token=token, vector=vector, photo=data)
         with self._lock:
             if token not in self._items:

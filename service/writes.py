@@ -21,14 +21,13 @@ from sqlalchemy import select, update
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.catalog import parse_price
-from indexer.images import ImageError, open_image, to_model_input
 from indexer.indexing import publish_from_database
 from indexer.locking import write_lock
 from indexer.schema import LIVE, Product, ProductImage
 from indexer.vectors import read_manifest
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.queries import read_upload
+from service.queries import embed_upload, read_upload
 from service.search import UnknownProduct
 
 API = "api"  # ProductImage.source of rows written here
@@ -91,12 +90,8 @@ def put_product(sku: str):
     search = catalog_search()
     _check_sku(sku)
     data = read_upload(request)
-    try:
-        image = open_image(data, target_size=search.embedder.input_size)
-        image_format = _format_of(data)
-    except ImageError as exc:
-        raise BadRequest(f"the upload is not a usable image: {exc}") from None
-    vector = search.embedder.embed_pixels(to_model_input(image, search.embedder.input_size)[None])[0]
+    vector = embed_upload(data, search.embedder)
+    image_format = _format_of(data)
     fields = {name: request.form.get(name, "").strip() for name in FIELDS}
     attributes = {k: v for k, v in request.form.items() if k not in FIELDS and v}
     path = _store_photo(data, image_format)

@@ -1,0 +1,60 @@
+"""The production server as `make serve` starts it, on a free loopback port, for bench and soak."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from indexer.config import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    process: subprocess.Popen
+    url: str
+    ready_seconds: float
+
+
+@contextmanager
+def running_server(env: dict[str, str], timeout: float = 60) -> Iterator[RunningServer]:
+    """gunicorn with service/gunicorn.conf.py; yields once /readyz answers 200, stops it afterwards."""
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("gunicorn")), "--config", "service/gunicorn.conf.py",
+               "--access-logfile", "/dev/null", "service:create_app()"]  # fmt: skip
+    # Its log goes to a file: an unread pipe would stall the server once full.
+    with tempfile.TemporaryFile() as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env, "PORT": str(port)},
+                                   stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            while True:
+                try:
+                    if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                        break
+                except (requests.ConnectionError, requests.Timeout):
+                    pass
+                if process.poll() is not None or time.perf_counter() - started > timeout:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start:\n{log.read().decode(errors='replace')[-3000:]}")
+                time.sleep(0.02)
+            yield RunningServer(process, url, time.perf_counter() - started)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
