@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 from flask import Flask
 
 from indexer.config import Settings, cpu_count, load_settings
@@ -28,11 +27,9 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
     app.logger.setLevel(logging.INFO)
-    # Requests already run in parallel; FAISS's OpenMP threads would spin on the cores the
-    # interpreters need (one query vector is a sub-millisecond search on one core).
-    faiss.omp_set_num_threads(1)
     if embedder is None:
-        # One single-threaded interpreter per core, lent to the request threads (two per core).
+        # One single-threaded interpreter per core, lent to the request threads (two per core);
+        # each interpreter holds its own copy of the packed weights.
         interpreters = min(cpu_count(), settings.server_threads)
         embedder = load_embedder(settings.sharing_cores(interpreters), create_export=False, concurrency=interpreters)
     # `make serve` migrates first; a service never changes the schema under a running indexer.

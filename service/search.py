@@ -145,6 +145,9 @@ class CatalogSearch:
         fetch = min(int(version.index.ntotal), (k + 1) * OVERFETCH)
         if fetch == 0:
             return []
+        # OpenMP's thread count is per calling thread: the service's request threads each set
+        # theirs to 1, since requests already run in parallel and an idle OpenMP team spins.
+        faiss.omp_set_num_threads(1)
         scores, ids = version.index.search(np.asarray(vector, np.float32)[None], fetch, params=params)
         return self._matches(ids[0], scores[0], k, exclude_sku)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import pytest
 from PIL import Image
@@ -99,6 +100,24 @@ def test_search_by_photo_returns_the_matching_product_first(client, cat_query):
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True) and len(results) == 3  # default_k
     assert response.json["took_ms"] > 0
+
+
+def test_searches_keep_faiss_to_one_thread_in_the_request_thread(client, cat_query):
+    # OpenMP's thread count is per thread: a fresh request thread starts at the machine's
+    # default, and an idle OpenMP team spins on the cores the interpreters need.
+    import faiss
+
+    seen = []
+
+    def request_thread():
+        faiss.omp_set_num_threads(4)
+        assert search(client, cat_query).status_code == 200
+        seen.append(faiss.omp_get_max_threads())
+
+    thread = threading.Thread(target=request_thread)
+    thread.start()
+    thread.join()
+    assert seen == [1]
 
 
 def test_k_is_respected_and_capped(client, cat_query):
