@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -70,56 +71,70 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_and_hash(image: CatalogImage) -> tuple[CatalogImage, str | None, str | None]:
-    try:
-        return image, sha256_bytes(image.path.read_bytes()), None
-    except OSError as exc:
-        return image, None, f"{image.rel_path}: cannot be read ({exc.strerror or exc})"
-
-
-def _decode(image: CatalogImage, size: int) -> tuple[CatalogImage, np.ndarray | None, str | None]:
-    try:
-        return image, load_pixels(image.path, size), None
-    except (ImageError, OSError) as exc:
-        return image, None, str(exc)
+Known = dict[str, tuple[str, str]]  # rel_path -> (sha256, model_key) of the live catalog rows
 
 
 @dataclass
-class EmbeddedBatch:
-    images: list[CatalogImage]
+class CheckedBatch:
+    """One worker's batch: photos embedded (with their vectors and sha256), photos unchanged since
+    the last run, and photos that could not be read or decoded (with the reason)."""
+
+    embedded: list[CatalogImage]
     vectors: np.ndarray
-    failures: list[tuple[CatalogImage, str]]
+    digests: dict[str, str]
+    unchanged: int = 0
+    failures: list[tuple[CatalogImage, str]] = field(default_factory=list)
 
 
-def _decode_and_embed(images: list[CatalogImage], embedder: Embedder) -> EmbeddedBatch:
-    """One worker's unit of work: decode a batch, then embed it with this thread's interpreter."""
-    good, pixels, failures = [], [], []
+def _check_and_embed(images: list[CatalogImage], known: Known, embedder: Embedder) -> CheckedBatch:
+    """One worker's unit of work: read each photo once, hash it, and decode and embed (with this
+    thread's interpreter) only those whose bytes or model changed since the last run."""
+    model_key, size = embedder.identity.key, embedder.input_size
+    embedded, pixels, digests, unchanged, failures = [], [], {}, 0, []
     for image in images:
-        _, array, problem = _decode(image, embedder.input_size)
-        if problem:
-            failures.append((image, problem))
-        else:
-            good.append(image)
-            pixels.append(array)
-    size = embedder.input_size
+        try:
+            data = image.path.read_bytes()
+        except OSError as exc:
+            failures.append((image, f"cannot be read ({exc.strerror or exc})"))
+            continue
+        digest = sha256_bytes(data)
+        if known.get(image.rel_path) == (digest, model_key):
+            unchanged += 1
+            continue
+        try:
+            pixels.append(load_pixels(data, size))
+        except ImageError as exc:
+            failures.append((image, str(exc)))
+            continue
+        embedded.append(image)
+        digests[image.rel_path] = digest
     batch = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return EmbeddedBatch(good, embedder.embed_pixels(batch), failures)
+    return CheckedBatch(embedded, embedder.embed_pixels(batch), digests, unchanged, failures)
 
 
-def embedded_batches(
-    images: list[CatalogImage], embedder: Embedder, batch_size: int, pool: ThreadPoolExecutor, workers: int
-) -> Iterator[EmbeddedBatch]:
-    """Embed batches on `workers` threads, each decoding and then running its own interpreter, so
-    both kinds of work keep every core busy. Results come back in order; at most 2 batches per
-    worker are in flight, so memory stays bounded for any catalog size."""
-    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    pending: deque = deque()
-    for batch in batches:
-        pending.append(pool.submit(_decode_and_embed, batch, embedder))
-        if len(pending) >= 2 * workers:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+def checked_batches(
+    images: list[CatalogImage],
+    known: Known,
+    embedder: Embedder,
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    workers: int,
+) -> Iterator[CheckedBatch]:
+    """Check and embed batches on `workers` threads, each reading, decoding and then running its
+    own interpreter, so both kinds of work keep every core busy. The first batches start at
+    once, before the caller iterates; results come back in order; at most 2 batches per worker
+    are in flight, so memory stays bounded for any catalog size."""
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    pending = deque(pool.submit(_check_and_embed, batch, known, embedder) for batch in islice(batches, 2 * workers))
+
+    def in_order() -> Iterator[CheckedBatch]:
+        while pending:
+            done = pending.popleft().result()
+            if (batch := next(batches, None)) is not None:
+                pending.append(pool.submit(_check_and_embed, batch, known, embedder))
+            yield done
+
+    return in_order()
 
 
 def _upsert_products(session: Session, images: Iterable[CatalogImage]) -> dict[str, int]:
@@ -154,60 +169,41 @@ def index_catalog(
     sessions = sessions or open_database(settings)
     model_key = embedder.identity.key
 
-    with ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool:
-        hashed = list(
-            tqdm(
-                pool.map(_read_and_hash, scan.images),
-                total=len(scan.images),
-                desc="Checking files",
-                unit="img",
-                disable=not progress,
-                leave=False,
-            )
-        )
-        with sessions() as session:
-            known = {
-                row.rel_path: (row.sha256, row.model_key)
-                for row in session.execute(
-                    select(ProductImage.rel_path, ProductImage.sha256, ProductImage.model_key).where(
-                        ProductImage.source == CATALOG, LIVE
-                    )
+    with sessions() as session:
+        known: Known = {
+            row.rel_path: (row.sha256, row.model_key)
+            for row in session.execute(
+                select(ProductImage.rel_path, ProductImage.sha256, ProductImage.model_key).where(
+                    ProductImage.source == CATALOG, LIVE
                 )
-            }
-        readable: list[CatalogImage] = []
-        to_embed: list[tuple[CatalogImage, str]] = []
-        for image, digest, problem in hashed:
-            if problem:
-                report.problems.append(problem)
-                continue
-            readable.append(image)
-            if known.get(image.rel_path) == (digest, model_key):
-                report.unchanged += 1
-            else:
-                to_embed.append((image, digest))
-        digests = dict((image.rel_path, digest) for image, digest in to_embed)
-
-        with write_lock(settings.data_dir), sessions.begin() as session:
-            product_ids = _upsert_products(session, readable)
-
-        failed: set[str] = set()
+            )
+        }
+    failed: set[str] = set()
+    with ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool:
         embed_started = time.perf_counter()
-        bar = tqdm(total=len(to_embed), desc="Embedding", unit="img", disable=not progress)
-        for batch in embedded_batches(
-            [image for image, _ in to_embed], embedder, settings.batch_size, pool, settings.embed_workers
-        ):
+        results = checked_batches(scan.images, known, embedder, settings.batch_size, pool, settings.embed_workers)
+        # While the first batches are embedded: every product's metadata, which the embeddings'
+        # rows point to. Products whose photos all fail are removed again by _reconcile_rows.
+        with write_lock(settings.data_dir), sessions.begin() as session:
+            product_ids = _upsert_products(session, scan.images)
+        bar = tqdm(total=len(scan.images), desc="Indexing", unit="img", disable=not progress)
+        for batch in results:
             for image, problem in batch.failures:
                 failed.add(image.rel_path)
                 report.problems.append(f"{image.rel_path}: {problem}")
-            with write_lock(settings.data_dir), sessions.begin() as session:
-                _store_embeddings(session, batch.images, batch.vectors, digests, product_ids, model_key)
-            report.embedded += len(batch.images)
-            bar.update(len(batch.images) + len(batch.failures))
+            if batch.embedded:
+                with write_lock(settings.data_dir), sessions.begin() as session:
+                    _store_embeddings(session, batch, product_ids, model_key)
+            report.embedded += len(batch.embedded)
+            report.unchanged += batch.unchanged
+            bar.update(len(batch.embedded) + batch.unchanged + len(batch.failures))
         bar.close()
         report.embed_seconds = time.perf_counter() - embed_started
 
     keep = {
-        image.rel_path: (product_ids[image.sku], str(image.path)) for image in readable if image.rel_path not in failed
+        image.rel_path: (product_ids[image.sku], str(image.path))
+        for image in scan.images
+        if image.rel_path not in failed
     }
     with write_lock(settings.data_dir):
         with sessions.begin() as session:
@@ -257,16 +253,14 @@ def peak_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _store_embeddings(session, images, vectors, digests, product_ids, model_key) -> None:
-    rows = {
-        row.rel_path: row
-        for row in session.scalars(select(ProductImage).where(ProductImage.rel_path.in_([i.rel_path for i in images])))
-    }
-    for image, vector in zip(images, vectors, strict=True):
+def _store_embeddings(session, batch: CheckedBatch, product_ids: dict[str, int], model_key: str) -> None:
+    paths = [image.rel_path for image in batch.embedded]
+    rows = {row.rel_path: row for row in session.scalars(select(ProductImage).where(ProductImage.rel_path.in_(paths)))}
+    for image, vector in zip(batch.embedded, batch.vectors, strict=True):
         row = rows.get(image.rel_path) or ProductImage(rel_path=image.rel_path)
         row.product_id = product_ids[image.sku]
         row.path = str(image.path)
-        row.sha256 = digests[image.rel_path]
+        row.sha256 = batch.digests[image.rel_path]
         row.model_key = model_key
         row.embedding = np.asarray(vector, dtype=np.float32).tobytes()
         row.deleted_at = None  # a file back in the catalog revives its old row and id
