@@ -50,13 +50,18 @@ index: weights migrate
 serve: weights migrate
 	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
 
+# $(call apt_install,<package>): a Debian package, through sudo unless root; fails without apt-get.
+define apt_install
+{ command -v apt-get >/dev/null && SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ) && \
+  { $$SUDO apt-get install -y -q $(1) >/dev/null 2>&1 \
+    || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q $(1) >/dev/null; }; }; }
+endef
+
 # Debian's dataset-fashion-mnist package when apt is there; otherwise Keras downloads it.
 demo-catalog: venv
 	@if [ ! -f $(DEMO_CATALOG)/products.csv ]; then \
-	  if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
-	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-	      || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+	  if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	    $(call apt_install,dataset-fashion-mnist) \
 	      || echo "apt-get could not install dataset-fashion-mnist; falling back to Keras's download"; \
 	  fi; \
 	  $(PY) -m indexer demo-catalog $(DEMO_CATALOG); \
@@ -70,11 +75,15 @@ demo: demo-catalog weights migrate
 	@echo
 	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
 
+# wrk is the benchmark's load generator; one test runs it against the real server.
 test: weights
+	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk; its test will be skipped"
 	$(PY) -m pytest
 
 # Throughput, latency and memory on a real catalog (default: the grocery-store dataset beside the repo).
+# The HTTP load comes from wrk (Debian's package, installed here when missing).
 bench: weights migrate
+	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk"
 	$(PY) -m bench $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
 
 # Searches under concurrent re-indexing and API writes: 0 errors and 0 wrong results, to bench/soak.json.

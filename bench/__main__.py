@@ -3,7 +3,11 @@
     python -m bench --catalog ../shared/datasets/grocery-store --metadata catalog.csv
 
 Writes bench/results.json and bench/results.png. Everything runs on this machine;
-the HTTP load goes to a gunicorn server on 127.0.0.1 only, bounded in requests and time.
+the HTTP load (wrk) goes to a gunicorn server on 127.0.0.1 only, bounded in time.
+
+A shared machine's speed drifts by 10-20 % within minutes, so each timed step is compared with
+the raw engine rate measured just before and just after it (its "reference"), not with one
+measurement taken minutes earlier.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.load import multipart_body, run_load
+from bench.load import run_wrk, search_bodies, wrk_path
 from bench.server import running_server
 from indexer.catalog import in_catalog, scan_catalog
 from indexer.config import REPO_ROOT, cpu_count, load_settings
@@ -47,14 +51,49 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
     return {f"p{p}_ms": round(float(np.percentile(values_ms, p)), 2) for p in (50, 95, 99)}
 
 
-def measure_engine(settings, tensors: np.ndarray) -> dict:
+class Reference:
+    """The raw engine's single-image rate (batch 1, one interpreter using every core: the limit)
+    and the seed-style Keras rate (the baseline), measurable again around any step."""
+
+    def __init__(self, settings, tensors: np.ndarray):
+        self.settings, self.tensors = settings, tensors
+        self.embedder = load_embedder(settings)
+        self._keras = None
+
+    def engine_rate(self, seconds: float = 4.0) -> float:
+        return rate(lambda x: self.embedder.engine.features(x[None]), list(self.tensors), seconds)
+
+    def keras_rate(self, seconds: float = 6.0) -> float:
+        """How tutorials embed: Keras model.predict on one image at a time."""
+        if self._keras is None:
+            from indexer.model import build_feature_model
+
+            self._keras = build_feature_model(self.settings)
+        images = list(self.tensors[:40])
+        return rate(lambda x: self._keras.predict(x[None].astype(np.float32), verbose=0), images, seconds)
+
+    def around(self, step, *, keras: bool = False) -> tuple[object, dict]:
+        """Runs step between two measurements of the engine (and of Keras); returns its result and
+        the rates before, after, and their mean (the reference its ratios use)."""
+        before = {"engine": self.engine_rate(), **({"keras": self.keras_rate()} if keras else {})}
+        result = step()
+        after = {"engine": self.engine_rate(), **({"keras": self.keras_rate()} if keras else {})}
+        reference = {key: round((before[key] + after[key]) / 2, 1) for key in before}
+        return result, {"before": _rounded(before), "after": _rounded(after), "mean": reference}
+
+
+def _rounded(rates: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 1) for key, value in rates.items()}
+
+
+def measure_engine(reference: Reference) -> dict:
     """Forward passes on preprocessed tensors, batch 1: one interpreter using every core (the
-    single-image rate, the reference for the ratios), and one single-threaded interpreter per
-    core side by side (how indexing workers and server threads run it)."""
+    single-image rate), and one single-threaded interpreter per core side by side (how
+    indexing workers and server threads run it)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    embedder = load_embedder(settings)
-    single = rate(lambda x: embedder.engine.features(x[None]), list(tensors), 8.0)
+    settings, tensors = reference.settings, reference.tensors
+    single = reference.engine_rate(8.0)
     cores = cpu_count()
     per_core = load_embedder(settings.with_overrides(model_threads=1), concurrency=cores)
     with ThreadPoolExecutor(max_workers=cores) as pool:
@@ -63,20 +102,12 @@ def measure_engine(settings, tensors: np.ndarray) -> dict:
             pool.map(lambda chunk: rate(lambda x: per_core.engine.features(x[None]), list(chunk), 8.0), chunks)
         )
     return {
-        "engine": embedder.engine.name,
+        "engine": reference.embedder.engine.name,
         "threads": settings.inference_threads,
         "images_per_s": round(single, 1),
         "one_thread_per_core_images_per_s": round(parallel, 1),
+        "one_thread_inference_ms": round(1000 * cores / parallel, 2),
     }
-
-
-def measure_seed_baseline(settings, tensors: np.ndarray) -> dict:
-    """How tutorials embed: Keras model.predict on one image at a time."""
-    from indexer.model import build_feature_model
-
-    model = build_feature_model(settings)
-    per_image = rate(lambda x: model.predict(x[None].astype(np.float32), verbose=0), list(tensors[:40]), 6.0)
-    return {"images_per_s": round(per_image, 1)}
 
 
 def measure_indexing(catalog: Path, metadata: Path | None, data_dir: Path) -> dict:
@@ -106,9 +137,10 @@ def measure_in_process(settings, data_dir: Path, photos: list[bytes]) -> dict:
     embedder = load_embedder(settings)
     search = CatalogSearch(settings, embedder, open_database(settings))
     version = search.current()
-    embed_ms, search_ms, query_ms = [], [], []
-    for photo in photos:  # interleaved, so that a slow patch of the machine hits all three alike
+    embed_ms, search_ms, query_ms, decode_ms = [], [], [], []
+    for photo in photos:  # interleaved, so that a slow patch of the machine hits all of them alike
         vector = embedder.embed_image(photo)
+        decode_ms.append(_timed(lambda p: load_pixels(p, embedder.input_size), photo))
         embed_ms.append(_timed(embedder.embed_image, photo))
         search_ms.append(_timed(lambda v: version.index.search(v[None], settings.default_k * 3), vector))
         query_ms.append(_timed(lambda p: search.search(embedder.embed_image(p), settings.default_k), photo))
@@ -116,6 +148,7 @@ def measure_in_process(settings, data_dir: Path, photos: list[bytes]) -> dict:
     return {
         **percentiles(query_ms),
         "embed_median_ms": round(float(np.median(embed_ms)), 2),
+        "decode_and_resize_median_ms": round(float(np.median(decode_ms)), 2),
         "search_median_ms": round(float(np.median(search_ms)), 3),
         "p50_over_embed_plus_search": round(float(np.median(query_ms)) / one_embedding_and_search, 3),
     }
@@ -127,11 +160,31 @@ def _timed(function, argument) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def process_tree_memory_mb(pid: int) -> dict[str, float]:
-    """Resident and peak resident memory of a process and its children (Linux /proc)."""
+def process_tree(pid: int) -> list[int]:
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
         pids += [int(child) for child in (task / "children").read_text().split()]
+    return pids
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children so far (Linux /proc)."""
+    ticks = 0
+    for each in process_tree(pid):
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_steal() -> tuple[int, int]:
+    """CPU time stolen by the hypervisor, and all CPU time, in ticks since boot (Linux /proc/stat)."""
+    counters = [int(n) for n in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return counters[7], sum(counters)
+
+
+def process_tree_memory_mb(pid: int) -> dict[str, float]:
+    """Resident and peak resident memory of a process and its children (Linux /proc)."""
+    pids = process_tree(pid)
     rss = hwm = 0.0
     for each in pids:
         status = dict(line.split(":", 1) for line in Path(f"/proc/{each}/status").read_text().splitlines())
@@ -140,17 +193,56 @@ def process_tree_memory_mb(pid: int) -> dict[str, float]:
     return {"processes": len(pids), "rss_mb": round(rss, 1), "peak_rss_mb": round(hwm, 1)}
 
 
-def measure_http(data_dir: Path, photos: list[bytes], levels: tuple[int, ...]) -> dict:
-    """Start the production server as `make serve` does, time it until ready, then load it."""
-    with running_server({"DATA_DIR": str(data_dir)}) as server:
+def measure_http(reference: Reference, data_dir: Path, photos: list[bytes], levels: tuple[int, ...]) -> dict:
+    """Start the production server as `make serve` does, time it until ready, then load it with
+    each number of concurrent clients in turn, the engine measured around each."""
+    wrk_path()  # before starting anything: say at once when wrk is missing
+    with running_server({"DATA_DIR": str(data_dir)}) as server, search_bodies(photos, {"k": "12"}) as bodies:
         idle_memory = process_tree_memory_mb(server.process.pid)
-        bodies = [multipart_body(photo, {"k": "12"}) for photo in photos]
         search = f"{server.url}/api/search"
-        run_load(search, bodies, clients=1, max_requests=20, max_seconds=10)  # warm-up
-        loads = [run_load(search, bodies, clients, max_requests=2000, max_seconds=10).summary() for clients in levels]
+        run_wrk(search, *bodies, clients=1, seconds=2)  # warm-up
+        loads = []
+        for clients in levels:
+            cpu, steal = process_tree_cpu_seconds(server.process.pid), machine_steal()
+            load, rates = reference.around(lambda c=clients: run_wrk(search, *bodies, clients=c, seconds=10))
+            # The server is idle while the engine is measured around the load, so this is the load's CPU.
+            cpu = process_tree_cpu_seconds(server.process.pid) - cpu
+            stolen, total = (now - then for now, then in zip(machine_steal(), steal, strict=True))
+            loads.append({
+                **load,
+                "engine_around": rates,
+                "over_engine": round(load["requests_per_s"] / rates["mean"]["engine"], 3),
+                "server_cpu_ms_per_request": round(1000 * cpu / max(1, load["requests"]), 2),
+                "machine_steal_percent": round(100 * stolen / max(1, total), 1),
+            })  # fmt: skip
         loaded_memory = process_tree_memory_mb(server.process.pid)
     return {"ready_seconds": round(server.ready_seconds, 2), "memory_idle": idle_memory,
             "memory_after_load": loaded_memory, "load": loads}  # fmt: skip
+
+
+def _with_reference(result: dict, rates: dict) -> dict:
+    return {**result, "around": rates}
+
+
+def ratios(results: dict) -> dict[str, float]:
+    """The issue's figures: each step against the reference measured around it."""
+    indexing, four = results["indexing"], next(r for r in results["http"]["load"] if r["clients"] == 4)
+    around = indexing["around"]["mean"]
+    request_cpu_ms = four["server_cpu_ms_per_request"]
+    return {
+        "indexing_over_engine": round(indexing["images_per_s"] / around["engine"], 3),
+        "indexing_over_seed_baseline": round(indexing["images_per_s"] / around["keras"], 1),
+        "in_process_p50_over_embed_plus_search": results["in_process"]["p50_over_embed_plus_search"],
+        "http_4_clients_over_engine": four["over_engine"],
+        # What the HTTP figure could be if the server's CPU time per request kept every core busy,
+        # and how much of that CPU time the inference itself is.
+        "http_4_clients_ceiling_from_cpu_per_request": round(
+            1000 * results["machine"]["cpus"] / request_cpu_ms / four["engine_around"]["mean"]["engine"], 3
+        ),
+        "inference_share_of_request_cpu": round(results["engine"]["one_thread_inference_ms"] / request_cpu_ms, 3),
+        "server_ready_seconds": results["http"]["ready_seconds"],
+        "server_rss_mb_minus_index": round(results["http"]["memory_after_load"]["rss_mb"] - results["index_mb"], 1),
+    }
 
 
 def chart(results: dict, path: Path) -> None:
@@ -160,17 +252,20 @@ def chart(results: dict, path: Path) -> None:
     figure = Figure(figsize=(12, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     rates, latency = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    limit = results["engine"]["images_per_s"]
+    limit, indexing = results["engine"]["images_per_s"], results["indexing"]
+    # (rate, the engine rate it is compared with: the one measured around it)
     bars = {
-        "Keras predict,\none image\n(baseline)": results["seed_baseline"]["images_per_s"],
-        "LiteRT forward\n(the limit)": limit,
-        "make index\nfrom files": results["indexing"]["images_per_s"],
-        **{f"HTTP, {r['clients']}\nclient(s)": r["requests_per_s"] for r in results["http"]["load"]},
-    }
-    drawn = rates.bar(list(bars), list(bars.values()), color=["#999", "#2c7fb8", "#41ab5d"] + ["#fd8d3c"] * 4)
-    rates.bar_label(drawn, labels=[f"{v:.0f}\n{v / limit:.2f}×" for v in bars.values()], fontsize=8)
+        "Keras predict,\none image\n(baseline)": (results["seed_baseline"]["images_per_s"], limit),
+        "LiteRT forward\n(the limit)": (limit, limit),
+        "make index\nfrom files": (indexing["images_per_s"], indexing["around"]["mean"]["engine"]),
+        **{f"HTTP, {r['clients']}\nclient(s)": (r["requests_per_s"], r["engine_around"]["mean"]["engine"])
+           for r in results["http"]["load"]},
+    }  # fmt: skip
+    heights = [rate for rate, _ in bars.values()]
+    drawn = rates.bar(list(bars), heights, color=["#999", "#2c7fb8", "#41ab5d"] + ["#fd8d3c"] * 4)
+    rates.bar_label(drawn, labels=[f"{v:.0f}\n{v / ref:.2f}×" for v, ref in bars.values()], fontsize=8)
     rates.set_ylabel("images or requests per second")
-    rates.set_title("Throughput (ratio to the LiteRT forward rate)")
+    rates.set_title("Throughput (ratio to the LiteRT forward rate measured around each step)", fontsize=10)
     rates.tick_params(axis="x", labelsize=7)
     rates.margins(y=0.2)
     loads = results["http"]["load"]
@@ -222,39 +317,26 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     results: dict = {"machine": machine(), "catalog": str(catalog), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    steps = [
-        ("engine", "raw engine forward rate", lambda: measure_engine(settings, tensors)),
-        ("seed_baseline", "Keras per-image predict", lambda: measure_seed_baseline(settings, tensors)),
-    ]
+    wrk_path()  # say at once when the load generator is missing, not after the indexing run
+    reference = Reference(settings, tensors)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data_dir = Path(tmp)
-        steps += [
-            ("indexing", f"python -m indexer index ({len(images)} images)",
-             lambda: measure_indexing(catalog, metadata, data_dir)),
+        steps = [
+            ("engine", "raw engine forward rate", lambda: measure_engine(reference)),
+            ("seed_baseline", "Keras per-image predict", lambda: {"images_per_s": round(reference.keras_rate(), 1)}),
+            ("indexing", f"python -m indexer index ({len(images)} images), engine and Keras measured around it",
+             lambda: _with_reference(*reference.around(lambda: measure_indexing(catalog, metadata, data_dir),
+                                                       keras=True))),
             ("in_process", "in-process query latency", lambda: measure_in_process(settings, data_dir, photos)),
-            ("http", "HTTP against gunicorn", lambda: measure_http(data_dir, photos, (1, 2, 4, 8))),
+            ("http", "HTTP against gunicorn (wrk), engine measured around each load",
+             lambda: measure_http(reference, data_dir, photos, (1, 2, 4, 8))),
         ]  # fmt: skip
         for key, title, step in steps:
             print(f"bench: {title} ...", file=sys.stderr, flush=True)
             results[key] = step()
         index_file = data_dir / "index" / json.loads((data_dir / "index" / "manifest.json").read_text())["index_file"]
         results["index_mb"] = round(index_file.stat().st_size / 2**20, 2)
-
-    limit = results["engine"]["images_per_s"]
-    four = next(r for r in results["http"]["load"] if r["clients"] == 4)
-    results["ratios"] = {
-        "indexing_over_engine": round(results["indexing"]["images_per_s"] / limit, 3),
-        "indexing_over_one_thread_per_core": round(
-            results["indexing"]["images_per_s"] / results["engine"]["one_thread_per_core_images_per_s"], 3
-        ),
-        "indexing_over_seed_baseline": round(
-            results["indexing"]["images_per_s"] / results["seed_baseline"]["images_per_s"], 1
-        ),
-        "in_process_p50_over_embed_plus_search": results["in_process"]["p50_over_embed_plus_search"],
-        "http_4_clients_over_engine": round(four["requests_per_s"] / limit, 3),
-        "server_ready_seconds": results["http"]["ready_seconds"],
-        "server_rss_mb_minus_index": round(results["http"]["memory_after_load"]["rss_mb"] - results["index_mb"], 1),
-    }  # fmt: skip
+    results["ratios"] = ratios(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     chart(results, out / "results.png")
     print(json.dumps(results["ratios"], indent=2))

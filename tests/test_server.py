@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from indexer.config import REPO_ROOT
+from bench.load import run_wrk, search_bodies
+from bench.server import running_server
 from indexer.indexing import index_catalog
 from tests.conftest import write_skimage_catalog
-
-GUNICORN = Path(sys.executable).with_name("gunicorn")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,30 +20,8 @@ def server(base_settings, embedder, tmp_path_factory):
     settings = base_settings.with_overrides(data_dir=root / "data")
     catalog = write_skimage_catalog(root / "catalog")
     index_catalog(settings, embedder, catalog, progress=False)
-    port = free_port()
-    env = {**os.environ, "DATA_DIR": str(settings.data_dir), "PORT": str(port)}
-    process = subprocess.Popen(
-        [str(GUNICORN), "--config", "service/gunicorn.conf.py", "service:create_app()"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"gunicorn exited with {process.returncode}:\n{process.stdout.read()}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):  # workers still loading the model
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not become ready within 120 s")
-            time.sleep(0.5)
-        yield url, catalog
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_server({"DATA_DIR": str(settings.data_dir)}, timeout=120) as running:
+        yield running.url, catalog
 
 
 def test_server_answers_searches_over_http(server):
@@ -93,3 +60,16 @@ def test_an_upload_over_the_limit_is_refused_before_its_body_is_sent(server):
             reply += chunk
     assert reply.startswith("HTTP/1.1 413") and "limit" in reply
     assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make test and make bench install it)")
+def test_bench_load_counts_answered_searches_and_every_refused_one_as_an_error(server):
+    url, catalog = server
+    photos = [(catalog / "drinks" / "coffee.jpg").read_bytes(), (catalog / "animals" / "chelsea.jpg").read_bytes()]
+    with search_bodies(photos, {"k": "3"}) as (folder, content_type):
+        good = run_wrk(f"{url}/api/search", folder, content_type, clients=2, seconds=2)
+    assert good["requests"] > 0 and good["errors"] == 0
+    assert 0 < good["p50_ms"] <= good["p95_ms"] <= good["p99_ms"]
+    with search_bodies([b"not a photo"], {"k": "3"}) as (folder, content_type):
+        refused = run_wrk(f"{url}/api/search", folder, content_type, clients=1, seconds=1)
+    assert refused["requests"] > 0 and refused["errors"] == refused["requests"]
