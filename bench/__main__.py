@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.load import run_wrk, search_bodies, wrk_path
+from bench.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
 from bench.server import running_server
 from indexer.catalog import in_catalog, scan_catalog
 from indexer.config import REPO_ROOT, cpu_count, load_settings
@@ -158,39 +159,6 @@ def _timed(function, argument) -> float:
     started = time.perf_counter()
     function(argument)
     return (time.perf_counter() - started) * 1000
-
-
-def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(child) for child in (task / "children").read_text().split()]
-    return pids
-
-
-def process_tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children so far (Linux /proc)."""
-    ticks = 0
-    for each in process_tree(pid):
-        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def machine_steal() -> tuple[int, int]:
-    """CPU time stolen by the hypervisor, and all CPU time, in ticks since boot (Linux /proc/stat)."""
-    counters = [int(n) for n in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return counters[7], sum(counters)
-
-
-def process_tree_memory_mb(pid: int) -> dict[str, float]:
-    """Resident and peak resident memory of a process and its children (Linux /proc)."""
-    pids = process_tree(pid)
-    rss = hwm = 0.0
-    for each in pids:
-        status = dict(line.split(":", 1) for line in Path(f"/proc/{each}/status").read_text().splitlines())
-        rss += int(status["VmRSS"].split()[0]) / 1024
-        hwm += int(status["VmHWM"].split()[0]) / 1024
-    return {"processes": len(pids), "rss_mb": round(rss, 1), "peak_rss_mb": round(hwm, 1)}
 
 
 def measure_http(reference: Reference, data_dir: Path, photos: list[bytes], levels: tuple[int, ...]) -> dict:
