@@ -164,7 +164,6 @@ def _timed(function, argument) -> float:
 def measure_http(reference: Reference, data_dir: Path, photos: list[bytes], levels: tuple[int, ...]) -> dict:
     """Start the production server as `make serve` does, time it until ready, then load it with
     each number of concurrent clients in turn, the engine measured around each."""
-    wrk_path()  # before starting anything: say at once when wrk is missing
     with running_server({"DATA_DIR": str(data_dir)}) as server, search_bodies(photos, {"k": "12"}) as bodies:
         idle_memory = process_tree_memory_mb(server.process.pid)
         search = f"{server.url}/api/search"

@@ -82,8 +82,8 @@ class CheckedBatch:
     embedded: list[CatalogImage]
     vectors: np.ndarray
     digests: dict[str, str]
-    unchanged: int = 0
-    failures: list[tuple[CatalogImage, str]] = field(default_factory=list)
+    unchanged: int
+    failures: list[tuple[CatalogImage, str]]
 
 
 def _check_and_embed(images: list[CatalogImage], known: Known, embedder: Embedder) -> CheckedBatch:
