@@ -46,7 +46,8 @@ def open_image(source: bytes | str | Path, target_size: int | None = None) -> Im
             if target_size and image.format == "JPEG":
                 image.draft("RGB", (target_size, target_size))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            # In place: otherwise an upright photo (most of them) is copied for nothing.
+            ImageOps.exif_transpose(image, in_place=True)
     except ImageError:
         raise
     except UnidentifiedImageError:

@@ -9,9 +9,10 @@ so an interrupted run keeps what it finished and the next run carries on.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from indexer.config import Settings
 from indexer.images import ImageError, load_pixels
 from indexer.locking import write_lock
 from indexer.model import Embedder
-from indexer.schema import LIVE, Product, ProductImage, open_database
+from indexer.schema import LIVE, RESULT_COLUMNS, Product, ProductImage, open_database
 from indexer.vectors import KEEP_OLD_SECONDS, build_index, publish_index, read_manifest
 
 CATALOG = "catalog"  # ProductImage.source of rows that follow the catalog folder
@@ -222,6 +223,10 @@ def publish_from_database(
     with sessions() as session:
         ids, vectors = _all_embeddings(session, embedder.identity.key, embedder.identity.dim)
         products = session.scalar(select(func.count(func.distinct(ProductImage.product_id))).where(LIVE))
+        shown = session.execute(
+            select(ProductImage.id, *RESULT_COLUMNS).join(Product).where(LIVE).order_by(ProductImage.id)
+        )
+        results_fingerprint = _rows_fingerprint(shown)
     manifest = {
         **embedder.identity.as_dict(),
         "model_key": embedder.identity.key,
@@ -231,6 +236,7 @@ def publish_from_database(
         "factory": settings.index_factory,
         "catalog": catalog,
         "catalog_fingerprint": _fingerprint(ids, vectors),
+        "results_fingerprint": results_fingerprint,
     }
     current = read_manifest(settings.index_dir) or {}
     if any(current.get(key) != value for key, value in manifest.items()):
@@ -319,4 +325,11 @@ def _all_embeddings(session: Session, model_key: str, dim: int) -> tuple[np.ndar
 def _fingerprint(ids: np.ndarray, vectors: np.ndarray) -> str:
     digest = hashlib.sha256(ids.tobytes())
     digest.update(np.ascontiguousarray(vectors).tobytes())
+    return digest.hexdigest()
+
+
+def _rows_fingerprint(rows: Iterable[Sequence]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(list(row)).encode())
     return digest.hexdigest()

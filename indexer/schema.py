@@ -67,6 +67,9 @@ class ProductImage(Base):
 
 # Images that searches may show; products are live while they have one.
 LIVE = ProductImage.deleted_at.is_(None)
+# What a search result shows of a product. Services cache these per index version, so the
+# manifest fingerprints them too: a change to any of them publishes a new version.
+RESULT_COLUMNS = (Product.sku, Product.title, Product.category, Product.price, Product.url)
 
 
 def live_product_ids():

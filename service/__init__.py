@@ -25,7 +25,8 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
 
     settings = settings or load_settings()
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, JSON_SORT_KEYS=False)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes)
+    app.json.sort_keys = False  # keep each result's fields in their documented order
     app.logger.setLevel(logging.INFO)
     if embedder is None:
         # One single-threaded interpreter per core, lent to the request threads (two per core);

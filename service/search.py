@@ -13,13 +13,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from indexer.config import Settings
 from indexer.model import Embedder
 from indexer.schema import LIVE, Product, ProductImage, live_product_ids, schema_behind
 from indexer.vectors import IndexVersion, load_index, manifest_stamp
+from service.product_rows import ProductRows
 
 # Several images of one product collapse into one result, so fetch a few more neighbours.
 OVERFETCH = 3
@@ -53,11 +54,8 @@ class Match:
         }
 
 
-_MATCH_ROWS = (
-    select(ProductImage.id, Product.sku, Product.title, Product.category, Product.price, Product.url)
-    .join(Product)
-    .where(ProductImage.id.in_(bindparam("ids", expanding=True)), LIVE)
-)
+# OpenMP's thread count is per thread, so each request thread sets its own, once.
+_faiss_threads = threading.local()
 
 
 class CatalogSearch:
@@ -69,6 +67,7 @@ class CatalogSearch:
         self._version: IndexVersion | None = None
         self._problem: str | None = None
         self._categories: tuple[tuple[int, int], list[str]] | None = None
+        self._rows: ProductRows | None = None
 
     # --- index version -------------------------------------------------------------------
 
@@ -145,11 +144,13 @@ class CatalogSearch:
         fetch = min(int(version.index.ntotal), (k + 1) * OVERFETCH)
         if fetch == 0:
             return []
-        # OpenMP's thread count is per calling thread: the service's request threads each set
-        # theirs to 1, since requests already run in parallel and an idle OpenMP team spins.
-        faiss.omp_set_num_threads(1)
+        if not getattr(_faiss_threads, "set", False):
+            # Requests already run in parallel, and an idle OpenMP team spins on the cores
+            # that the interpreters need.
+            faiss.omp_set_num_threads(1)
+            _faiss_threads.set = True
         scores, ids = version.index.search(np.asarray(vector, np.float32)[None], fetch, params=params)
-        return self._matches(ids[0], scores[0], k, exclude_sku)
+        return self._matches(version, ids[0], scores[0], k, exclude_sku)
 
     def similar(self, sku: str, k: int, category: str | None = None) -> list[Match]:
         """'More like this': neighbours of a catalog product's own vector, without itself."""
@@ -171,21 +172,25 @@ class CatalogSearch:
             ids = session.scalars(select(ProductImage.id).join(Product).where(Product.category == category, LIVE)).all()
         return np.asarray(ids, dtype=np.int64)
 
-    def _matches(self, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None) -> list[Match]:
+    def _product_rows(self, version: IndexVersion) -> ProductRows:
+        rows = self._rows
+        if rows is None or rows.version_stamp != version.manifest_stamp:
+            rows = self._rows = ProductRows(self.sessions.kw["bind"], version.manifest_stamp)
+        return rows
+
+    def _matches(
+        self, version: IndexVersion, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None
+    ) -> list[Match]:
         found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
-        # A Core query on a pooled connection: this runs on every search, and the ORM session
-        # around it would cost more than the query itself.
-        with self.sessions.kw["bind"].connect() as connection:
-            rows = connection.execute(_MATCH_ROWS, {"ids": [i for i, _ in found]}).all()
-        products = {row[0]: row[1:] for row in rows}
+        products = self._product_rows(version).get([i for i, _ in found])
         matches: list[Match] = []
         seen: set[str] = set()
         for image_id, score in found:
             product = products.get(image_id)
             # A tombstoned (or purged) id: deleted after this index version was built.
-            if product is None or product[0] in seen or product[0] == exclude_sku:
+            if product is None or product.sku in seen or product.sku == exclude_sku:
                 continue
-            seen.add(product[0])
+            seen.add(product.sku)
             matches.append(Match(*product, score=score))
             if len(matches) == k:
                 break
@@ -214,9 +219,9 @@ class CatalogSearch:
             raise UnknownProduct(sku)
         return Path(path)
 
-    def categories(self) -> list[str]:
-        """The catalog's categories, read once per index version."""
-        version = self.current()
+    def categories(self, version: IndexVersion | None = None) -> list[str]:
+        """The catalog's categories, read once per index version (default: the current one)."""
+        version = version or self.current()
         cached = self._categories
         if cached is not None and cached[0] == version.manifest_stamp:
             return cached[1]

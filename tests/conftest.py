@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
+from sqlalchemy import event
 
 from indexer.config import REPO_ROOT, Settings, load_settings
 
@@ -85,3 +88,19 @@ def grocery() -> Path:
     if not (GROCERY / "catalog.csv").exists():
         pytest.skip(f"the grocery-store dataset is not at {GROCERY} (set GROCERY_DIR to its folder)")
     return GROCERY
+
+
+@contextmanager
+def statements_reading(engine, sql: str) -> Iterator[list[str]]:
+    """The statements the real SQLite database receives that contain sql, as they happen."""
+    seen: list[str] = []
+
+    def record(connection, cursor, statement, *_):
+        if sql in statement:
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

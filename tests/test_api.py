@@ -12,7 +12,7 @@ from PIL import Image
 from indexer.config import REPO_ROOT
 from indexer.indexing import index_catalog
 from service import create_app
-from tests.conftest import skimage_photo, write_skimage_catalog
+from tests.conftest import skimage_photo, statements_reading, write_skimage_catalog
 
 PRODUCTS_CSV = """sku,image,title,category,price,url,colour
 cat-1,animals/chelsea.jpg,Chelsea the cat,animals,9.99,https://shop.example/cat-1,ginger
@@ -263,6 +263,45 @@ def test_a_new_index_version_is_served_without_a_restart(client, app_settings, e
         extra.unlink()
         index_catalog(app_settings, embedder, catalog, progress=False)
     assert client.get("/readyz").json["items"] == 6
+
+
+def test_result_rows_are_read_from_sqlite_once_per_index_version(app, client, cat_query):
+    engine = app.extensions["catalog_search"].sessions.kw["bind"]
+    with statements_reading(engine, "FROM images JOIN products") as reads:
+        assert search(client, cat_query).status_code == 200
+        first_reads = len(reads)
+        again = search(client, cat_query)
+    assert again.json["results"] and len(reads) == first_reads <= 1
+
+
+def test_a_changed_title_shows_in_results_after_make_index(client, app_settings, embedder, catalog, cat_query):
+    # Only the metadata changes, not one photo: results must not keep showing the cached title.
+    assert search(client, cat_query).json["results"][0]["title"] == "Chelsea the cat"
+    (catalog / "products.csv").write_text(PRODUCTS_CSV.replace("Chelsea the cat,animals,9.99", "Kitty,animals,7"))
+    try:
+        index_catalog(app_settings, embedder, catalog, progress=False)
+        first = search(client, cat_query).json["results"][0]
+        assert (first["sku"], first["title"], first["price"]) == ("cat-1", "Kitty", 7.0)
+    finally:
+        (catalog / "products.csv").write_text(PRODUCTS_CSV)
+        index_catalog(app_settings, embedder, catalog, progress=False)
+    assert search(client, cat_query).json["results"][0]["title"] == "Chelsea the cat"
+
+
+def test_result_links_are_the_ones_url_for_builds(app):
+    from flask import url_for
+
+    from service.api import results_json
+    from service.search import Match
+
+    skus = ["plain", "with space", "a/b", "q?x=1#frag", "100%", "ünïcode", "x:y@z;(1)", "sku"]
+    # Mounted under a path prefix, as behind a reverse proxy.
+    with app.test_request_context(base_url="http://shop.example/visual-search"):
+        results = results_json([Match(sku, "t", None, None, None, 1.0) for sku in skus])
+        for sku, result in zip(skus, results, strict=True):
+            assert result["image_url"] == url_for("api.product_image", sku=sku)
+            assert result["product_url"] == url_for("pages.product_page", sku=sku)
+    assert results[0]["image_url"] == "/visual-search/images/plain"
 
 
 def test_a_database_behind_the_code_gets_503_until_migrated(base_settings, embedder, tmp_path, skimage_catalog):

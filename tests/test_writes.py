@@ -85,6 +85,22 @@ def test_replacing_a_product_swaps_its_photo_and_metadata(setup):
     assert client.get("/api/products/thing").json["title"] == "Rocket"
 
 
+def test_a_new_title_for_the_same_photo_shows_in_results_at_once(setup):
+    # Same photo, so the same vector: only the metadata, which searches cache per version, changes.
+    _, _, client = setup
+
+    def shown() -> tuple[str, float | None]:
+        photo = io.BytesIO(jpeg("rocket"))
+        response = client.post("/api/search", data={"image": (photo, "q.jpg")}, content_type="multipart/form-data")
+        result = next(r for r in response.json["results"] if r["sku"] == "thing")
+        return result["title"], result["price"]
+
+    put(client, "thing", jpeg("rocket"), title="Rocket")
+    assert shown() == ("Rocket", None)
+    assert put(client, "thing", jpeg("rocket"), title="Rocket, renamed", price="12").status_code == 200
+    assert shown() == ("Rocket, renamed", 12.0)
+
+
 def test_a_deleted_product_never_appears_again(setup):
     settings, _, client = setup
     before = load_index(settings.index_dir)
