@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,13 +131,14 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[st
 def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImage]:
     images: list[CatalogImage] = []
     seen_paths: set[str] = set()
+    real_folders: dict[str, str] = {}
     for number, row in rows:
         sku, image = row.get("sku", "").strip(), row.get("image", "").strip()
         where = f"line {number}"
         if not sku or not image:
             problems.append(f"{where}: needs both sku and image")
             continue
-        path = (root / image).resolve()
+        path = _resolve(root / image, real_folders)
         if not path.is_relative_to(root):
             problems.append(f"{where}: image {image!r} is outside the catalog folder")
             continue
@@ -162,6 +164,18 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
             )
         )
     return images
+
+
+def _resolve(path: Path, real_folders: dict[str, str]) -> Path:
+    """path.resolve(), resolving each folder once: a catalog has many photos per folder, and
+    resolving every component of every photo's path was most of the time a scan took."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return path.resolve()
+    if folder not in real_folders:
+        real_folders[folder] = os.path.realpath(folder)
+    resolved = Path(real_folders[folder], name)
+    return resolved.resolve() if resolved.is_symlink() else resolved
 
 
 def parse_price(value: str | None) -> float | None:

@@ -124,6 +124,8 @@ def schema_behind(engine: Engine) -> str | None:
 
 def open_database(settings: Settings, *, upgrade: bool = True) -> sessionmaker:
     """A session factory for the configured database, migrated to the newest schema first."""
-    if upgrade:
+    engine = make_engine(settings.db_url)
+    # Alembic (imported and run) only when the schema is behind: it adds ~0.2 s to every start.
+    if upgrade and schema_behind(engine):
         migrate(settings.db_url)
-    return sessionmaker(make_engine(settings.db_url), expire_on_commit=False)
+    return sessionmaker(engine, expire_on_commit=False)

@@ -339,6 +339,18 @@ def test_symlink_pointing_outside_the_folder_is_reported_and_not_included(shop, 
     assert "outside the catalog folder" in scan.problems[0]
 
 
+def test_symlinked_folder_pointing_outside_is_reported_and_one_inside_is_followed(shop, tmp_path):
+    photo(tmp_path / "elsewhere", "secret.jpg")
+    (shop / "away").symlink_to(tmp_path / "elsewhere")
+    (shop / "alias").symlink_to(shop / "shoes")
+    (shop / "products.csv").write_text("sku,image\nAWAY,away/secret.jpg\nALIAS,alias/red_runner.jpg\n")
+
+    scan = scan_catalog(shop)
+
+    assert scan.skus == {"ALIAS"} and scan.images[0].rel_path == "shoes/red_runner.jpg"
+    assert len(scan.problems) == 1 and "outside the catalog folder" in scan.problems[0]
+
+
 def test_path_that_stays_inside_the_folder_is_normalised(shop):
     (shop / "products.csv").write_text("sku,image\nR1,./bags/../shoes/red_runner.jpg\n")
 
