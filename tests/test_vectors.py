@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 from sqlalchemy import inspect, select, text
 
+from indexer.config import REPO_ROOT
 from indexer.model import l2_normalize
 from indexer.schema import SCHEMA_REVISION, Product, ProductImage, make_engine, migrate, open_database
 from indexer.vectors import KEEP_OLD_SECONDS, MANIFEST, build_index, load_index, publish_index
@@ -70,6 +73,31 @@ def test_migrations_create_the_catalog_tables_in_wal_mode(tmp_path):
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_REVISION
         assert {"source", "deleted_at"} <= {column["name"] for column in inspect(engine).get_columns("images")}
+
+
+OPEN_AND_REPORT_ALEMBIC = """
+import sys
+from indexer.config import load_settings
+from indexer.schema import open_database
+open_database(load_settings().with_overrides(data_dir=__import__("pathlib").Path(sys.argv[1])))
+print("alembic" in sys.modules)
+"""
+
+
+def test_opening_a_current_database_leaves_alembic_out_and_an_old_one_is_migrated(tmp_path):
+    def opened_with_alembic() -> bool:
+        probe = [sys.executable, "-c", OPEN_AND_REPORT_ALEMBIC, str(tmp_path)]
+        return subprocess.run(probe, cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+    assert opened_with_alembic()  # a new database: migrated
+    assert not opened_with_alembic()  # at the newest revision: Alembic is not even imported
+    with make_engine(f"sqlite:///{tmp_path / 'catalog.sqlite3'}").begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0002'"))
+        connection.execute(text("DROP INDEX ix_images_deleted_at"))
+        connection.execute(text("ALTER TABLE images DROP COLUMN deleted_at"))
+    assert opened_with_alembic()  # behind: migrated again
+    with make_engine(f"sqlite:///{tmp_path / 'catalog.sqlite3'}").connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_REVISION
 
 
 def test_products_and_images_round_trip_through_the_orm(settings):
