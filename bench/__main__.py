@@ -30,7 +30,7 @@ from bench.server import running_server
 from indexer.catalog import in_catalog, scan_catalog
 from indexer.config import REPO_ROOT, cpu_count, load_settings
 from indexer.images import load_pixels
-from indexer.model import load_embedder
+from indexer.model import INPUT_SIZE, load_embedder
 
 OUT_DIR = REPO_ROOT / "bench"
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # request is decoded and embedded, never answered from that cache.
     sample = images[:: max(1, len(images) // args.queries)][: args.queries]
     photos = [image.path.read_bytes() for image in sample]
-    tensors = np.stack([load_pixels(image.path, 224) for image in sample])
+    tensors = np.stack([load_pixels(photo, INPUT_SIZE) for photo in photos])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
