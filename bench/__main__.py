@@ -131,19 +131,19 @@ def measure_indexing(catalog: Path, metadata: Path | None, data_dir: Path) -> di
 
 def measure_in_process(settings, data_dir: Path, photos: list[bytes]) -> dict:
     """Query latency inside the service (decode + embed + search + product lookup), and its parts alone."""
-    from indexer.schema import open_database
+    from indexer.store import Store
     from service.search import CatalogSearch
 
     settings = settings.with_overrides(data_dir=data_dir)
     embedder = load_embedder(settings)
-    search = CatalogSearch(settings, embedder, open_database(settings))
-    version = search.current()
+    search = CatalogSearch(settings, embedder, Store.open(settings))
+    view = search.current()
     embed_ms, search_ms, query_ms, decode_ms = [], [], [], []
     for photo in photos:  # interleaved, so that a slow patch of the machine hits all of them alike
         vector = embedder.embed_image(photo)
         decode_ms.append(_timed(lambda p: load_pixels(p, embedder.input_size), photo))
         embed_ms.append(_timed(embedder.embed_image, photo))
-        search_ms.append(_timed(lambda v: version.index.search(v[None], settings.default_k * 3), vector))
+        search_ms.append(_timed(lambda v: view.live.search(v, settings.default_k * 3), vector))
         query_ms.append(_timed(lambda p: search.search(embedder.embed_image(p), settings.default_k), photo))
     one_embedding_and_search = float(np.median(embed_ms) + np.median(search_ms))
     return {

@@ -1,5 +1,6 @@
-"""`make soak`: searches from several clients while the catalog is re-indexed and products are
-written through the API; the acceptance is zero failed requests and zero wrong results.
+"""`make soak`: searches from several clients while the catalog is re-indexed, products are written
+through the API and a compaction rebuilds the base; the acceptance is zero failed requests and zero
+wrong results.
 
     python -m bench.soak --catalog ../shared/datasets/grocery-store --metadata catalog.csv
 
@@ -40,12 +41,17 @@ def write_catalog(rows: list[dict], path: Path) -> None:
         writer.writerows({k: row[k] for k in ("sku", "image", "title", "category")} for row in rows)
 
 
-def index(catalog: Path, metadata: Path, env: dict) -> None:
-    command = [sys.executable, "-m", "indexer", "index", "--catalog", str(catalog), "--metadata", str(metadata),
-               "--quiet"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+def indexer_command(arguments: list[str], env: dict) -> str:
+    """Run `python -m indexer ...`; its output, or RuntimeError with its error output."""
+    result = subprocess.run([sys.executable, "-m", "indexer", *arguments], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True)  # fmt: skip
     if result.returncode != 0:
-        raise RuntimeError(f"indexing {metadata.name} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"indexer {arguments[0]} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def index(catalog: Path, metadata: Path, env: dict) -> None:
+    indexer_command(["index", "--catalog", str(catalog), "--metadata", str(metadata), "--quiet"], env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
     lock = threading.Lock()
-    events = {"written": {}, "deleted": {}, "reindexed_at": None}  # sku -> time the change had finished
+    # sku -> time the change had finished
+    events = {"written": {}, "deleted": {}, "reindexed_at": None, "compacted_at": None}
     searches: list[tuple[float, float, int, list[str]]] = []  # (sent, latency, status, skus)
     stop = threading.Event()
     bodies = [multipart_body(photo, {"k": "10"}) for photo in photos]
@@ -138,8 +145,16 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         except RuntimeError as exc:
             events["reindex_error"] = str(exc)
 
+    def compactor() -> None:
+        time.sleep(6)  # while the writes go on: every server switches base and replays the later changes
+        try:
+            indexer_command(["compact", "--quiet"], env)
+            events["compacted_at"] = time.monotonic()
+        except RuntimeError as exc:
+            events["compaction_error"] = str(exc)
+
     threads = [threading.Thread(target=search_client, args=(i,)) for i in range(args.clients)]
-    threads += [threading.Thread(target=writer), threading.Thread(target=reindexer)]
+    threads += [threading.Thread(target=t) for t in (writer, reindexer, compactor)]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -178,6 +193,8 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         "write_errors": sum(1 for status in write_statuses if status not in (200, 201)),
         "reindexed": events["reindexed_at"] is not None,
         "reindex_error": events.get("reindex_error"),
+        "compacted": events["compacted_at"] is not None,
+        "compaction_error": events.get("compaction_error"),
     }
 
 

@@ -18,13 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import select
-
 from eval.metrics import hit_matrix, per_label, summarise
 from indexer.catalog import in_catalog
 from indexer.config import REPO_ROOT, cpu_count, load_settings
-from indexer.schema import Product, live_product_ids
-from indexer.vectors import read_manifest
+from indexer.segments import read_manifest
+from indexer.store import Store
 
 OUT_DIR = REPO_ROOT / "eval"
 K = 10
@@ -32,14 +30,7 @@ K = 10
 
 def product_labels(app, label: str) -> dict[str, str | None]:
     """sku -> the product's label: its category, or another metadata column (an attribute)."""
-    sessions = app.extensions["catalog_search"].sessions
-    with sessions() as session:
-        products = session.execute(
-            select(Product.sku, Product.category, Product.attributes).where(Product.id.in_(live_product_ids()))
-        ).all()
-    if label == "category":
-        return {sku: category for sku, category, _ in products}
-    return {sku: (attributes or {}).get(label) for sku, _, attributes in products}
+    return app.extensions["catalog_search"].store.product_labels(label)
 
 
 def read_queries(path: Path, catalog: Path, label: str) -> list[dict[str, str]]:
@@ -110,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     catalog = Path(args.catalog).resolve()
     manifest = read_manifest(settings.index_dir)
-    if manifest is None or Path(manifest["catalog"]) != catalog:
-        built = manifest and manifest["catalog"]
-        print(f"error: the index in {settings.data_dir} is {'of ' + built if built else 'missing'}, not of {catalog};"
+    if manifest is None or not Store.open(settings).holds_catalog(str(catalog)):
+        print(f"error: the index in {settings.data_dir} is missing or not of {catalog};"
               f" run `make index CATALOG={args.catalog}` first (same DATA_DIR)", file=sys.stderr)  # fmt: skip
         return 2
     app = create_app(settings)
@@ -146,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         "label": args.label,
         "catalog": str(catalog),
         "queries_file": args.queries,
-        "index": {key: manifest.get(key) for key in ("version", "model", "weights_sha256", "dim", "count", "engine")},
+        "index": {
+            **{key: manifest.get(key) for key in ("version", "model", "weights_sha256", "dim", "engine", "factory")},
+            "items": app.extensions["catalog_search"].status()["items"],
+        },
         "seconds": round(seconds, 1),
         "summary": summary,
         "per_label": table,

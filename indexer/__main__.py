@@ -1,6 +1,8 @@
 """Command line: `python -m indexer COMMAND`, one command per job.
 
 python -m indexer index --catalog ../shared/datasets/grocery-store --metadata catalog.csv
+python -m indexer compact
+python -m indexer import-vectors --vectors vectors.npy --products products.csv
 python -m indexer weights
 python -m indexer migrate
 python -m indexer demo-catalog demo-catalog
@@ -34,6 +36,37 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     print(report.summary())
     if report.indexed == 0:
         print("warning: nothing is searchable: the catalog has no readable images.", file=sys.stderr)
+    print(f"Index and database are in {settings.data_dir}. Next: make serve", file=sys.stderr)
+    return 0
+
+
+def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.compaction import compact, compaction_due
+    from indexer.model import load_embedder
+    from indexer.store import Store
+
+    embedder = load_embedder(settings)
+    store = Store.open(settings)
+    if args.if_due and (reason := compaction_due(settings, store, embedder)) is None:
+        print("no compaction due: the delta is below index.compact_after")
+        return 0
+    report = compact(settings, store, embedder, progress=not args.quiet, wait=not args.if_due)
+    if report is None:
+        print("another compaction is running; it will fold in these changes")
+        return 0
+    if args.if_due:
+        print(f"compacting because {reason}")
+    print(report.summary())
+    return 0
+
+
+def cmd_import_vectors(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.importing import import_vectors
+    from indexer.model import load_embedder
+
+    embedder = load_embedder(settings, create_export=False)
+    report = import_vectors(settings, embedder, Path(args.vectors), Path(args.products), progress=not args.quiet)
+    print(report.summary())
     print(f"Index and database are in {settings.data_dir}. Next: make serve", file=sys.stderr)
     return 0
 
@@ -98,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
     index.add_argument("--quiet", action="store_true", help="no progress bars")
     index.set_defaults(run=cmd_index)
+
+    compact = commands.add_parser(
+        "compact", help="fold the changes since the base segment into a new one (runs by itself when due)"
+    )
+    compact.add_argument("--if-due", action="store_true", help="only when the delta passed index.compact_after")
+    compact.add_argument("--quiet", action="store_true", help="no progress bars")
+    compact.set_defaults(run=cmd_compact)
+
+    imports = commands.add_parser("import-vectors", help="load embeddings computed elsewhere, with their products")
+    imports.add_argument("--vectors", required=True, help=".npy of shape (rows, model dimension), float32")
+    imports.add_argument(
+        "--products", required=True, help="csv with sku,title,category,price,url,image; row i = vector i"
+    )
+    imports.add_argument("--quiet", action="store_true", help="no progress bars")
+    imports.set_defaults(run=cmd_import_vectors)
 
     weights = commands.add_parser(
         "weights", help="fetch and convert the configured model weights (and its LiteRT model)"

@@ -43,7 +43,9 @@ class Settings:
     index_workers: int = 0
     data_dir: Path = REPO_ROOT / "data"
     database_url: str = ""
-    index_factory: str = "Flat"
+    index_factory: str = "auto"
+    # Changed images the delta may hold before a compaction folds them into a new base.
+    compact_after: int = 5_000
     models_dir: Path = REPO_ROOT / "models"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -129,7 +131,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         index_workers=int(index.get("workers", 0)),
         data_dir=_path(base, env.get("DATA_DIR") or index.get("data_dir", "data")),
         database_url=env.get("DATABASE_URL") or index.get("database_url", ""),
-        index_factory=index.get("factory", "Flat"),
+        index_factory=index.get("factory", "auto"),
+        compact_after=int(index.get("compact_after", 5_000)),
         models_dir=_path(base, env.get("MODELS_DIR") or index.get("models_dir", "models")),
         host=service.get("host", "127.0.0.1"),
         port=int(service.get("port", 8000)),
@@ -173,5 +176,7 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f'model.engine = {settings.engine!r}: choose "litert" or "keras"')
     if not 1 <= settings.default_k <= settings.max_k:
         raise ConfigError("service.default_k must be between 1 and service.max_k")
+    if settings.compact_after < 1:
+        raise ConfigError("index.compact_after must be at least 1")
     if settings.batch_size < 1:
         raise ConfigError("model.batch_size must be at least 1")

@@ -21,3 +21,28 @@ def write_lock(data_dir: Path) -> Iterator[None]:
     finally:
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
+
+
+@contextmanager
+def compaction_lock(data_dir: Path, *, wait: bool) -> Iterator[bool]:
+    """One compaction at a time per data folder: yields True when this caller holds the lock, False when
+    another compaction is running and wait is False."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(data_dir / ".compact.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+def compaction_running(data_dir: Path) -> bool:
+    with compaction_lock(data_dir, wait=False) as held:
+        return not held

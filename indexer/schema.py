@@ -1,8 +1,7 @@
-"""The catalog tables (SQLAlchemy 2 ORM) and how to open the database.
+"""The catalog tables (SQLAlchemy 2 ORM), the engine, and schema migration. indexer.store reads and writes them.
 
-An image row's id is its vector's id in the FAISS index, and the row keeps the
-vector itself, so the index can always be rebuilt from the database.
-Alembic migrations in migrations/ create and evolve these tables.
+An image row's id is its vector's id in the index, and the row keeps the vector itself, so the index can
+always be rebuilt from the database. Alembic migrations in migrations/ create and evolve these tables.
 """
 
 from __future__ import annotations
@@ -10,15 +9,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, Float, ForeignKey, LargeBinary, String, create_engine, event, select, text
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, LargeBinary, String, create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from indexer.config import REPO_ROOT, Settings
+from indexer.config import REPO_ROOT
 
 # The newest migration in migrations/versions (a test checks that it is Alembic's head).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 
 class Base(DeclarativeBase):
@@ -62,18 +61,26 @@ class ProductImage(Base):
     # Set when the image leaves the catalog: the row stays (hidden) while index versions that
     # may still be in use refer to its id, then it is purged.
     deleted_at: Mapped[datetime | None] = mapped_column(index=True)
+    # The change number of the row's last change (vector, tombstone, or a shown product field):
+    # servers apply the rows changed after the last number they saw.
+    change: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0", index=True)
+    # The file's size and mtime when last read: a re-run reads only files whose stat differs.
+    file_size: Mapped[int | None] = mapped_column(BigInteger)
+    file_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     product: Mapped[Product] = relationship(back_populates="images")
+
+
+class StoreState(Base):
+    """Named counters; "head" is the newest committed change number."""
+
+    __tablename__ = "store_state"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
 
 
 # Images that searches may show; products are live while they have one.
 LIVE = ProductImage.deleted_at.is_(None)
-# What a search result shows of a product. Services cache these per index version, so the
-# manifest fingerprints them too: a change to any of them publishes a new version.
-RESULT_COLUMNS = (Product.sku, Product.title, Product.category, Product.price, Product.url)
-
-
-def live_product_ids():
-    return select(ProductImage.product_id).where(LIVE)
 
 
 def make_engine(url: str) -> Engine:
@@ -120,12 +127,3 @@ def schema_behind(engine: Engine) -> str | None:
     if current == SCHEMA_REVISION:
         return None
     return f"the database schema is at {current or 'nothing'}, this code needs {SCHEMA_REVISION}: run `make migrate`"
-
-
-def open_database(settings: Settings, *, upgrade: bool = True) -> sessionmaker:
-    """A session factory for the configured database, migrated to the newest schema first."""
-    engine = make_engine(settings.db_url)
-    # Alembic (imported and run) only when the schema is behind: it adds ~0.2 s to every start.
-    if upgrade and schema_behind(engine):
-        migrate(settings.db_url)
-    return sessionmaker(engine, expire_on_commit=False)

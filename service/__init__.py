@@ -11,7 +11,7 @@ from flask import Flask
 
 from indexer.config import Settings, cpu_count, load_settings
 from indexer.model import Embedder, load_embedder
-from indexer.schema import open_database
+from indexer.store import Store
 
 
 def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> Flask:
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         interpreters = min(cpu_count(), settings.server_threads)
         embedder = load_embedder(settings.sharing_cores(interpreters), create_export=False, concurrency=interpreters)
     # `make serve` migrates first; a service never changes the schema under a running indexer.
-    search = CatalogSearch(settings, embedder, open_database(settings, upgrade=False))
+    search = CatalogSearch(settings, embedder, Store.open(settings, upgrade=False))
     app.extensions["catalog_search"] = search
     app.extensions["recent_queries"] = RecentQueries()
     app.register_blueprint(api)

@@ -9,11 +9,11 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_file,
 from werkzeug.exceptions import NotFound
 from werkzeug.routing import PathConverter
 
-from indexer.vectors import IndexVersion
+from indexer.live_index import Filters
 from service.errors import BadRequest
 from service.preview import render_preview
-from service.queries import read_category, read_k, read_upload
-from service.search import CatalogSearch, Match
+from service.queries import read_filters, read_k, read_upload
+from service.search import CatalogSearch, IndexView, Match
 
 api = Blueprint("api", __name__)
 
@@ -36,27 +36,31 @@ def results_json(matches: list[Match]) -> list[dict[str, object]]:
     return [{**m.as_dict(), "image_url": image_url(m.sku), "product_url": product_url(m.sku)} for m in matches]
 
 
-def _search_inputs(version: IndexVersion | None = None) -> tuple[int, str | None]:
+def _search_inputs(view: IndexView | None = None) -> tuple[int, Filters]:
     search = catalog_search()
     k = read_k(request, search.settings.default_k, search.settings.max_k)
-    return k, read_category(request, search.categories(version))
+    return k, read_filters(request, search.categories(view))
+
+
+def _filters_json(filters: Filters) -> dict[str, object]:
+    return {"category": filters.category, "min_price": filters.min_price, "max_price": filters.max_price}
 
 
 @api.post("/api/search")
 def search_by_photo():
     started = time.perf_counter()
     search = catalog_search()
-    version = search.current()  # 503 before reading the upload when there is nothing to search
-    k, category = _search_inputs(version)
+    view = search.current()  # 503 before reading the upload when there is nothing to search
+    k, filters = _search_inputs(view)
     query = current_app.extensions["recent_queries"].add(read_upload(request), search.embedder)
-    matches = search.search(query.vector, k, category=category, version=version)
+    matches = search.search(query.vector, k, filters, view=view)
     return jsonify(
         {
             "results": results_json(matches),
             "k": k,
-            "category": category,
+            **_filters_json(filters),
             "query": query.token,
-            "index_version": version.manifest.get("version"),
+            "index_version": view.version,
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
     )
@@ -65,14 +69,14 @@ def search_by_photo():
 @api.get("/api/products/<path:sku>/similar")
 def similar_products(sku: str):
     started = time.perf_counter()
-    k, category = _search_inputs()
-    matches = catalog_search().similar(sku, k, category=category)
+    k, filters = _search_inputs()
+    matches = catalog_search().similar(sku, k, filters)
     return jsonify(
         {
             "sku": sku,
             "results": results_json(matches),
             "k": k,
-            "category": category,
+            **_filters_json(filters),
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
     )
@@ -110,18 +114,18 @@ def search_preview():
     """A Matplotlib grid of a query and its matches: POST a photo, or GET with ?query=<token> or ?sku=."""
     search = catalog_search()
     search.current()
-    k, category = _search_inputs()
+    k, filters = _search_inputs()
     recent = current_app.extensions["recent_queries"]
     if request.method == "POST":
         query = recent.add(read_upload(request), search.embedder)
-        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, category=category)
+        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, filters)
     elif token := request.args.get("query"):
         query = recent.get(token)
         if query is None:
             raise NotFound("that query is no longer remembered; upload the photo again")
-        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, category=category)
+        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, filters)
     elif sku := request.args.get("sku"):
-        thumbnail, matches = search.image_path(sku), search.similar(sku, k, category=category)
+        thumbnail, matches = search.image_path(sku), search.similar(sku, k, filters)
     else:
         raise BadRequest("POST a photo as 'image', or GET with ?query=<token from a search> or ?sku=<sku>")
     png = render_preview(thumbnail, [(m, search.image_path(m.sku)) for m in matches])

@@ -9,7 +9,7 @@ from flask import Blueprint, current_app, render_template, request
 
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.queries import read_category, read_k, read_upload
+from service.queries import read_filters, read_k, read_upload
 from service.search import NotReady
 
 pages = Blueprint("pages", __name__)
@@ -37,7 +37,8 @@ def search_page():
         try:
             search.current()
             context["k"] = read_k(request, search.settings.default_k, search.settings.max_k)
-            context["category"] = read_category(request, context["categories"])
+            filters = read_filters(request, context["categories"])
+            context["category"] = filters.category
             query = current_app.extensions["recent_queries"].add(read_upload(request), search.embedder)
         except (BadRequest, NotReady) as exc:
             context["error"] = str(exc)
@@ -45,7 +46,7 @@ def search_page():
         context.update(
             query=query,
             query_image=_data_url(query.thumbnail()),
-            matches=search.search(query.vector, context["k"], category=context["category"]),
+            matches=search.search(query.vector, context["k"], filters),
         )
     return render_template("search.html", **context)
 

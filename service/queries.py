@@ -1,4 +1,4 @@
-"""Reading a search request: the uploaded photo, k and the category filter.
+"""Reading a search request: the uploaded photo, k, and the category and price filters.
 
 Recent uploads are remembered (a small in-memory LRU keyed by the photo's
 sha256) so that a results page can link to its preview grid without the
@@ -17,6 +17,7 @@ from flask import Request
 from PIL import Image
 
 from indexer.images import ImageError, thumbnail
+from indexer.live_index import Filters
 from indexer.model import Embedder
 from service.errors import BadRequest
 
@@ -60,6 +61,31 @@ def read_category(request: Request, known: list[str]) -> str | None:
     if category is not None and category not in known:
         raise BadRequest(f"unknown category {category[:80]!r}; GET /api/categories lists them")
     return category
+
+
+def read_price_bound(request: Request, name: str) -> float | None:
+    raw = request.values.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise BadRequest(f"{name} must be a number, not {raw[:40]!r}")
+    return value
+
+
+def read_filters(request: Request, known_categories: list[str]) -> Filters:
+    """category, min_price and max_price from the query string or form; 400 when they make no sense."""
+    filters = Filters(
+        category=read_category(request, known_categories),
+        min_price=read_price_bound(request, "min_price"),
+        max_price=read_price_bound(request, "max_price"),
+    )
+    if filters.min_price is not None and filters.max_price is not None and filters.min_price > filters.max_price:
+        raise BadRequest("min_price is above max_price")
+    return filters
 
 
 def embed_upload(data: bytes, embedder: Embedder) -> np.ndarray:

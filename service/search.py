@@ -1,25 +1,28 @@
-"""Search over the published index: a query vector in, products out.
+"""Search for the service: a query vector in, products out, over the live index (base segment + delta).
 
-Holds the embedding model and the current index version; picks up a newly
-published version on the next request (a stat of the manifest), so
-`make index` never needs a service restart.
+Each request checks two cheap things: whether a new base was published (a stat of the manifest) and whether
+the store's change number moved (one indexed read). New changes are applied before the search, so a write
+through any server, or a `make index`, is visible on every server without a restart or a reload.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
-from indexer.config import Settings
+from indexer.compaction import compaction_due
+from indexer.config import REPO_ROOT, Settings
+from indexer.live_index import NO_FILTERS, Filters, LiveIndex
+from indexer.locking import compaction_running
 from indexer.model import Embedder
-from indexer.schema import LIVE, Product, ProductImage, live_product_ids, schema_behind
-from indexer.vectors import IndexVersion, load_index, manifest_stamp
+from indexer.segments import load_base, manifest_stamp, remove_unused_bases
+from indexer.store import ProductDetails, Store
 from service.product_rows import ProductRows
 
 # Several images of one product collapse into one result, so fetch a few more neighbours.
@@ -54,48 +57,82 @@ class Match:
         }
 
 
+@dataclass(frozen=True)
+class IndexView:
+    """What one request searches: the live index and its row cache, as they were when it started."""
+
+    live: LiveIndex
+    rows: ProductRows
+    stamp: tuple[int, int]
+
+    @property
+    def manifest(self) -> dict:
+        return self.live.base.manifest
+
+    @property
+    def version(self) -> str:
+        """The base version and the change number applied on top of it."""
+        return f"{self.manifest.get('version')}+{self.live.seen}"
+
+
 # OpenMP's thread count is per thread, so each request thread sets its own, once.
 _faiss_threads = threading.local()
 
 
 class CatalogSearch:
-    def __init__(self, settings: Settings, embedder: Embedder, sessions: sessionmaker):
+    def __init__(self, settings: Settings, embedder: Embedder, store: Store):
         self.settings = settings
         self.embedder = embedder
-        self.sessions = sessions
+        self.store = store
         self._lock = threading.Lock()
-        self._version: IndexVersion | None = None
+        self._view: IndexView | None = None
+        self._stamp: tuple[int, int] | None = None
         self._problem: str | None = None
-        self._categories: tuple[tuple[int, int], list[str]] | None = None
-        self._rows: ProductRows | None = None
+        self._compactor: subprocess.Popen | None = None
 
-    # --- index version -------------------------------------------------------------------
+    # --- the live index ----------------------------------------------------------------------------
 
-    def current(self) -> IndexVersion:
-        """The newest published index version, reloaded when `make index` publishes another."""
+    def current(self) -> IndexView:
+        """The newest base, with every committed change applied."""
         stamp = manifest_stamp(self.settings.index_dir)
-        version = self._version
-        if version is None or version.manifest_stamp != stamp:
+        view = self._view
+        if view is None or stamp != self._stamp:
             with self._lock:
-                if self._version is None or self._version.manifest_stamp != stamp:
-                    self._version = self._load()
-            version = self._version
-        if version is None:
+                if self._view is None or stamp != self._stamp:
+                    self._stamp = stamp
+                    self._switch(self._load())
+            view = self._view
+        if view is None:
             raise NotReady(self._problem or "not ready")
-        return version
+        self.refresh(view)
+        return view
 
-    def _load(self) -> IndexVersion | None:
-        version = load_index(self.settings.index_dir)
-        if version is not None and (behind := schema_behind(self.sessions.kw["bind"])):
-            self._problem = behind  # e.g. new code started without `make migrate`
-            return None
-        if version is None:
+    def refresh(self, view: IndexView | None = None) -> None:
+        """Apply the changes committed since this server last looked (cheap when there are none)."""
+        view = view or self._view
+        if view is None:
+            return
+        identity = self.embedder.identity
+        changes = self.store.changes_since(view.live.seen, identity.key, identity.dim)
+        if changes.head > view.live.seen:
+            view.rows.forget(view.live.apply(changes))
+            if view.live.delta_size >= self.settings.compact_after:
+                self._start_compaction()
+
+    def _load(self) -> IndexView | None:
+        base = load_base(self.settings.index_dir)
+        if base is None:
             self._problem = (
                 f"no index in {self.settings.index_dir} yet: run `make index CATALOG=<folder of product photos>`"
             )
             return None
-        built_with = {k: version.manifest.get(k) for k in ("model", "weights_sha256", "dim")}
+        if problem := self.store.schema_problem():
+            base.release()
+            self._problem = problem  # e.g. new code started without `make migrate`
+            return None
+        built_with = {k: base.manifest.get(k) for k in ("model", "weights_sha256", "dim")}
         if built_with != self.embedder.identity.as_dict():
+            base.release()
             self._problem = (
                 f"the index was built with {built_with} but the service runs "
                 f"{self.embedder.identity.as_dict()}; re-run `make index` with this model "
@@ -103,91 +140,109 @@ class CatalogSearch:
             )
             return None
         self._problem = None
-        return version
+        return IndexView(LiveIndex(base), ProductRows(self.store), self._stamp)
+
+    def _switch(self, view: IndexView | None) -> None:
+        old = self._view
+        self._view = view
+        if old is not None:
+            # Requests still searching the old base keep its memory map; the lock only tells compaction that
+            # this server no longer needs the files.
+            old.live.base.release()
+            remove_unused_bases(self.settings.index_dir)
+
+    def _start_compaction(self) -> None:
+        """Fold a grown delta into a new base in a separate process: off the request path, and out of this
+        server's memory. One at a time (the compaction lock), and only when still due."""
+        if self._compactor is not None and self._compactor.poll() is None:
+            return
+        if (
+            compaction_running(self.settings.data_dir)
+            or compaction_due(self.settings, self.store, self.embedder) is None
+        ):
+            return
+        log = open(self.settings.data_dir / "compaction.log", "ab")  # noqa: SIM115 (the child keeps it)
+        self._compactor = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "indexer",
+                "--data-dir",
+                str(self.settings.data_dir),
+                "compact",
+                "--if-due",
+                "--quiet",
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
 
     def status(self) -> dict[str, object]:
         try:
-            version = self.current()
+            view = self.current()
         except NotReady as exc:
             return {"ready": False, "reason": str(exc), "model": self.embedder.identity.as_dict()}
-        manifest = version.manifest
+        manifest = view.manifest
         return {
             "ready": True,
-            "items": int(version.index.ntotal),
+            "items": len(view.live),
             "model": self.embedder.identity.as_dict(),
             "model_version": self.embedder.version,
             "engine": self.embedder.engine.name,
-            "index_version": manifest.get("version"),
+            "index_version": view.version,
             "index_created": manifest.get("created"),
             "factory": manifest.get("factory"),
+            "search": manifest.get("tuning"),
+            "base": {"items": len(view.live.base), "built_through": view.live.base.built_through},
+            "change": view.live.seen,
+            "delta": view.live.delta_size,
+            "deleted_from_base": view.live.masked_count,
         }
 
-    # --- searching -----------------------------------------------------------------------
+    # --- searching ---------------------------------------------------------------------------------
 
     def search(
         self,
         vector: np.ndarray,
         k: int,
-        category: str | None = None,
+        filters: Filters = NO_FILTERS,
         exclude_sku: str | None = None,
-        version: IndexVersion | None = None,
+        view: IndexView | None = None,
     ) -> list[Match]:
-        """The k best products for a unit query vector, best first, one entry per product,
-        from the given index version (default: the current one)."""
-        version = version or self.current()
-        params = None
-        if category is not None:
-            ids = self._image_ids(category=category)
-            if len(ids) == 0:
-                return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
-        fetch = min(int(version.index.ntotal), (k + 1) * OVERFETCH)
-        if fetch == 0:
-            return []
+        """The k best products for a unit query vector, best first, one entry per product."""
+        view = view or self.current()
         if not getattr(_faiss_threads, "set", False):
             # Requests already run in parallel, and an idle OpenMP team spins on the cores
             # that the interpreters need.
             faiss.omp_set_num_threads(1)
             _faiss_threads.set = True
-        scores, ids = version.index.search(np.asarray(vector, np.float32)[None], fetch, params=params)
-        return self._matches(version, ids[0], scores[0], k, exclude_sku)
+        ids, scores = view.live.search(vector, (k + 1) * OVERFETCH, filters)
+        return self._matches(view, ids, scores, k, exclude_sku)
 
-    def similar(self, sku: str, k: int, category: str | None = None) -> list[Match]:
-        """'More like this': neighbours of a catalog product's own vector, without itself."""
-        version = self.current()
-        with self.sessions() as session:
-            image_ids = session.scalars(
-                select(ProductImage.id).join(Product).where(Product.sku == sku, LIVE).order_by(ProductImage.id)
-            ).all()
-        if not image_ids:
+    def similar(self, sku: str, k: int, filters: Filters = NO_FILTERS) -> list[Match]:
+        """'More like this': neighbours of a catalog product's own vector (read from the store), without itself."""
+        view = self.current()
+        identity = self.embedder.identity
+        vector = self.store.vector_of(sku, identity.key, identity.dim)
+        if vector is None:
+            if self.store.has_product(sku):
+                raise NotReady("the product's photo is being embedded with the current model; try again shortly")
             raise UnknownProduct(sku)
-        try:
-            vector = version.index.reconstruct(int(image_ids[0]))
-        except RuntimeError:  # indexed rows and the published version can differ for a moment
-            raise NotReady("the product is not in the current index version yet; try again shortly") from None
-        return self.search(vector, k, category=category, exclude_sku=sku)
-
-    def _image_ids(self, category: str) -> np.ndarray:
-        with self.sessions() as session:
-            ids = session.scalars(select(ProductImage.id).join(Product).where(Product.category == category, LIVE)).all()
-        return np.asarray(ids, dtype=np.int64)
-
-    def _product_rows(self, version: IndexVersion) -> ProductRows:
-        rows = self._rows
-        if rows is None or rows.version_stamp != version.manifest_stamp:
-            rows = self._rows = ProductRows(self.sessions.kw["bind"], version.manifest_stamp)
-        return rows
+        return self.search(vector, k, filters, exclude_sku=sku, view=view)
 
     def _matches(
-        self, version: IndexVersion, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None
+        self, view: IndexView, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None
     ) -> list[Match]:
-        found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
-        products = self._product_rows(version).get([i for i, _ in found])
+        found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True)]
+        products = view.rows.get([i for i, _ in found])
         matches: list[Match] = []
         seen: set[str] = set()
         for image_id, score in found:
             product = products.get(image_id)
-            # A tombstoned (or purged) id: deleted after this index version was built.
+            # None: deleted after the change this search saw
             if product is None or product.sku in seen or product.sku == exclude_sku:
                 continue
             seen.add(product.sku)
@@ -196,37 +251,21 @@ class CatalogSearch:
                 break
         return matches
 
-    # --- catalog lookups -----------------------------------------------------------------
+    # --- catalog lookups ---------------------------------------------------------------------------
 
-    def product(self, sku: str) -> Product:
-        with self.sessions() as session:
-            product = session.scalar(select(Product).where(Product.sku == sku, Product.id.in_(live_product_ids())))
+    def product(self, sku: str) -> ProductDetails:
+        product = self.store.product(sku)
         if product is None:
             raise UnknownProduct(sku)
         return product
 
     def image_path(self, sku: str) -> Path:
-        """The catalog file of a product's first image; only paths stored by the indexer."""
-        with self.sessions() as session:
-            path = session.scalar(
-                select(ProductImage.path)
-                .join(Product)
-                .where(Product.sku == sku, LIVE)
-                .order_by(ProductImage.id)
-                .limit(1)
-            )
+        """The stored file of a product's first image; only paths stored by the indexer or the write API."""
+        path = self.store.image_path(sku)
         if path is None or not Path(path).is_file():
             raise UnknownProduct(sku)
         return Path(path)
 
-    def categories(self, version: IndexVersion | None = None) -> list[str]:
-        """The catalog's categories, read once per index version (default: the current one)."""
-        version = version or self.current()
-        cached = self._categories
-        if cached is not None and cached[0] == version.manifest_stamp:
-            return cached[1]
-        with self.sessions() as session:
-            live = select(Product.category).where(Product.id.in_(live_product_ids())).distinct()
-            categories = sorted(c for c in session.scalars(live) if c)
-        self._categories = (version.manifest_stamp, categories)
-        return categories
+    def categories(self, view: IndexView | None = None) -> list[str]:
+        """The categories of live products, kept by the live index (no database read)."""
+        return (view or self.current()).live.live_categories()

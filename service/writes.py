@@ -1,9 +1,9 @@
 """Write API for storefronts: add, replace or remove one product, visible to searches at once.
 
 Off unless service.api_key (or API_KEY) is set; callers send "Authorization: Bearer <key>".
-Each change is committed to SQLite and published as a new index version under the same lock
-the indexer takes, so writers (threads, processes, `make index`) are serialised, and the
-change survives restarts.
+Each change is committed to the store under the lock the indexer takes, so writers (threads, processes,
+`make index`) are serialised and the change survives restarts. This server applies it before answering;
+every other server applies it on its next request. Nothing rebuilds the index per write.
 """
 
 from __future__ import annotations
@@ -12,25 +12,20 @@ import hashlib
 import hmac
 import io
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
-from sqlalchemy import select, update
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.catalog import parse_price
-from indexer.indexing import publish_from_database
 from indexer.locking import write_lock
-from indexer.schema import LIVE, Product, ProductImage
-from indexer.vectors import read_manifest
+from indexer.store import API, ImageVector, ProductFields
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import embed_upload, read_upload
 from service.search import UnknownProduct
 
-API = "api"  # ProductImage.source of rows written here
 FIELDS = ("title", "category", "price", "url")
 MAX_SKU = 512
 
@@ -76,12 +71,11 @@ def _store_photo(data: bytes, image_format: str) -> Path:
     return path
 
 
-def _publish() -> dict:
+def _visible() -> dict:
+    """Apply the change in this server before answering, and say what searches now see."""
     search = catalog_search()
-    catalog = (read_manifest(search.settings.index_dir) or {}).get("catalog", "")
-    images, products = publish_from_database(search.settings, search.sessions, search.embedder, catalog)
-    version = search.current()  # this worker serves the new version from the next line on
-    return {"index_version": version.manifest.get("version"), "items": images, "products": products}
+    view = search.current()
+    return {"index_version": view.version, "items": len(view.live), "change": view.live.seen}
 
 
 @writes.put("/api/products/<path:sku>")
@@ -93,52 +87,30 @@ def put_product(sku: str):
     vector = embed_upload(data, search.embedder)
     image_format = _format_of(data)
     fields = {name: request.form.get(name, "").strip() for name in FIELDS}
-    attributes = {k: v for k, v in request.form.items() if k not in FIELDS and v}
+    product = ProductFields(
+        sku=sku,
+        title=fields["title"] or sku,
+        category=fields["category"] or None,
+        price=_price(fields["price"]),
+        url=fields["url"] or None,
+        attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
+    )
     path = _store_photo(data, image_format)
-    digest = path.stem
-    rel_path = f"api/{digest}/{sku}"
+    image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vector)
     with write_lock(search.settings.data_dir):
-        with search.sessions.begin() as session:
-            product = session.scalar(select(Product).where(Product.sku == sku))
-            created = product is None or not session.scalar(
-                select(ProductImage.id).where(ProductImage.product_id == product.id, LIVE).limit(1)
-            )
-            product = product or Product(sku=sku, attributes={})
-            product.title = fields["title"] or sku
-            product.category = fields["category"] or None
-            product.price = _price(fields["price"])
-            product.url = fields["url"] or None
-            product.attributes = attributes
-            session.add(product)
-            session.flush()
-            # The product's other images become tombstones; the same photo again revives its row.
-            session.execute(
-                update(ProductImage)
-                .where(ProductImage.product_id == product.id, ProductImage.rel_path != rel_path, LIVE)
-                .values(deleted_at=datetime.now(UTC))
-            )
-            row = session.scalar(select(ProductImage).where(ProductImage.rel_path == rel_path))
-            row = row or ProductImage(rel_path=rel_path, source=API)
-            row.product_id, row.path, row.sha256, row.deleted_at = product.id, str(path), digest, None
-            row.model_key = search.embedder.identity.key
-            row.embedding = vector.astype("float32").tobytes()
-            session.add(row)
-        published = _publish()
-    return jsonify({"sku": sku, "created": created, **published}), 201 if created else 200
+        created, _ = search.store.put_product(product, image, search.embedder.identity.key, source=API)
+    return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
 
 @writes.delete("/api/products/<path:sku>")
 def delete_product(sku: str):
     search = catalog_search()
     with write_lock(search.settings.data_dir):
-        with search.sessions.begin() as session:
-            live = session.scalars(select(ProductImage).join(Product).where(Product.sku == sku, LIVE)).all()
-            if not live:
-                raise UnknownProduct(sku)
-            for image in live:  # tombstones: ids in index versions still in use keep resolving
-                image.deleted_at = datetime.now(UTC)
-        published = _publish()
-    return jsonify({"sku": sku, "deleted": True, **published})
+        # tombstones: a request still holding an older state can resolve every id it found
+        change = search.store.delete_product(sku)
+    if change is None:
+        raise UnknownProduct(sku)
+    return jsonify({"sku": sku, "deleted": True, **_visible()})
 
 
 def _format_of(data: bytes) -> str:

@@ -15,6 +15,9 @@ from PIL import Image
 from sqlalchemy import event
 
 from indexer.config import REPO_ROOT, Settings, load_settings
+from indexer.live_index import LiveIndex
+from indexer.segments import load_base
+from indexer.store import Store
 
 GROCERY = Path(os.environ.get("GROCERY_DIR", REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"))
 
@@ -104,3 +107,12 @@ def statements_reading(engine, sql: str) -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", record)
+
+
+def live_index(settings: Settings, embedder) -> LiveIndex:
+    """What a server starting now would search: the current base with every committed change applied."""
+    base = load_base(settings.index_dir)
+    assert base is not None, "nothing has been indexed"
+    live = LiveIndex(base)
+    live.apply(Store.open(settings).changes_since(base.built_through, embedder.identity.key, embedder.identity.dim))
+    return live

@@ -265,8 +265,8 @@ def test_a_new_index_version_is_served_without_a_restart(client, app_settings, e
     assert client.get("/readyz").json["items"] == 6
 
 
-def test_result_rows_are_read_from_sqlite_once_per_index_version(app, client, cat_query):
-    engine = app.extensions["catalog_search"].sessions.kw["bind"]
+def test_result_rows_are_read_from_the_store_once_until_they_change(app, client, cat_query):
+    engine = app.extensions["catalog_search"].store.engine
     with statements_reading(engine, "FROM images JOIN products") as reads:
         assert search(client, cat_query).status_code == 200
         first_reads = len(reads)

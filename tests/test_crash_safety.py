@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from indexer.config import REPO_ROOT
-from indexer.vectors import load_index
+from indexer.segments import load_base
 from tests.conftest import read_csv
 
 PHOTOS = 160
@@ -58,9 +58,9 @@ def state(data_dir):
             "FROM images JOIN products ON products.id = images.product_id ORDER BY images.rel_path"
         ).fetchall()
         ids = dict(connection.execute("SELECT rel_path, id FROM images").fetchall())
-    version = load_index(data_dir / "index")
-    vectors = {path: version.index.reconstruct(int(row_id)) for path, row_id in ids.items()}
-    return rows, vectors, version.index.ntotal
+    base = load_base(data_dir / "index")
+    vectors = {path: np.array(base.vectors[base.row_of_id[row_id]]) for path, row_id in ids.items()}
+    return rows, vectors, len(base)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def uninterrupted(catalog, tmp_path_factory):
         ("before the first commit", lambda rows, seconds: seconds > 0.3),
         ("after a few batches", lambda rows, seconds: rows >= 12),
         ("half way", lambda rows, seconds: rows >= PHOTOS // 2),
-        ("with every vector committed, around publishing", lambda rows, seconds: rows >= PHOTOS),
+        ("with every vector committed, around compaction", lambda rows, seconds: rows >= PHOTOS),
     ],
 )
 def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(catalog, uninterrupted, tmp_path, point, when):
@@ -90,7 +90,7 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(catalog, uninterrupte
         os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     committed = committed_rows(data_dir)
-    if "publishing" not in point:  # the last point may see the run finish first
+    if "compaction" not in point:  # the last point may see the run finish first
         assert process.returncode == -signal.SIGKILL and committed < PHOTOS, f"the kill {point} came too late"
 
     rerun = start_indexer(catalog, data_dir)

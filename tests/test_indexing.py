@@ -1,51 +1,79 @@
-"""The indexing job: incremental runs, unreadable files, and the published index."""
+"""The indexing job: incremental runs, unreadable files, and what servers then search."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from datetime import timedelta
 
 import numpy as np
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from indexer.indexing import index_catalog
-from indexer.schema import LIVE, Product, ProductImage, live_product_ids, open_database
-from indexer.vectors import load_index, read_manifest
-from tests.conftest import skimage_photo
+from indexer.schema import LIVE, Product, ProductImage
+from indexer.segments import load_base, read_manifest
+from indexer.store import Store
+from tests.conftest import live_index, skimage_photo
 
 
 def run(settings, embedder, catalog, metadata=None):
     return index_catalog(settings, embedder, catalog, metadata, progress=False)
 
 
+def session(settings) -> Session:
+    return Session(Store.open(settings).engine)
+
+
 def indexed_paths(settings) -> dict[str, str]:
-    with open_database(settings)() as session:
-        return dict(session.execute(select(ProductImage.rel_path, ProductImage.sha256).where(LIVE)).all())
+    with session(settings) as s:
+        return dict(s.execute(select(ProductImage.rel_path, ProductImage.sha256).where(LIVE)).all())
 
 
-def test_first_run_embeds_every_image_and_publishes_them(settings, embedder, skimage_catalog):
+def test_first_run_embeds_every_image_into_a_base_segment(settings, embedder, skimage_catalog):
     report = run(settings, embedder, skimage_catalog)
     assert (report.scanned, report.embedded, report.indexed, report.problems) == (6, 6, 6, [])
-    version = load_index(settings.index_dir)
-    assert version.index.ntotal == 6
-    assert version.manifest["model"] == "mobilenet_v1" and version.manifest["dim"] == 1024
-    with open_database(settings)() as session:
-        rows = session.execute(select(ProductImage.id, ProductImage.embedding)).all()
-        assert session.scalar(select(Product.category).where(Product.sku == "animals/chelsea")) == "animals"
-    for row_id, blob in rows:  # FAISS ids are the SQLite row ids, holding the same vectors
-        np.testing.assert_array_equal(version.index.reconstruct(row_id), np.frombuffer(blob, np.float32))
+    assert report.compaction is not None  # the first run builds the base
+    base = load_base(settings.index_dir)
+    assert len(base) == 6 and base.manifest["model"] == "mobilenet_v1" and base.manifest["dim"] == 1024
+    with session(settings) as s:
+        rows = s.execute(select(ProductImage.id, ProductImage.embedding)).all()
+        assert s.scalar(select(Product.category).where(Product.sku == "animals/chelsea")) == "animals"
+    for row_id, blob in rows:  # base ids are the image row ids, holding the same vectors
+        row = base.rows_of(np.array([row_id]))[0]
+        np.testing.assert_array_equal(base.vectors[row], np.frombuffer(blob, np.float32))
+    # rows are grouped by category, so a category filter scans one block
+    assert list(base.category_codes) == sorted(base.category_codes)
 
 
-def test_second_run_on_an_unchanged_catalog_embeds_nothing(settings, embedder, skimage_catalog):
+def test_second_run_on_an_unchanged_catalog_embeds_nothing_and_builds_nothing(settings, embedder, skimage_catalog):
     run(settings, embedder, skimage_catalog)
     first_version = read_manifest(settings.index_dir)["version"]
     report = run(settings, embedder, skimage_catalog)
     assert (report.embedded, report.unchanged, report.removed, report.indexed) == (0, 6, 0, 6)
-    assert read_manifest(settings.index_dir)["version"] == first_version  # nothing to republish
+    assert report.compaction is None and read_manifest(settings.index_dir)["version"] == first_version
 
 
-def test_added_changed_and_deleted_files_are_all_reflected(settings, embedder, skimage_catalog):
+def test_a_re_run_reads_only_files_whose_size_or_mtime_changed(settings, embedder, skimage_catalog):
     run(settings, embedder, skimage_catalog)
+    photo = skimage_catalog / "drinks" / "coffee.jpg"
+    stat = photo.stat()
+    data = bytearray(photo.read_bytes())
+    data[-3] ^= 0xFF  # other bytes, same size
+    photo.write_bytes(bytes(data))
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: as rsync, the file is not read
+    assert run(settings, embedder, skimage_catalog).embedded == 0
+    os.utime(photo)  # a new mtime: read, hashed, and the new bytes embedded
+    assert run(settings, embedder, skimage_catalog).embedded == 1
+    os.utime(photo)  # touched only: read and hashed again, but the same bytes are not embedded again
+    report = run(settings, embedder, skimage_catalog)
+    assert (report.embedded, report.unchanged) == (0, 6)
+
+
+def test_added_changed_and_deleted_files_reach_the_live_index_without_a_rebuild(settings, embedder, skimage_catalog):
+    run(settings, embedder, skimage_catalog)
+    base_version = read_manifest(settings.index_dir)["version"]
     before = indexed_paths(settings)
     skimage_photo("hubble_deep_field").save(skimage_catalog / "space" / "hubble.png")
     skimage_photo("astronaut").rotate(90).save(skimage_catalog / "people" / "camera.jpg")  # new bytes, same file
@@ -54,15 +82,24 @@ def test_added_changed_and_deleted_files_are_all_reflected(settings, embedder, s
     report = run(settings, embedder, skimage_catalog)
 
     assert (report.embedded, report.unchanged, report.removed, report.indexed) == (2, 4, 1, 6)
+    assert report.compaction is None and report.pending == 3  # served from the delta
+    assert read_manifest(settings.index_dir)["version"] == base_version
     after = indexed_paths(settings)
     assert "space/hubble.png" in after and "medical/retina.jpg" not in after
     assert after["people/camera.jpg"] != before["people/camera.jpg"]
-    with open_database(settings)() as session:
-        live = select(func.count()).select_from(Product).where(Product.id.in_(live_product_ids()))
-        assert session.scalar(live.where(Product.category == "medical")) == 0
-        changed_id = session.scalar(select(ProductImage.id).where(ProductImage.rel_path == "people/camera.jpg"))
+    with session(settings) as s:
+        live = (
+            select(func.count()).select_from(Product).where(Product.id.in_(select(ProductImage.product_id).where(LIVE)))
+        )
+        assert s.scalar(live.where(Product.category == "medical")) == 0
+        changed_id = s.scalar(select(ProductImage.id).where(ProductImage.rel_path == "people/camera.jpg"))
+        retina_id = s.scalar(select(ProductImage.id).where(ProductImage.rel_path == "medical/retina.jpg"))
+    index = live_index(settings, embedder)
+    assert len(index) == 6 and index.delta_size == 2 and index.masked_count == 2
     rotated = embedder.embed_image(skimage_catalog / "people" / "camera.jpg")
-    np.testing.assert_allclose(load_index(settings.index_dir).index.reconstruct(changed_id), rotated, atol=1e-6)
+    ids, scores = index.search(rotated, 6)
+    assert ids[0] == changed_id and scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert retina_id not in ids and "medical" not in index.live_categories()
 
 
 def test_unreadable_files_are_reported_and_skipped_without_failing_the_run(settings, embedder, skimage_catalog):
@@ -81,6 +118,7 @@ def test_a_file_that_breaks_after_indexing_leaves_the_index(settings, embedder, 
     report = run(settings, embedder, skimage_catalog)
     assert report.removed == 1 and report.indexed == 5
     assert "people/astronaut.jpg" not in indexed_paths(settings)
+    assert len(live_index(settings, embedder)) == 5
 
 
 def test_metadata_changes_update_products_without_re_embedding(settings, embedder, skimage_catalog):
@@ -90,15 +128,16 @@ def test_metadata_changes_update_products_without_re_embedding(settings, embedde
     csv.write_text("sku,image,title,category,price\nA1,animals/chelsea.jpg,Chelsea (new),felines,12\n")
     report = run(settings, embedder, skimage_catalog)
     assert (report.embedded, report.indexed) == (0, 1)  # only the listed row is the catalog
-    with open_database(settings)() as session:
-        product = session.scalar(select(Product).where(Product.sku == "A1"))
+    product = Store.open(settings).product("A1")
     assert (product.title, product.category, product.price) == ("Chelsea (new)", "felines", 12.0)
+    # the category a filter sees moved with it
+    assert live_index(settings, embedder).live_categories() == ["felines"]
 
 
-def test_an_empty_catalog_publishes_an_empty_index(settings, embedder, tmp_path):
+def test_an_empty_catalog_publishes_an_empty_base(settings, embedder, tmp_path):
     (tmp_path / "empty").mkdir()
     report = run(settings, embedder, tmp_path / "empty")
-    assert report.indexed == 0 and load_index(settings.index_dir).index.ntotal == 0
+    assert report.indexed == 0 and len(load_base(settings.index_dir)) == 0
 
 
 def test_a_moved_catalog_re_points_images_without_re_embedding(settings, embedder, skimage_catalog, tmp_path):
@@ -106,47 +145,44 @@ def test_a_moved_catalog_re_points_images_without_re_embedding(settings, embedde
     moved = shutil.copytree(skimage_catalog, tmp_path / "moved")
     report = run(settings, embedder, moved)
     assert report.embedded == 0
-    with open_database(settings)() as session:
-        paths = session.scalars(select(ProductImage.path)).all()
+    with session(settings) as s:
+        paths = s.scalars(select(ProductImage.path)).all()
     assert all(p.startswith(str(moved)) for p in paths)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
-def test_configured_faiss_factory_is_used(settings, embedder, skimage_catalog, factory):
+def test_configured_faiss_factory_is_used_and_its_recall_recorded(settings, embedder, skimage_catalog, factory):
     run(settings.with_overrides(index_factory=factory), embedder, skimage_catalog)
-    assert read_manifest(settings.index_dir)["factory"] == factory
-    assert load_index(settings.index_dir).index.ntotal == 6
+    manifest = read_manifest(settings.index_dir)
+    assert manifest["factory"] == factory and manifest["tuning"]["recall_at_10"] >= 0.95
+    assert len(load_base(settings.index_dir)) == 6
 
 
-def test_removed_images_stay_resolvable_for_older_index_versions_until_purged(settings, embedder, skimage_catalog):
-    from datetime import timedelta
-
-    from indexer.indexing import purge_tombstones
+def test_removed_images_stay_resolvable_until_a_compaction_purges_them(settings, embedder, skimage_catalog):
+    from indexer.compaction import compact
 
     run(settings, embedder, skimage_catalog)
-    old_version = load_index(settings.index_dir)
+    old_base = load_base(settings.index_dir)
     (skimage_catalog / "space" / "rocket.jpg").rename(skimage_catalog.parent / "rocket.jpg")
     run(settings, embedder, skimage_catalog)
-    sessions = open_database(settings)
-    with sessions() as session:  # every id of the version published before still has its row
-        ids = [int(i) for i in faiss_ids(old_version.index)]
-        assert len(session.scalars(select(ProductImage.id).where(ProductImage.id.in_(ids))).all()) == 6
-        rocket = session.scalar(select(ProductImage).where(ProductImage.rel_path == "space/rocket.jpg"))
+    with session(settings) as s:  # every id of the base still has its row
+        assert len(s.scalars(select(ProductImage.id).where(ProductImage.id.in_(old_base.ids.tolist()))).all()) == 6
+        rocket = s.scalar(select(ProductImage).where(ProductImage.rel_path == "space/rocket.jpg"))
         assert rocket.deleted_at is not None
     (skimage_catalog.parent / "rocket.jpg").rename(skimage_catalog / "space" / "rocket.jpg")
     report = run(settings, embedder, skimage_catalog)  # the file is back: same row, same id
     assert report.embedded == 1 and report.indexed == 6
-    with sessions() as session:
-        revived = session.scalar(select(ProductImage).where(ProductImage.rel_path == "space/rocket.jpg"))
+    with session(settings) as s:
+        revived = s.scalar(select(ProductImage).where(ProductImage.rel_path == "space/rocket.jpg"))
         assert revived.id == rocket.id and revived.deleted_at is None
     (skimage_catalog / "space" / "rocket.jpg").unlink()
     run(settings, embedder, skimage_catalog)
-    with sessions.begin() as session:
-        assert purge_tombstones(session, timedelta(seconds=0)) == 1
-        assert session.scalar(select(Product).where(Product.sku == "space/rocket")) is None
+    store = Store.open(settings)
 
+    def built_through() -> int:
+        return read_manifest(settings.index_dir)["built_through"]
 
-def faiss_ids(index) -> np.ndarray:
-    import faiss
-
-    return faiss.vector_to_array(index.id_map)
+    assert store.purge_tombstones(built_through(), timedelta(seconds=0)) == 0  # the base still holds it
+    compact(settings, store, embedder)
+    assert store.purge_tombstones(built_through(), timedelta(seconds=0)) == 1
+    assert store.product("space/rocket") is None

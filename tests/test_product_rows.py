@@ -1,24 +1,28 @@
-"""Product rows behind FAISS ids: read from the real SQLite file once, bounded, least recently used out."""
+"""Product rows behind image ids: read from the real SQLite file once, bounded, least recently used out,
+and forgotten when a change touches them."""
 
 from __future__ import annotations
 
 from sqlalchemy import select
 
 from indexer.indexing import index_catalog
-from indexer.schema import ProductImage, open_database
+from indexer.schema import ProductImage
+from indexer.store import Store
 from service.product_rows import ProductRow, ProductRows
 from tests.conftest import statements_reading
 
 
 def test_rows_are_read_once_and_the_least_recently_used_leave_first(settings, embedder, skimage_catalog):
     index_catalog(settings, embedder, skimage_catalog, progress=False)
-    sessions = open_database(settings, upgrade=False)
-    with sessions() as session:
-        first, second, third = session.scalars(select(ProductImage.id).order_by(ProductImage.id)).all()[:3]
-    rows = ProductRows(sessions.kw["bind"], version_stamp="v1", max_rows=2)
-    with statements_reading(sessions.kw["bind"], "FROM images JOIN products") as reads:
+    store = Store.open(settings, upgrade=False)
+    with store.engine.connect() as connection:
+        first, second, third = connection.scalars(select(ProductImage.id).order_by(ProductImage.id)).all()[:3]
+    rows = ProductRows(store, max_rows=2)
+    with statements_reading(store.engine, "FROM images JOIN products") as reads:
         found = rows.get([first, second, third, 10_000])
         assert len(reads) == 1
         assert isinstance(found[first], ProductRow) and found[first].sku and found[10_000] is None
         assert rows.get([third]) == {third: found[third]} and len(reads) == 1  # kept: the most recent
         assert rows.get([first]) == {first: found[first]} and len(reads) == 2  # gone: over max_rows
+        rows.forget([first])
+        assert rows.get([first]) == {first: found[first]} and len(reads) == 3  # forgotten: read again

@@ -1,4 +1,5 @@
-"""Searches keep working, and stay right, while the catalog is re-indexed and products are written."""
+"""Searches keep working, and stay right, while the catalog is re-indexed, products are written and the
+base is compacted."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 from bench.soak import main as soak
 
 
-def test_no_failed_or_wrong_search_across_an_index_swap_and_100_writes(grocery, tmp_path):
+def test_no_failed_or_wrong_search_across_a_reindex_a_compaction_and_100_writes(grocery, tmp_path):
     out = tmp_path / "soak.json"
     status = soak(["--catalog", str(grocery), "--clients", "3", "--writes", "100", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["reindexed"] and report["writes"] == 100 and report["write_errors"] == 0
+    assert report["compacted"], report["compaction_error"]
     assert report["searches"] > 100
     assert report["errors"] == 0, report
     assert report["wrong_results"] == 0, report["wrong_examples"]

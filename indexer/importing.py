@@ -1,0 +1,117 @@
+"""Bulk import of vectors computed elsewhere (another machine, a GPU farm) into the store.
+
+    python -m indexer import-vectors --vectors vectors.npy --products products.csv
+
+Row i of the products file (sku,title,category,price,url,image) describes vector i. Vectors go through the
+same store and compaction as `make index`; a vector whose bytes are already stored for its row is skipped,
+so importing the same files again changes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer.catalog import CatalogError, parse_price
+from indexer.compaction import CompactionReport
+from indexer.config import Settings
+from indexer.indexing import compact_if_due
+from indexer.locking import write_lock
+from indexer.model import Embedder, l2_normalize
+from indexer.store import IMPORT, ImageVector, ProductFields, Store
+
+BATCH = 10_000
+COLUMNS = ("sku", "title", "category", "price", "url", "image")
+
+
+@dataclass
+class ImportReport:
+    rows: int = 0
+    stored: int = 0
+    unchanged: int = 0
+    seconds: float = 0.0
+    compaction: CompactionReport | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"Imported {self.rows} vectors: {self.stored} stored, {self.unchanged} unchanged, "
+            f"{len(self.problems)} skipped, in {self.seconds:.1f} s"
+        ]
+        if self.compaction is not None:
+            lines.append("  " + self.compaction.summary())
+        lines += [f"  - {p}" for p in self.problems[:20]]
+        return "\n".join(lines)
+
+
+def read_products(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if "sku" not in (reader.fieldnames or []):
+            raise CatalogError(f"{path} has no sku column; it needs sku,title,category,price,url,image")
+        return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+
+
+def import_vectors(
+    settings: Settings, embedder: Embedder, vectors_path: Path, products_path: Path, *, progress: bool = True
+) -> ImportReport:
+    started = time.perf_counter()
+    try:
+        vectors = np.load(vectors_path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"{vectors_path} is not a readable .npy file ({exc})") from None
+    dim = embedder.identity.dim
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise CatalogError(
+            f"{vectors_path} holds vectors of shape {vectors.shape}, but the current model "
+            f"({embedder.identity.name}) makes {dim}-dimensional ones"
+        )
+    rows = read_products(products_path)
+    if len(rows) != len(vectors):
+        raise CatalogError(f"{products_path} has {len(rows)} rows but {vectors_path} has {len(vectors)} vectors")
+    report = ImportReport(rows=len(rows))
+    store = Store.open(settings)
+    known = store.known_files(IMPORT)
+    model_key = embedder.identity.key
+    for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):
+        part = rows[start : start + BATCH]
+        batch = l2_normalize(np.asarray(vectors[start : start + BATCH], dtype=np.float32))
+        products, images = [], []
+        for number, (row, vector) in enumerate(zip(part, batch, strict=True), start=start + 2):
+            sku = row.get("sku", "")
+            try:
+                price = parse_price(row.get("price"))
+            except ValueError:
+                report.problems.append(f"line {number}: price {row.get('price')!r} is not a number")
+                continue
+            if not sku or not np.isfinite(vector).all():
+                report.problems.append(f"line {number}: needs a sku and a finite vector")
+                continue
+            rel_path = f"import/{row.get('image') or sku}"
+            digest = hashlib.sha256(vector.tobytes()).hexdigest()
+            stored = known.get(rel_path)
+            if stored is not None and (stored.sha256, stored.model_key) == (digest, model_key):
+                report.unchanged += 1
+            else:
+                images.append((sku, ImageVector(rel_path, row.get("image", ""), digest, vector)))
+            products.append(
+                ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, row.get("url") or None)
+            )
+        with write_lock(settings.data_dir):
+            product_ids = store.upsert_products(products)
+            if images:
+                store.store_vectors(
+                    [ImageVector(i.rel_path, i.path, i.sha256, i.vector, product_ids[sku]) for sku, i in images],
+                    model_key,
+                    source=IMPORT,
+                )
+        report.stored += len(images)
+    report.compaction, _ = compact_if_due(settings, store, embedder, progress=progress)
+    report.seconds = time.perf_counter() - started
+    return report

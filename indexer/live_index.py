@@ -1,0 +1,242 @@
+"""What a server searches: a base segment plus the changes committed since it was built.
+
+Changes arrive in change-number order from the store. A new or changed vector goes into a small delta that is
+scanned exactly; a deleted or replaced image is masked in the base. Every search sees one consistent state:
+apply() builds the next state aside and swaps it in with one assignment.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+from indexer.ann import candidates
+from indexer.segments import NO_CATEGORY, BaseSegment
+from indexer.store import Changes
+
+# A filter that leaves at most this many base vectors is answered by an exact scan of just those vectors:
+# approximate structures lose recall when few of the vectors they visit qualify.
+EXACT_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class Filters:
+    category: str | None = None
+    min_price: float | None = None
+    max_price: float | None = None
+
+    @property
+    def prices_bounded(self) -> bool:
+        return self.min_price is not None or self.max_price is not None
+
+    def price_mask(self, prices: np.ndarray) -> np.ndarray | None:
+        """Which of these prices are inside the bounds (a product without a price is not); None: no bounds."""
+        if not self.prices_bounded:
+            return None
+        ok = np.ones(len(prices), dtype=bool)
+        if self.min_price is not None:
+            ok &= prices >= self.min_price
+        if self.max_price is not None:
+            ok &= prices <= self.max_price
+        return ok
+
+
+NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class _Delta:
+    ids: np.ndarray
+    vectors: np.ndarray
+    codes: np.ndarray
+    prices: np.ndarray
+
+
+@dataclass
+class _State:
+    seen: int
+    masked: np.ndarray  # base rows deleted or replaced since the base was built
+    masked_count: int
+    delta: _Delta
+    live_counts: np.ndarray  # live vectors per category code
+    # FAISS selectors built for this state (bitmaps over image ids), kept with the bitmaps they point to
+    selectors: dict[object, tuple[faiss.IDSelector, np.ndarray]] = field(default_factory=dict)
+
+
+def _top(ids: np.ndarray, scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.isfinite(scores)
+    ids, scores = ids[keep], scores[keep]
+    if len(scores) > count:
+        best = np.argpartition(-scores, count - 1)[:count]
+        ids, scores = ids[best], scores[best]
+    order = np.argsort(-scores, kind="stable")
+    return ids[order], scores[order]
+
+
+_NONE = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+class LiveIndex:
+    """The base plus the delta, searched as one; apply() brings it up to a newer change number."""
+
+    def __init__(self, base: BaseSegment):
+        self.base = base
+        self.categories: list[str] = list(base.categories)
+        self.code_of: dict[str, int] = {name: code for code, name in enumerate(self.categories)}
+        self._lock = threading.Lock()
+        dim = base.vectors.shape[1]
+        self._base_counts = self._counts(base.category_codes)
+        self._state = _State(
+            seen=base.built_through,
+            masked=np.zeros(len(base), dtype=bool),
+            masked_count=0,
+            delta=_Delta(
+                np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+            ),
+            live_counts=self._base_counts,
+        )
+
+    def _counts(self, codes: np.ndarray) -> np.ndarray:
+        """Vectors per category code, one slot per known category (vectors without one are not counted)."""
+        return np.bincount(codes[codes >= 0], minlength=len(self.categories))
+
+    @property
+    def seen(self) -> int:
+        """The change number this index is up to date with."""
+        return self._state.seen
+
+    def __len__(self) -> int:
+        state = self._state
+        return len(self.base) - state.masked_count + len(state.delta.ids)
+
+    @property
+    def delta_size(self) -> int:
+        return len(self._state.delta.ids)
+
+    @property
+    def masked_count(self) -> int:
+        return self._state.masked_count
+
+    def live_categories(self) -> list[str]:
+        counts = self._state.live_counts
+        return sorted(name for code, name in enumerate(self.categories) if code < len(counts) and counts[code] > 0)
+
+    def apply(self, changes: Changes) -> np.ndarray:
+        """Bring the index up to changes.head; returns the image ids whose state changed."""
+        with self._lock:
+            state = self._state
+            if changes.head <= state.seen:
+                return np.zeros(0, np.int64)
+            touched = np.concatenate([changes.ids, changes.removed])
+            masked = state.masked
+            rows = self.base.rows_of(touched)
+            rows = rows[rows >= 0]
+            if len(rows):
+                masked = masked.copy()
+                masked[rows] = True
+            codes = np.array([self._code(name) for name in changes.categories], dtype=np.int32)
+            old = state.delta
+            keep = ~np.isin(old.ids, touched)
+            delta = _Delta(
+                ids=np.concatenate([old.ids[keep], changes.ids]),
+                vectors=np.concatenate([old.vectors[keep], changes.vectors.astype(np.float32, copy=False)]),
+                codes=np.concatenate([old.codes[keep], codes]),
+                prices=np.concatenate([old.prices[keep], changes.prices]),
+            )
+            masked_count = int(masked.sum()) if len(rows) else state.masked_count
+            live_counts = self._counts(delta.codes) - self._counts(self.base.category_codes[masked])
+            live_counts[: len(self._base_counts)] += self._base_counts
+            self._state = _State(changes.head, masked, masked_count, delta, live_counts)
+            return touched
+
+    def _code(self, name: str | None) -> int:
+        if name is None:
+            return NO_CATEGORY
+        if name not in self.code_of:  # a category new since the base was built
+            self.code_of[name] = len(self.categories)
+            self.categories.append(name)
+        return self.code_of[name]
+
+    # --- searching ---------------------------------------------------------------------------------
+
+    def search(self, query: np.ndarray, count: int, filters: Filters = NO_FILTERS) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and cosine scores of the `count` nearest live vectors passing the filters, best first."""
+        state = self._state
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        code = None
+        if filters.category is not None:
+            code = self.code_of.get(filters.category)
+            if code is None:
+                return _NONE
+        base_ids, base_scores = self._search_base(state, query, count, filters, code)
+        delta_ids, delta_scores = self._search_delta(state, query, count, filters, code)
+        return _top(np.concatenate([base_ids, delta_ids]), np.concatenate([base_scores, delta_scores]), count)
+
+    def _search_delta(self, state: _State, query: np.ndarray, count: int, filters: Filters, code: int | None):
+        delta = state.delta
+        if not len(delta.ids):
+            return _NONE
+        scores = delta.vectors @ query
+        if code is not None:
+            scores[delta.codes != code] = -np.inf
+        if (ok := filters.price_mask(delta.prices)) is not None:
+            scores[~ok] = -np.inf
+        return _top(delta.ids, scores, count)
+
+    def _search_base(self, state: _State, query: np.ndarray, count: int, filters: Filters, code: int | None):
+        base = self.base
+        start, end = 0, len(base)
+        if code is not None:
+            if code not in base.blocks:
+                return _NONE
+            start, end = base.blocks[code]
+        ok = filters.price_mask(base.prices[start:end])
+        if state.masked_count:
+            live = ~state.masked[start:end]
+            ok = live if ok is None else ok & live
+        matches = (end - start) if ok is None else int(ok.sum())
+        if matches == 0:
+            return _NONE
+        if base.ann is None or matches <= EXACT_LIMIT:
+            return self._exact(query, count, start, end, ok)
+        selector = bitmap = None
+        if ok is not None or code is not None:
+            selector, bitmap = self._selector(state, (code, filters.min_price, filters.max_price), start, end, ok)
+        found = candidates(base.ann, base.tuning, query, count, selector=selector, widen=len(base) / matches)
+        del bitmap  # FAISS held only a pointer to it during the search
+        rows = base.rows_of(found)
+        rows = np.unique(rows[rows >= 0])
+        if not len(rows):
+            return _NONE
+        # exact re-ranking with the real vectors
+        return _top(base.ids[rows], base.vectors[rows] @ query, count)
+
+    def _exact(self, query: np.ndarray, count: int, start: int, end: int, ok: np.ndarray | None):
+        base = self.base
+        if ok is not None and ok.sum() < (end - start) / 4:
+            rows = start + np.flatnonzero(ok)
+            return _top(base.ids[rows], base.vectors[rows] @ query, count)
+        scores = base.vectors[start:end] @ query
+        if ok is not None:
+            scores[~ok] = -np.inf
+        return _top(base.ids[start:end], scores, count)
+
+    def _selector(
+        self, state: _State, key: tuple, start: int, end: int, ok: np.ndarray | None
+    ) -> tuple[faiss.IDSelector, np.ndarray]:
+        """A FAISS selector over image ids of the qualifying base rows, with the bitmap it points to (keep it
+        alive while searching). Category selectors are kept for this state; price ranges vary per request."""
+        cached = state.selectors.get(key)
+        if cached is not None:
+            return cached
+        ids = self.base.ids[start:end] if ok is None else self.base.ids[start:end][ok]
+        members = np.zeros(len(self.base.row_of_id), dtype=bool)
+        members[ids] = True
+        bitmap = np.packbits(members, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        if key[1] is None and key[2] is None:
+            state.selectors[key] = (selector, bitmap)
+        return selector, bitmap

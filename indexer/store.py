@@ -1,0 +1,558 @@
+"""The catalog store: the only module that reads and writes the database (products, image vectors, tombstones).
+
+Every committed write takes the next change number ("head") and stamps the image rows it touched with it,
+so a server brings itself up to date by reading only the rows changed after the last number it saw.
+Writers hold `indexer.locking.write_lock`; readers never block them (SQLite WAL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
+
+import numpy as np
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Engine
+
+from indexer.config import Settings
+from indexer.schema import LIVE, Product, ProductImage, StoreState, make_engine, migrate, schema_behind
+
+# Where an image row came from: the catalog folder (`make index`), the write API, or a vector import.
+CATALOG, API, IMPORT = "catalog", "api", "import"
+# Rows per statement: SQLite takes up to 32,766 bound parameters.
+CHUNK = 2_000
+
+
+class ProductRow(NamedTuple):
+    """What a search result shows of a product."""
+
+    sku: str
+    title: str
+    category: str | None
+    price: float | None
+    url: str | None
+
+
+@dataclass(frozen=True)
+class ProductFields:
+    """A product as a catalog file, an import or the write API describes it."""
+
+    sku: str
+    title: str
+    category: str | None = None
+    price: float | None = None
+    url: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def shown(self) -> tuple:
+        return (self.title, self.category, self.price, self.url)
+
+
+@dataclass(frozen=True)
+class ProductDetails:
+    sku: str
+    title: str
+    category: str | None
+    price: float | None
+    url: str | None
+    attributes: dict
+
+
+class KnownFile(NamedTuple):
+    """What the store remembers of a live image file: enough to skip it when it has not changed."""
+
+    sha256: str
+    model_key: str
+    size: int | None
+    mtime_ns: int | None
+
+
+@dataclass(frozen=True)
+class ImageVector:
+    """One image's embedding, ready to store."""
+
+    rel_path: str
+    path: str
+    sha256: str
+    vector: np.ndarray
+    # None for Store.put_product, which stores the image under the product it writes
+    product_id: int | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass
+class Changes:
+    """Rows changed after some change number: live vectors of one model to add or replace, and ids to drop."""
+
+    head: int
+    ids: np.ndarray
+    vectors: np.ndarray
+    categories: list[str | None]
+    prices: np.ndarray
+    removed: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.removed)
+
+
+@dataclass
+class Snapshot:
+    """Every live vector of one model, with its image id, product category and price, as of change `head`."""
+
+    head: int
+    ids: np.ndarray
+    categories: list[str | None]
+    prices: np.ndarray
+
+
+def _prices(values: Iterable[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+
+
+def _chunks(items: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Store:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @classmethod
+    def open(cls, settings: Settings, *, upgrade: bool = True) -> Store:
+        """The configured database, migrated to the newest schema first (unless upgrade=False)."""
+        engine = make_engine(settings.db_url)
+        # Alembic (imported and run) only when the schema is behind: it adds ~0.2 s to every start.
+        if upgrade and schema_behind(engine):
+            migrate(settings.db_url)
+        return cls(engine)
+
+    def schema_problem(self) -> str | None:
+        return schema_behind(self.engine)
+
+    # --- change numbers ------------------------------------------------------------------------
+
+    def head(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
+
+    @staticmethod
+    def _next_change(connection: Connection) -> int:
+        """The next change number, taken inside the caller's write transaction."""
+        connection.execute(update(StoreState).where(StoreState.name == "head").values(value=StoreState.value + 1))
+        return int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")))
+
+    def pending_changes(self, since: int) -> int:
+        """Image rows changed after change number `since` (what a delta holds)."""
+        with self.engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).where(ProductImage.change > since)) or 0)
+
+    def changes_since(self, seen: int, model_key: str, dim: int) -> Changes:
+        """Rows changed after `seen`. Reading head first makes this safe without a snapshot: a row changed
+        again meanwhile is read in its newer state and read once more next time, and applying is idempotent.
+        Vectors of another model are left out: they belong to an index that a new model will build."""
+        with self.engine.connect() as connection:
+            head = int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
+            if head <= seen:
+                return Changes(seen, *_empty(dim))
+            rows = connection.execute(
+                select(
+                    ProductImage.id,
+                    ProductImage.deleted_at.is_not(None),
+                    ProductImage.model_key,
+                    ProductImage.embedding,
+                    Product.category,
+                    Product.price,
+                )
+                .join(Product)
+                .where(ProductImage.change > seen)
+                .order_by(ProductImage.id)
+            ).all()
+        live = [r for r in rows if not r[1] and r[2] == model_key]
+        removed = np.array([r[0] for r in rows if r[1]], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(r[3] for r in live), dtype=np.float32).reshape(len(live), dim)
+        return Changes(
+            head=head,
+            ids=np.array([r[0] for r in live], dtype=np.int64),
+            vectors=vectors,
+            categories=[r[4] for r in live],
+            prices=_prices(r[5] for r in live),
+            removed=removed,
+        )
+
+    def snapshot(self, model_key: str) -> Snapshot:
+        """Ids, categories and prices of every live vector of the model, by id (without the vectors)."""
+        with self.engine.connect() as connection:
+            head = int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
+            rows = connection.execute(
+                select(ProductImage.id, Product.category, Product.price)
+                .join(Product)
+                .where(LIVE, ProductImage.model_key == model_key)
+                .order_by(ProductImage.id)
+            ).all()
+        return Snapshot(
+            head=head,
+            ids=np.array([r[0] for r in rows], dtype=np.int64),
+            categories=[r[1] for r in rows],
+            prices=_prices(r[2] for r in rows),
+        )
+
+    def stream_vectors(self, model_key: str, dim: int, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every live vector of the model, in id order, a batch at a time (bounded memory)."""
+        with self.engine.connect() as connection:
+            result = connection.execution_options(yield_per=batch).execute(
+                select(ProductImage.id, ProductImage.embedding)
+                .where(LIVE, ProductImage.model_key == model_key)
+                .order_by(ProductImage.id)
+            )
+            for rows in result.partitions():
+                ids = np.array([r[0] for r in rows], dtype=np.int64)
+                yield ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+
+    # --- reads for the service -----------------------------------------------------------------
+
+    def result_rows(self, image_ids: list[int]) -> dict[int, ProductRow]:
+        """The live product row behind each image id (ids deleted since are absent)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(_RESULT_ROWS, {"ids": image_ids}).all()
+        return {row[0]: ProductRow(*row[1:]) for row in rows}
+
+    def product(self, sku: str) -> ProductDetails | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(Product.sku, Product.title, Product.category, Product.price, Product.url, Product.attributes)
+                .where(Product.sku == sku, Product.id.in_(_live_product_ids()))
+                .limit(1)
+            ).first()
+        return None if row is None else ProductDetails(*row[:5], attributes=row[5] or {})
+
+    def image_path(self, sku: str) -> str | None:
+        """The stored file of a product's first live image."""
+        with self.engine.connect() as connection:
+            return connection.scalar(
+                select(ProductImage.path)
+                .join(Product)
+                .where(Product.sku == sku, LIVE)
+                .order_by(ProductImage.id)
+                .limit(1)
+            )
+
+    def vector_of(self, sku: str, model_key: str, dim: int) -> np.ndarray | None:
+        """A product's own vector (its first live image), for "more like this"."""
+        with self.engine.connect() as connection:
+            blob = connection.scalar(
+                select(ProductImage.embedding)
+                .join(Product)
+                .where(Product.sku == sku, LIVE, ProductImage.model_key == model_key)
+                .order_by(ProductImage.id)
+                .limit(1)
+            )
+        return None if blob is None else np.frombuffer(blob, dtype=np.float32).reshape(dim)
+
+    def has_product(self, sku: str) -> bool:
+        with self.engine.connect() as connection:
+            return (
+                connection.scalar(select(ProductImage.id).join(Product).where(Product.sku == sku, LIVE).limit(1))
+                is not None
+            )
+
+    def holds_catalog(self, root: str) -> bool:
+        """Whether live catalog images were indexed from this folder."""
+        with self.engine.connect() as connection:
+            found = connection.scalar(
+                select(ProductImage.id)
+                .where(ProductImage.source == CATALOG, LIVE, ProductImage.path.startswith(root.rstrip("/") + "/"))
+                .limit(1)
+            )
+        return found is not None
+
+    def counts(self) -> tuple[int, int]:
+        """(live images, products with a live image)."""
+        with self.engine.connect() as connection:
+            images = connection.scalar(select(func.count()).where(LIVE))
+            products = connection.scalar(select(func.count(func.distinct(ProductImage.product_id))).where(LIVE))
+        return int(images or 0), int(products or 0)
+
+    def product_labels(self, label: str) -> dict[str, str | None]:
+        """sku -> the product's category, or another metadata column (an attribute)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(Product.sku, Product.category, Product.attributes).where(Product.id.in_(_live_product_ids()))
+            ).all()
+        if label == "category":
+            return {sku: category for sku, category, _ in rows}
+        return {sku: (attributes or {}).get(label) for sku, _, attributes in rows}
+
+    def known_files(self, source: str = CATALOG) -> dict[str, KnownFile]:
+        """rel_path -> what is stored of each live image of that source."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(
+                    ProductImage.rel_path,
+                    ProductImage.sha256,
+                    ProductImage.model_key,
+                    ProductImage.file_size,
+                    ProductImage.file_mtime_ns,
+                ).where(ProductImage.source == source, LIVE)
+            )
+            return {row[0]: KnownFile(*row[1:]) for row in rows}
+
+    # --- writes (hold write_lock) --------------------------------------------------------------
+
+    def upsert_products(self, products: Iterable[ProductFields]) -> dict[str, int]:
+        """Create or refresh products (the first of each sku wins); returns sku -> product id. A change to a
+        field that results show takes a change number for the product's live images, so servers refresh it."""
+        first: dict[str, ProductFields] = {}
+        for product in products:
+            first.setdefault(product.sku, product)
+        ids: dict[str, int] = {}
+        with self.engine.begin() as connection:
+            change = None
+            for skus in _chunks(list(first)):
+                stored = {
+                    row.sku: row
+                    for row in connection.execute(
+                        select(
+                            Product.id,
+                            Product.sku,
+                            Product.title,
+                            Product.category,
+                            Product.price,
+                            Product.url,
+                            Product.attributes,
+                        ).where(Product.sku.in_(skus))
+                    )
+                }
+                new = [first[s] for s in skus if s not in stored]
+                if new:
+                    connection.execute(insert(Product), [_product_values(p) for p in new])
+                changed = [
+                    (stored[s].id, first[s])
+                    for s in skus
+                    if s in stored
+                    and (tuple(stored[s][2:6]), stored[s].attributes or {}) != (first[s].shown(), first[s].attributes)
+                ]
+                if changed:
+                    connection.execute(
+                        update(Product).where(Product.id == bindparam("pid")),
+                        [{"pid": pid, **_product_values(p)} for pid, p in changed],
+                    )
+                    shown_changed = [pid for pid, p in changed if tuple(stored[p.sku][2:6]) != p.shown()]
+                    if shown_changed:
+                        change = change or self._next_change(connection)
+                        connection.execute(
+                            update(ProductImage)
+                            .where(ProductImage.product_id.in_(shown_changed), LIVE)
+                            .values(change=change)
+                        )
+                ids |= {s: stored[s].id for s in skus if s in stored}
+                if new:
+                    ids |= dict(
+                        connection.execute(
+                            select(Product.sku, Product.id).where(Product.sku.in_([p.sku for p in new]))
+                        ).all()
+                    )
+        return ids
+
+    def store_vectors(self, images: Sequence[ImageVector], model_key: str, source: str = CATALOG) -> int:
+        """Insert or replace image rows by rel_path (a returning file revives its old row and id), under one
+        change number. Returns the change number."""
+        if not images:
+            return self.head()
+        with self.engine.begin() as connection:
+            change = self._next_change(connection)
+            for part in _chunks(images):
+                existing = dict(
+                    connection.execute(
+                        select(ProductImage.rel_path, ProductImage.id).where(
+                            ProductImage.rel_path.in_([i.rel_path for i in part])
+                        )
+                    ).all()
+                )
+                now = datetime.now(UTC)
+                values = [
+                    {
+                        "product_id": i.product_id,
+                        "path": i.path,
+                        "sha256": i.sha256,
+                        "model_key": model_key,
+                        "embedding": np.asarray(i.vector, dtype=np.float32).tobytes(),
+                        "file_size": i.size,
+                        "file_mtime_ns": i.mtime_ns,
+                        "deleted_at": None,
+                        "change": change,
+                        "updated_at": now,
+                    }
+                    for i in part
+                ]
+                fresh = [
+                    {**v, "rel_path": i.rel_path, "source": source}
+                    for i, v in zip(part, values, strict=True)
+                    if i.rel_path not in existing
+                ]
+                again = [
+                    {**v, "row_id": existing[i.rel_path], "source": source}
+                    for i, v in zip(part, values, strict=True)
+                    if i.rel_path in existing
+                ]
+                if fresh:
+                    connection.execute(insert(ProductImage), fresh)
+                if again:
+                    connection.execute(update(ProductImage).where(ProductImage.id == bindparam("row_id")), again)
+        return change
+
+    def record_file_stats(self, stats: Sequence[tuple[str, int, int]]) -> None:
+        """Remember (rel_path, size, mtime_ns) of files read again whose bytes had not changed: the vector is
+        the same, so this takes no change number."""
+        if not stats:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(ProductImage)
+                .where(ProductImage.rel_path == bindparam("rp"), LIVE)
+                .values(file_size=bindparam("size"), file_mtime_ns=bindparam("mtime")),
+                [{"rp": rel_path, "size": size, "mtime": mtime} for rel_path, size, mtime in stats],
+            )
+
+    def reconcile_catalog(self, keep: dict[str, tuple[int, str]]) -> int:
+        """Tombstone live catalog rows not in `keep` (rel_path -> (product id, absolute path)); re-point kept
+        rows whose product or path changed. Returns the rows tombstoned."""
+        with self.engine.begin() as connection:
+            stale, moved = [], []
+            rows = connection.execute(
+                select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id, ProductImage.path).where(
+                    ProductImage.source == CATALOG, LIVE
+                )
+            )
+            for row_id, rel_path, product_id, path in rows:
+                if rel_path not in keep:
+                    stale.append(row_id)
+                elif keep[rel_path] != (product_id, path):
+                    moved.append({"row_id": row_id, "product_id": keep[rel_path][0], "path": keep[rel_path][1]})
+            if stale or moved:
+                change = self._next_change(connection)
+                now = datetime.now(UTC)
+                for part in _chunks(stale):
+                    connection.execute(
+                        update(ProductImage).where(ProductImage.id.in_(part)).values(deleted_at=now, change=change)
+                    )
+                if moved:
+                    connection.execute(
+                        update(ProductImage).where(ProductImage.id == bindparam("row_id")),
+                        [{**m, "change": change} for m in moved],
+                    )
+            # Products of this run none of whose photos could be read (the API writes a product and its image
+            # in one transaction, so it never leaves one without).
+            connection.execute(delete(Product).where(~Product.id.in_(select(ProductImage.product_id))))
+        return len(stale)
+
+    def put_product(
+        self, product: ProductFields, image: ImageVector, model_key: str, source: str = API
+    ) -> tuple[bool, int]:
+        """Add or replace a product with one photo, in one transaction: its other images become tombstones,
+        the same photo again revives its row. Returns (created, change number)."""
+        with self.engine.begin() as connection:
+            change = self._next_change(connection)
+            product_id = connection.scalar(select(Product.id).where(Product.sku == product.sku))
+            created = product_id is None or not connection.scalar(
+                select(ProductImage.id).where(ProductImage.product_id == product_id, LIVE).limit(1)
+            )
+            if product_id is None:
+                product_id = connection.execute(
+                    insert(Product).values(**_product_values(product))
+                ).inserted_primary_key[0]
+            else:
+                connection.execute(update(Product).where(Product.id == product_id).values(**_product_values(product)))
+            now = datetime.now(UTC)
+            connection.execute(
+                update(ProductImage)
+                .where(ProductImage.product_id == product_id, ProductImage.rel_path != image.rel_path, LIVE)
+                .values(deleted_at=now, change=change)
+            )
+            values = {
+                "product_id": product_id,
+                "path": image.path,
+                "sha256": image.sha256,
+                "model_key": model_key,
+                "source": source,
+                "embedding": np.asarray(image.vector, dtype=np.float32).tobytes(),
+                "deleted_at": None,
+                "change": change,
+                "updated_at": now,
+            }
+            row_id = connection.scalar(select(ProductImage.id).where(ProductImage.rel_path == image.rel_path))
+            if row_id is None:
+                connection.execute(insert(ProductImage).values(rel_path=image.rel_path, **values))
+            else:
+                connection.execute(update(ProductImage).where(ProductImage.id == row_id).values(**values))
+        return created, change
+
+    def delete_product(self, sku: str) -> int | None:
+        """Tombstone a product's live images; the change number, or None when there was nothing live."""
+        with self.engine.begin() as connection:
+            ids = (
+                connection.execute(select(ProductImage.id).join(Product).where(Product.sku == sku, LIVE))
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return None
+            change = self._next_change(connection)
+            connection.execute(
+                update(ProductImage).where(ProductImage.id.in_(ids)).values(deleted_at=datetime.now(UTC), change=change)
+            )
+        return change
+
+    def purge_tombstones(self, through_change: int, older_than: timedelta) -> int:
+        """Delete image rows tombstoned at or before change `through_change` (so no current base holds them) and
+        long enough ago that every server has applied the deletion, then the products left without images."""
+        cutoff = datetime.now(UTC) - older_than
+        expired = (
+            ProductImage.deleted_at.is_not(None)
+            & (ProductImage.deleted_at < cutoff)
+            & (ProductImage.change <= through_change)
+        )
+        with self.engine.begin() as connection:
+            owners = connection.execute(select(ProductImage.product_id).where(expired)).scalars().all()
+            purged = connection.execute(delete(ProductImage).where(expired)).rowcount
+            # Only those products: one the indexer has just created may not have its images yet.
+            for part in _chunks(sorted(set(owners))):
+                connection.execute(
+                    delete(Product).where(Product.id.in_(part), ~Product.id.in_(select(ProductImage.product_id)))
+                )
+        return purged
+
+
+def _empty(dim: int) -> tuple:
+    return (
+        np.zeros(0, np.int64),
+        np.zeros((0, dim), np.float32),
+        [],
+        np.zeros(0, np.float32),
+        np.zeros(0, np.int64),
+    )
+
+
+def _product_values(product: ProductFields) -> dict[str, object]:
+    return {
+        "sku": product.sku,
+        "title": product.title,
+        "category": product.category,
+        "price": product.price,
+        "url": product.url,
+        "attributes": dict(product.attributes),
+    }
+
+
+def _live_product_ids():
+    return select(ProductImage.product_id).where(LIVE)
+
+
+_RESULT_ROWS = (
+    select(ProductImage.id, Product.sku, Product.title, Product.category, Product.price, Product.url)
+    .join(Product)
+    .where(ProductImage.id.in_(bindparam("ids", expanding=True)), LIVE)
+)
