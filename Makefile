@@ -6,7 +6,8 @@
 #   make index CATALOG=<folder> [METADATA=<csv or jsonl>]
 #   make serve [PORT=8000]
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
-#   make soak                                     searches during re-indexing and API writes, to bench/
+#   make bench-scale [N=1000000]                  N synthetic products beside 10,000 at scale, to bench/
+#   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] adapt the model to the catalog (then make index)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
@@ -24,7 +25,7 @@ endif
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv weights migrate index serve demo demo-catalog test bench soak eval finetune lint format clean
+.PHONY: help venv weights migrate index serve demo demo-catalog test bench bench-scale soak eval finetune lint format clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -86,9 +87,18 @@ bench: weights migrate
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk"
 	$(PY) -m bench $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
 
-# Searches under concurrent re-indexing and API writes: 0 errors and 0 wrong results, to bench/soak.json.
+# A million products on one machine: N synthetic vectors around real photos' embeddings, imported with
+# `indexer import-vectors` and measured beside a 10,000-product catalog, to bench/scale.json and scale.png.
+N ?= 1000000
+bench-scale: weights migrate
+	$(PY) -m bench.scale --products $(N)
+
+# Searches under concurrent re-indexing, API writes and a compaction, over PRODUCTS products (real photos
+# plus synthetic vectors): 0 errors and 0 wrong results, to bench/soak.json.
+PRODUCTS ?= 100000
 soak: weights migrate
-	$(PY) -m bench.soak $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
+	$(PY) -m bench.soak --products $(PRODUCTS) $(if $(CATALOG),--catalog "$(CATALOG)") \
+	  $(if $(METADATA),--metadata "$(METADATA)")
 
 # Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
 eval: weights migrate

@@ -3,6 +3,7 @@ through the API and a compaction rebuilds the base; the acceptance is zero faile
 wrong results.
 
     python -m bench.soak --catalog ../shared/datasets/grocery-store --metadata catalog.csv
+    python -m bench.soak --products 100000     # the same, over 100,000 products (synthetic vectors)
 
 Loopback only, bounded in time and requests. A result is wrong when its sku was never in the
 catalog nor written, was deleted through the API before the search was sent, or left the
@@ -54,6 +55,17 @@ def index(catalog: Path, metadata: Path, env: dict) -> None:
     indexer_command(["index", "--catalog", str(catalog), "--metadata", str(metadata), "--quiet"], env)
 
 
+def synthetic_products(catalog: Path, rows: list[dict], count: int, folder: Path):
+    """`count` products whose vectors are clustered around the embeddings of some of the catalog's photos."""
+    from bench.synthetic import embed_photos, generate, real_photos
+    from indexer.config import load_settings
+    from indexer.model import load_embedder
+
+    _, photos = real_photos(200, catalog, seed=0)
+    anchors = embed_photos(load_embedder(load_settings()), photos, progress=False)
+    return generate(folder, count, anchors, [p.category for p in photos], seed=0, progress=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -62,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--writes", type=int, default=120)
     parser.add_argument("--seconds", type=float, default=60.0, help="upper bound on the search load's duration")
+    parser.add_argument("--products", type=int, default=0,
+                        help="bring the catalog up to this many products with synthetic vectors around the "
+                             "photos' embeddings (bench.synthetic), imported with import-vectors")  # fmt: skip
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "soak.json"))
     args = parser.parse_args(argv)
     catalog = Path(args.catalog)
@@ -76,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         write_catalog(first, tmp / "first.csv")
         write_catalog(second, tmp / "second.csv")
         index(catalog, tmp / "first.csv", env)
-        with running_server(env) as server:
+        if args.products > len(first):
+            synthetic = synthetic_products(catalog, first, args.products - len(first), tmp / "synthetic")
+            indexer_command(["import-vectors", "--vectors", str(synthetic.vectors), "--products",
+                             str(synthetic.products), "--quiet"], env)  # fmt: skip
+        with running_server(env, timeout=300) as server:
             report = soak(server.url, catalog, tmp, env, photos, first, second, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -167,19 +186,21 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
     seconds = time.monotonic() - started
 
     known = {row["sku"] for row in first} | {row["sku"] for row in second} | set(events["written"])
+    synthetic = args.products > len(first)  # synthetic skus (syn-0000001) stay in the catalog throughout
     removed = {row["sku"] for row in first} - {row["sku"] for row in second}
     wrong = []
     for sent, _, _, skus in searches:
         for sku in skus:
             deleted_at = events["deleted"].get(sku)
             if (
-                sku not in known
+                (sku not in known and not (synthetic and sku.startswith("syn-")))
                 or (deleted_at is not None and deleted_at < sent)
                 or (sku in removed and events["reindexed_at"] is not None and events["reindexed_at"] < sent)
             ):
                 wrong.append({"sku": sku, "sent": round(sent - started, 3)})  # fmt: skip
     latencies = [latency * 1000 for _, latency, status, _ in searches if status == 200]
     return {
+        "products": max(args.products, len(first)),
         "clients": args.clients,
         "seconds": round(seconds, 1),
         "searches": len(searches),

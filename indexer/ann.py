@@ -334,7 +334,7 @@ def tune(
         )
 
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(count, size=min(queries, count), replace=False))
+    rows = np.sort(rng.choice(count, size=min(max(queries, 1), count), replace=False))
     ids = np.asarray(ids, dtype=np.int64)
     query_vectors = np.ascontiguousarray(vectors[rows], dtype=np.float32)
     kth_best = _exact_kth_scores(query_vectors, rows, vectors, k)

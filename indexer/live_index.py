@@ -17,9 +17,12 @@ from indexer.ann import candidates
 from indexer.segments import NO_CATEGORY, BaseSegment
 from indexer.store import Changes
 
-# A filter that leaves at most this many base vectors is answered by an exact scan of just those vectors:
+# A category of at most this many base vectors is scanned exactly: it is one contiguous block of the base, and
 # approximate structures lose recall when few of the vectors they visit qualify.
 EXACT_LIMIT = 20_000
+# Scattered rows (a price range) cost ~7x more per row to gather than a block to scan, so only this few are
+# gathered and scored exactly; more go through the approximate structure with a selector.
+GATHER_LIMIT = 2_000
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,11 @@ class LiveIndex:
         matches = (end - start) if ok is None else int(ok.sum())
         if matches == 0:
             return _NONE
-        if base.ann is None or matches <= EXACT_LIMIT:
+        if base.ann is None or (code is not None and end - start <= EXACT_LIMIT):
             return self._exact(query, count, start, end, ok)
+        if matches <= GATHER_LIMIT:
+            rows = start + np.flatnonzero(ok)
+            return _top(base.ids[rows], base.vectors[rows] @ query, count)
         selector = bitmap = None
         if ok is not None or code is not None:
             selector, bitmap = self._selector(state, (code, filters.min_price, filters.max_price), start, end, ok)
@@ -215,8 +221,10 @@ class LiveIndex:
         return _top(base.ids[rows], base.vectors[rows] @ query, count)
 
     def _exact(self, query: np.ndarray, count: int, start: int, end: int, ok: np.ndarray | None):
+        """Score rows start..end exactly: the whole block with the rows that fail masked out, or, when only a
+        few pass, just those (gathering a row costs about seven times scanning one)."""
         base = self.base
-        if ok is not None and ok.sum() < (end - start) / 4:
+        if ok is not None and ok.sum() * 7 < end - start:
             rows = start + np.flatnonzero(ok)
             return _top(base.ids[rows], base.vectors[rows] @ query, count)
         scores = base.vectors[start:end] @ query

@@ -168,8 +168,8 @@ class Store:
                     Product.price,
                 )
                 .join(Product)
+                # no ORDER BY: SQLite would walk the whole table in id order instead of the change index
                 .where(ProductImage.change > seen)
-                .order_by(ProductImage.id)
             ).all()
         live = [r for r in rows if not r[1] and r[2] == model_key]
         removed = np.array([r[0] for r in rows if r[1]], dtype=np.int64)
