@@ -27,17 +27,40 @@ class CatalogError(ValueError):
 
 
 @dataclass(frozen=True)
-class CatalogImage:
-    """One product photo and the metadata of the product it shows."""
+class ProductFields:
+    """A product as a catalog file, an import or the write API describes it (one record shape for all)."""
 
     sku: str
-    rel_path: str
-    path: Path
     title: str
     category: str | None = None
     price: float | None = None
     url: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
+
+    def shown(self) -> tuple:
+        """The fields a search result shows, besides the sku."""
+        return (self.title, self.category, self.price, self.url)
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    """One product photo and the product it shows."""
+
+    rel_path: str
+    path: Path
+    product: ProductFields
+
+    @property
+    def sku(self) -> str:
+        return self.product.sku
+
+    @property
+    def title(self) -> str:
+        return self.product.title
+
+    @property
+    def category(self) -> str | None:
+        return self.product.category
 
 
 @dataclass
@@ -81,13 +104,8 @@ def _images_from_folder(root: Path):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not _hidden(path, root):
             rel = path.relative_to(root)
             category = rel.parent.name or None
-            yield CatalogImage(
-                sku=rel.with_suffix("").as_posix(),
-                rel_path=rel.as_posix(),
-                path=path,
-                title=path.stem.replace("_", " ").replace("-", " "),
-                category=category,
-            )
+            title = path.stem.replace("_", " ").replace("-", " ")
+            yield CatalogImage(rel.as_posix(), path, ProductFields(rel.with_suffix("").as_posix(), title, category))
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -153,14 +171,16 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
         price = _price(row.get("price", ""), where, problems)
         images.append(
             CatalogImage(
-                sku=sku,
                 rel_path=rel,
                 path=path,
-                title=row.get("title") or sku,
-                category=row.get("category") or None,
-                price=price,
-                url=row.get("url") or None,
-                attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
+                product=ProductFields(
+                    sku=sku,
+                    title=row.get("title") or sku,
+                    category=row.get("category") or None,
+                    price=price,
+                    url=row.get("url") or None,
+                    attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
+                ),
             )
         )
     return images

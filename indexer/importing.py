@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.catalog import CatalogError, parse_price
+from indexer.catalog import CatalogError, ProductFields, parse_price
 from indexer.compaction import CompactionReport
 from indexer.config import Settings
 from indexer.indexing import compact_if_due
 from indexer.locking import write_lock
 from indexer.model import Embedder, l2_normalize
-from indexer.store import IMPORT, ImageVector, ProductFields, Store
+from indexer.store import IMPORT, ImageVector, Store
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")

@@ -28,7 +28,7 @@ from indexer.config import Settings
 from indexer.images import ImageError, load_pixels
 from indexer.locking import write_lock
 from indexer.model import Embedder
-from indexer.store import ImageVector, KnownFile, ProductFields, Store
+from indexer.store import ImageVector, KnownFile, Store
 
 
 @dataclass
@@ -186,7 +186,7 @@ def index_catalog(
         # While the first batches are embedded: every product's metadata, which the embeddings' rows
         # point to. Products whose photos all fail are removed again by reconcile_catalog.
         with write_lock(settings.data_dir):
-            product_ids = store.upsert_products(_product_fields(image) for image in scan.images)
+            product_ids = store.upsert_products(image.product for image in scan.images)
         bar = tqdm(total=len(scan.images), desc="Indexing", unit="img", disable=not progress)
         for batch in results:
             for image, problem in batch.failures:
@@ -227,10 +227,6 @@ def compact_if_due(
     from indexer.segments import read_manifest
 
     return None, store.pending_changes(int((read_manifest(settings.index_dir) or {}).get("built_through", 0)))
-
-
-def _product_fields(image: CatalogImage) -> ProductFields:
-    return ProductFields(image.sku, image.title, image.category, image.price, image.url, dict(image.attributes))
 
 
 def _image_vectors(batch: CheckedBatch, product_ids: dict[str, int]) -> list[ImageVector]:

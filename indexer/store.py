@@ -8,7 +8,7 @@ Writers hold `indexer.locking.write_lock`; readers never block them (SQLite WAL)
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 
+from indexer.catalog import ProductFields
 from indexer.config import Settings
 from indexer.schema import LIVE, Product, ProductImage, StoreState, make_engine, migrate, schema_behind
 
@@ -33,31 +34,6 @@ class ProductRow(NamedTuple):
     category: str | None
     price: float | None
     url: str | None
-
-
-@dataclass(frozen=True)
-class ProductFields:
-    """A product as a catalog file, an import or the write API describes it."""
-
-    sku: str
-    title: str
-    category: str | None = None
-    price: float | None = None
-    url: str | None = None
-    attributes: dict[str, str] = field(default_factory=dict)
-
-    def shown(self) -> tuple:
-        return (self.title, self.category, self.price, self.url)
-
-
-@dataclass(frozen=True)
-class ProductDetails:
-    sku: str
-    title: str
-    category: str | None
-    price: float | None
-    url: str | None
-    attributes: dict
 
 
 class KnownFile(NamedTuple):
@@ -220,14 +196,14 @@ class Store:
             rows = connection.execute(_RESULT_ROWS, {"ids": image_ids}).all()
         return {row[0]: ProductRow(*row[1:]) for row in rows}
 
-    def product(self, sku: str) -> ProductDetails | None:
+    def product(self, sku: str) -> ProductFields | None:
         with self.engine.connect() as connection:
             row = connection.execute(
                 select(Product.sku, Product.title, Product.category, Product.price, Product.url, Product.attributes)
                 .where(Product.sku == sku, Product.id.in_(_live_product_ids()))
                 .limit(1)
             ).first()
-        return None if row is None else ProductDetails(*row[:5], attributes=row[5] or {})
+        return None if row is None else ProductFields(*row[:5], attributes=row[5] or {})
 
     def image_path(self, sku: str) -> str | None:
         """The stored file of a product's first live image."""

@@ -16,13 +16,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexer.catalog import ProductFields
 from indexer.compaction import compaction_due
 from indexer.config import REPO_ROOT, Settings
 from indexer.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.locking import compaction_running
 from indexer.model import Embedder
 from indexer.segments import load_base, manifest_stamp, remove_unused_bases
-from indexer.store import ProductDetails, Store
+from indexer.store import Store
 from service.product_rows import ProductRows
 
 # Several images of one product collapse into one result, so fetch a few more neighbours.
@@ -253,7 +254,7 @@ class CatalogSearch:
 
     # --- catalog lookups ---------------------------------------------------------------------------
 
-    def product(self, sku: str) -> ProductDetails:
+    def product(self, sku: str) -> ProductFields:
         product = self.store.product(sku)
         if product is None:
             raise UnknownProduct(sku)

@@ -18,9 +18,9 @@ from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
 from werkzeug.exceptions import Forbidden, Unauthorized
 
-from indexer.catalog import parse_price
+from indexer.catalog import ProductFields, parse_price
 from indexer.locking import write_lock
-from indexer.store import API, ImageVector, ProductFields
+from indexer.store import API, ImageVector
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import embed_upload, read_upload

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer.catalog import CatalogError, CatalogImage, read_metadata, scan_catalog
+from indexer.catalog import CatalogError, CatalogImage, ProductFields, read_metadata, scan_catalog
 
 
 def photo(root: Path, rel: str, colour=(200, 30, 30)) -> Path:
@@ -65,9 +65,9 @@ def test_folder_sku_is_relative_path_without_extension_and_category_is_parent_fo
     assert runner.path == (shop / "shoes/red_runner.jpg").resolve()
     assert runner.path.is_file()
     assert runner.title == "red runner"
-    assert runner.price is None
-    assert runner.url is None
-    assert runner.attributes == {}
+    assert runner.product.price is None
+    assert runner.product.url is None
+    assert runner.product.attributes == {}
     assert images["shoes/blue-boot.png"].title == "blue boot"
     satchel = images["bags/leather/satchel.jpeg"]
     assert (satchel.sku, satchel.category) == ("bags/leather/satchel", "leather")
@@ -153,13 +153,9 @@ def test_products_csv_in_the_folder_is_used_by_default(shop):
     assert scan.problems == []
     assert scan.images == [
         CatalogImage(
-            sku="R1",
             rel_path="shoes/red_runner.jpg",
             path=(shop / "shoes/red_runner.jpg").resolve(),
-            title="Red runner",
-            category="running",
-            price=59.9,
-            url="https://shop.example/r1",
+            product=ProductFields("R1", "Red runner", "running", 59.9, "https://shop.example/r1"),
         )
     ]
 
@@ -179,9 +175,9 @@ def test_products_jsonl_in_the_folder_is_used_by_default(shop):
     images = by_path(scan.images)
     assert sorted(images) == ["bags/leather/satchel.jpeg", "bags/tote.webp"]
     tote = images["bags/tote.webp"]
-    assert (tote.sku, tote.title, tote.price, tote.category) == ("T1", "Canvas tote", 12.5, None)
+    assert (tote.sku, tote.title, tote.product.price, tote.category) == ("T1", "Canvas tote", 12.5, None)
     satchel = images["bags/leather/satchel.jpeg"]
-    assert (satchel.sku, satchel.title, satchel.price, satchel.category) == ("S1", "S1", None, "leather goods")
+    assert (satchel.sku, satchel.title, satchel.product.price, satchel.category) == ("S1", "S1", None, "leather goods")
 
 
 def test_jsonl_numbers_become_strings_and_skus(shop):
@@ -189,7 +185,7 @@ def test_jsonl_numbers_become_strings_and_skus(shop):
 
     (image,) = scan_catalog(shop).images
 
-    assert (image.sku, image.price, image.attributes) == ("1042", 3.0, {"stock": "7"})
+    assert (image.sku, image.product.price, image.product.attributes) == ("1042", 3.0, {"stock": "7"})
 
 
 def test_csv_is_preferred_when_both_metadata_files_exist(shop):
@@ -238,7 +234,7 @@ def test_extra_columns_become_attributes_and_empty_ones_are_dropped(shop):
 
     (image,) = scan_catalog(shop).images
 
-    assert image.attributes == {"colour": "red", "size": "42"}
+    assert image.product.attributes == {"colour": "red", "size": "42"}
 
 
 def test_csv_values_are_stripped_of_surrounding_spaces(shop):
@@ -246,7 +242,8 @@ def test_csv_values_are_stripped_of_surrounding_spaces(shop):
 
     (image,) = scan_catalog(shop).images
 
-    assert (image.sku, image.rel_path, image.title, image.price) == ("R1", "shoes/red_runner.jpg", "Runner", 10.0)
+    assert (image.sku, image.rel_path, image.title) == ("R1", "shoes/red_runner.jpg", "Runner")
+    assert image.product.price == 10.0
 
 
 @pytest.mark.parametrize(("text", "price"), [("59.90", 59.9), ("0", 0.0), ("1e3", 1000.0), ("", None)])
@@ -256,7 +253,7 @@ def test_valid_prices_are_parsed(shop, text, price):
     scan = scan_catalog(shop)
 
     assert scan.problems == []
-    assert scan.images[0].price == price
+    assert scan.images[0].product.price == price
 
 
 @pytest.mark.parametrize("text", ["$12.99", "12,99", "cheap", "nan", "inf", "-inf", "1e999"])
@@ -266,7 +263,7 @@ def test_bad_price_is_reported_and_the_product_is_kept_without_a_price(shop, tex
     scan = scan_catalog(shop)
 
     assert [image.sku for image in scan.images] == ["R1"]
-    assert scan.images[0].price is None
+    assert scan.images[0].product.price is None
     assert len(scan.problems) == 1
     assert "line 2" in scan.problems[0]
     assert "price" in scan.problems[0]

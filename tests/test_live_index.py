@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 
 from indexer.ann import FLAT_LIMIT
-from indexer.catalog import CatalogError
+from indexer.catalog import CatalogError, ProductFields
 from indexer.compaction import compact
 from indexer.config import REPO_ROOT
 from indexer.importing import import_vectors
 from indexer.live_index import Filters
 from indexer.model import l2_normalize
 from indexer.segments import load_base, read_manifest, remove_unused_bases
-from indexer.store import ImageVector, ProductFields, Store
+from indexer.store import ImageVector, Store
 from service import create_app
 from tests.conftest import live_index
 
