@@ -3,7 +3,7 @@
 #
 #   make demo                                   build, index and serve the Fashion-MNIST demo
 #   make test                                   run the test suite
-#   make index CATALOG=<folder> [METADATA=<csv or jsonl>]
+#   make index CATALOG=<folder> [METADATA=<csv or jsonl>] [ADD=1 | PRUNE=1]
 #   make serve [PORT=8000]
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
 #   make bench-scale [N=1000000]                  N synthetic products beside 10,000 at scale, to bench/
@@ -46,7 +46,8 @@ migrate: venv
 
 index: weights migrate
 	@test -n "$(CATALOG)" || { echo "usage: make index CATALOG=<folder of product photos> [METADATA=<csv or jsonl>]"; exit 2; }
-	$(PY) -m indexer index --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)")
+	$(PY) -m indexer index --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
+	  $(if $(ADD),--add) $(if $(PRUNE),--prune)
 
 serve: weights migrate
 	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'

@@ -20,7 +20,7 @@ from indexer.weights import WeightsError
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.indexing import index_catalog
+    from indexer.indexing import PruneNeeded, index_catalog
     from indexer.model import load_embedder
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
@@ -32,7 +32,13 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     settings = settings.sharing_cores(settings.embed_workers)
     embedder = load_embedder(settings, concurrency=settings.embed_workers)
-    report = index_catalog(settings, embedder, catalog, metadata, progress=not args.quiet)
+    try:
+        report = index_catalog(
+            settings, embedder, catalog, metadata, progress=not args.quiet, add_only=args.add, prune=args.prune
+        )
+    except PruneNeeded as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 3
     print(report.summary())
     if report.indexed == 0:
         print("warning: nothing is searchable: the catalog has no readable images.", file=sys.stderr)
@@ -129,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="embed a catalog folder and publish its search index")
     index.add_argument("--catalog", help="folder of product photos (default: catalog.path in config)")
     index.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
+    index.add_argument("--add", action="store_true", help="add and update only: remove nothing (new photos)")
+    index.add_argument(
+        "--prune", action="store_true", help="remove the folder's products whose photos are gone, however many"
+    )
     index.add_argument("--quiet", action="store_true", help="no progress bars")
     index.set_defaults(run=cmd_index)
 

@@ -30,6 +30,13 @@ from indexer.locking import write_lock
 from indexer.model import Embedder
 from indexer.store import ImageVector, KnownFile, Store
 
+# A run that would remove more than this fraction of its folder's images stops and asks for --prune.
+MOST_REMOVED = 0.2
+
+
+class PruneNeeded(RuntimeError):
+    """The run would remove a large part of the folder's products; the message lists a sample."""
+
 
 @dataclass
 class IndexReport:
@@ -169,8 +176,14 @@ def index_catalog(
     *,
     store: Store | None = None,
     progress: bool = True,
+    add_only: bool = False,
+    prune: bool = False,
 ) -> IndexReport:
-    """Bring the store (and so every server) in line with the catalog folder; compact when due."""
+    """Bring the store (and so every server) in line with the catalog folder; compact when due.
+
+    Products belong to the folder they were indexed from: a run removes only products of its own folder
+    whose photos are gone, none with `add_only`, and stops with PruneNeeded (having added and updated, but
+    removed nothing) when it would remove more than MOST_REMOVED of them, unless `prune`."""
     started = time.perf_counter()
     catalog_dir = Path(catalog_dir or settings.catalog_dir)
     scan: CatalogScan = scan_catalog(catalog_dir, metadata or settings.metadata_path)
@@ -210,7 +223,18 @@ def index_catalog(
         if image.rel_path not in failed
     }
     with write_lock(settings.data_dir):
-        report.removed = store.reconcile_catalog(keep)
+        reconciled = store.reconcile_catalog(
+            keep, str(scan.root), remove=not add_only, most_removed=None if prune else MOST_REMOVED
+        )
+    if reconciled.refused:
+        sample = "\n".join(f"  - {path}" for path in reconciled.sample)
+        raise PruneNeeded(
+            f"this run would remove {reconciled.refused} of the {reconciled.in_folder} images indexed from "
+            f"{scan.root} (more than {MOST_REMOVED:.0%}), for example:\n{sample}\n"
+            "Nothing was removed. If these photos really left the catalog, run again with --prune "
+            "(make index PRUNE=1); to only add new photos, use --add (make index ADD=1)."
+        )
+    report.removed = reconciled.removed
     report.compaction, report.pending = compact_if_due(settings, store, embedder, progress=progress)
     report.indexed, report.products = store.counts()
     report.seconds = time.perf_counter() - started

@@ -203,11 +203,8 @@ class LiveIndex:
         matches = (end - start) if ok is None else int(ok.sum())
         if matches == 0:
             return _NONE
-        if base.ann is None or (code is not None and end - start <= EXACT_LIMIT):
+        if base.ann is None or matches <= GATHER_LIMIT or (code is not None and end - start <= EXACT_LIMIT):
             return self._exact(query, count, start, end, ok)
-        if matches <= GATHER_LIMIT:
-            rows = start + np.flatnonzero(ok)
-            return _top(base.ids[rows], base.vectors[rows] @ query, count)
         selector = bitmap = None
         if ok is not None or code is not None:
             selector, bitmap = self._selector(state, (code, filters.min_price, filters.max_price), start, end, ok)

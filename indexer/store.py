@@ -59,6 +59,17 @@ class ImageVector:
     mtime_ns: int | None = None
 
 
+@dataclass(frozen=True)
+class Reconciled:
+    """What reconciling a catalog folder did: rows tombstoned, the folder's rows, a sample of the removed
+    paths, and, when it refused, how many it would have removed."""
+
+    removed: int
+    in_folder: int
+    sample: list[str]
+    refused: int = 0
+
+
 @dataclass
 class Changes:
     """Rows changed after some change number: live vectors of one model to add or replace, and ids to drop."""
@@ -393,21 +404,35 @@ class Store:
                 [{"rp": rel_path, "size": size, "mtime": mtime} for rel_path, size, mtime in stats],
             )
 
-    def reconcile_catalog(self, keep: dict[str, tuple[int, str]]) -> int:
-        """Tombstone live catalog rows not in `keep` (rel_path -> (product id, absolute path)); re-point kept
-        rows whose product or path changed. Returns the rows tombstoned."""
+    def reconcile_catalog(
+        self, keep: dict[str, tuple[int, str]], root: str, *, remove: bool = True, most_removed: float | None = None
+    ) -> Reconciled:
+        """Bring the catalog rows of folder `root` in line with `keep` (rel_path -> (product id, absolute path)):
+        re-point kept rows whose product or path changed (a moved catalog keeps its rows and ids), and, when
+        `remove`, tombstone the folder's live rows not in `keep`. Rows of other folders are never removed. When
+        more than `most_removed` (a fraction) of the folder's rows would go, nothing changes and the result says
+        so (`refused`)."""
+        inside = root.rstrip("/") + "/"
         with self.engine.begin() as connection:
-            stale, moved = [], []
+            stale, stale_paths, moved, in_folder = [], [], [], 0
             rows = connection.execute(
                 select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id, ProductImage.path).where(
                     ProductImage.source == CATALOG, LIVE
                 )
             )
             for row_id, rel_path, product_id, path in rows:
-                if rel_path not in keep:
-                    stale.append(row_id)
-                elif keep[rel_path] != (product_id, path):
-                    moved.append({"row_id": row_id, "product_id": keep[rel_path][0], "path": keep[rel_path][1]})
+                if rel_path in keep:
+                    if keep[rel_path] != (product_id, path):
+                        moved.append({"row_id": row_id, "product_id": keep[rel_path][0], "path": keep[rel_path][1]})
+                elif path.startswith(inside):
+                    in_folder += 1
+                    if remove:
+                        stale.append(row_id)
+                        stale_paths.append(rel_path)
+            in_folder += len(keep)
+            result = Reconciled(len(stale), in_folder, sorted(stale_paths)[:10])
+            if most_removed is not None and len(stale) > most_removed * in_folder:
+                return Reconciled(0, in_folder, result.sample, refused=len(stale))
             if stale or moved:
                 change = self._next_change(connection)
                 now = datetime.now(UTC)
@@ -423,7 +448,7 @@ class Store:
             # Products of this run none of whose photos could be read (the API writes a product and its image
             # in one transaction, so it never leaves one without).
             connection.execute(delete(Product).where(~Product.id.in_(select(ProductImage.product_id))))
-        return len(stale)
+        return result
 
     def put_product(
         self, product: ProductFields, image: ImageVector, model_key: str, source: str = API

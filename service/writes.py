@@ -12,10 +12,13 @@ import hashlib
 import hmac
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.catalog import ProductFields, parse_price
@@ -24,7 +27,7 @@ from indexer.store import API, ImageVector
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import embed_upload, read_upload
-from service.search import UnknownProduct
+from service.search import NotReady, UnknownProduct
 
 FIELDS = ("title", "category", "price", "url")
 MAX_SKU = 512
@@ -71,10 +74,32 @@ def _store_photo(data: bytes, image_format: str) -> Path:
     return path
 
 
+@contextmanager
+def _saving() -> Iterator[None]:
+    """A change that cannot be saved (a full or failing disk, a database error) is a 503 with the reason;
+    the store's transaction rolled back, so nothing was changed and the caller can retry."""
+    try:
+        yield
+    except (OSError, SQLAlchemyError) as exc:
+        current_app.logger.error("write failed, nothing changed: %s", exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise NotReady(f"the change could not be saved ({reason}); nothing was changed, try again later") from None
+
+
 def _visible() -> dict:
-    """Apply the change in this server before answering, and say what searches now see."""
+    """Apply the change in this server before answering, and say what searches now see. A change that is
+    saved but cannot be applied here yet is a 503 saying so: it becomes searchable once the server can."""
     search = catalog_search()
-    view = search.current()
+    try:
+        view = search.current()
+    except NotReady:
+        raise
+    except Exception as exc:
+        current_app.logger.exception("a saved change could not be applied yet")
+        raise NotReady(
+            f"the change is saved, but this server could not apply it yet ({type(exc).__name__}); "
+            "it becomes searchable as soon as the server can"
+        ) from None
     return {"index_version": view.version, "items": len(view.live), "change": view.live.seen}
 
 
@@ -95,17 +120,18 @@ def put_product(sku: str):
         url=fields["url"] or None,
         attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
     )
-    path = _store_photo(data, image_format)
-    image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vector)
-    with write_lock(search.settings.data_dir):
-        created, _ = search.store.put_product(product, image, search.embedder.identity.key, source=API)
+    with _saving():
+        path = _store_photo(data, image_format)
+        image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vector)
+        with write_lock(search.settings.data_dir):
+            created, _ = search.store.put_product(product, image, search.embedder.identity.key, source=API)
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
 
 @writes.delete("/api/products/<path:sku>")
 def delete_product(sku: str):
     search = catalog_search()
-    with write_lock(search.settings.data_dir):
+    with _saving(), write_lock(search.settings.data_dir):
         # tombstones: a request still holding an older state can resolve every id it found
         change = search.store.delete_product(sku)
     if change is None:

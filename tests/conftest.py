@@ -116,3 +116,15 @@ def live_index(settings: Settings, embedder) -> LiveIndex:
     live = LiveIndex(base)
     live.apply(Store.open(settings).changes_since(base.built_through, embedder.identity.key, embedder.identity.dim))
     return live
+
+
+def subprocess_config(folder: Path, **replacements: str) -> Path:
+    """config.toml for a command or server the test starts: the plain ImageNet model (whatever `make finetune`
+    activated here) and this checkout's models, plus any text replacements."""
+    text = (REPO_ROOT / "config.toml").read_text().replace("use_finetuned = true", "use_finetuned = false")
+    text = text.replace('models_dir = "models"', f'models_dir = "{REPO_ROOT / "models"}"')
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    path = folder / "config.toml"
+    path.write_text(text)
+    return path

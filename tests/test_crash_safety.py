@@ -15,7 +15,7 @@ import pytest
 
 from indexer.config import REPO_ROOT
 from indexer.segments import load_base
-from tests.conftest import read_csv
+from tests.conftest import read_csv, subprocess_config
 
 PHOTOS = 160
 
@@ -28,10 +28,8 @@ def catalog(grocery, tmp_path_factory):
     metadata.write_text("sku,image,title,category\n" + "".join(
         f"{r['sku']},{r['image']},{r['title']},{r['category']}\n" for r in rows
     ))  # fmt: skip
-    config = folder / "config.toml"
     # Small batches, so that a run commits many times and a kill can land between commits.
-    config.write_text((REPO_ROOT / "config.toml").read_text().replace("batch_size = 32", "batch_size = 4")
-                      .replace('models_dir = "models"', f'models_dir = "{REPO_ROOT / "models"}"'))  # fmt: skip
+    config = subprocess_config(folder, **{"batch_size = 32": "batch_size = 4"})
     return grocery, metadata, config
 
 

@@ -186,3 +186,36 @@ def test_removed_images_stay_resolvable_until_a_compaction_purges_them(settings,
     compact(settings, store, embedder)
     assert store.purge_tombstones(built_through(), timedelta(seconds=0)) == 1
     assert store.product("space/rocket") is None
+
+
+def test_indexing_another_folder_adds_its_products_and_removes_none(settings, embedder, skimage_catalog, tmp_path):
+    run(settings, embedder, skimage_catalog)
+    new_photos = tmp_path / "new-photos" / "space"
+    new_photos.mkdir(parents=True)
+    skimage_photo("hubble_deep_field").save(new_photos / "hubble.png")
+    skimage_photo("coffee").rotate(90).save(new_photos / "cup.jpg")
+    report = run(settings, embedder, tmp_path / "new-photos")
+    assert (report.embedded, report.removed, report.indexed) == (2, 0, 8)
+    assert len(live_index(settings, embedder)) == 8
+
+
+def test_add_only_never_removes_and_a_later_full_run_does(settings, embedder, skimage_catalog):
+    run(settings, embedder, skimage_catalog)
+    (skimage_catalog / "medical" / "retina.jpg").unlink()
+    report = index_catalog(settings, embedder, skimage_catalog, progress=False, add_only=True)
+    assert (report.removed, report.indexed) == (0, 6)
+    assert run(settings, embedder, skimage_catalog).removed == 1
+
+
+def test_a_run_that_would_remove_over_a_fifth_of_its_folder_stops_until_pruned(settings, embedder, skimage_catalog):
+    from indexer.indexing import PruneNeeded
+
+    run(settings, embedder, skimage_catalog)
+    (skimage_catalog / "people" / "astronaut.jpg").unlink()
+    (skimage_catalog / "people" / "camera.jpg").unlink()  # 2 of 6: a mistyped path or a half-copied folder
+    with pytest.raises(PruneNeeded, match=r"(?s)remove 2 of the 6 images.*people/astronaut.jpg.*--prune"):
+        run(settings, embedder, skimage_catalog)
+    assert len(live_index(settings, embedder)) == 6  # nothing was removed
+    report = index_catalog(settings, embedder, skimage_catalog, progress=False, prune=True)
+    assert (report.removed, report.indexed) == (2, 4)
+    assert "people/astronaut.jpg" not in indexed_paths(settings)

@@ -29,7 +29,7 @@ from indexer.model import l2_normalize
 from indexer.segments import load_base, read_manifest, remove_unused_bases
 from indexer.store import ImageVector, Store
 from service import create_app
-from tests.conftest import live_index
+from tests.conftest import live_index, subprocess_config
 
 COUNT = 24_000
 CATEGORIES = 40
@@ -183,13 +183,7 @@ def test_sigkill_during_compaction_leaves_the_old_base_and_a_rerun_gives_the_sam
     queries = clustered_vectors(20, seed=5)[0]
     before = [list(live_index(settings, embedder).search(q, 10)[0]) for q in queries]
     old_manifest = read_manifest(settings.index_dir)
-    config = tmp_path / "config.toml"
-    config.write_text(
-        (REPO_ROOT / "config.toml")
-        .read_text()
-        .replace("use_finetuned = true", "use_finetuned = false")
-        .replace('models_dir = "models"', f'models_dir = "{REPO_ROOT / "models"}"')
-    )
+    config = subprocess_config(tmp_path)
     env = {**os.environ, "SEARCH_CONFIG": str(config)}
     command = [sys.executable, "-m", "indexer", "--data-dir", str(settings.data_dir), "compact", "--quiet"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
