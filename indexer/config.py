@@ -56,6 +56,8 @@ class Settings:
     threads: int = 0
     # The storefront write API (PUT/DELETE /api/products/<sku>) is off while this is empty.
     api_key: str = ""
+    # A server refuses to load a base segment that would take its resident memory past this; 0 = no limit.
+    memory_budget_mb: int = 0
 
     @property
     def embed_workers(self) -> int:
@@ -95,6 +97,18 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def process_memory_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), from Linux's /proc; elsewhere the
+    peak from getrusage."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1]) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _path(base: Path, value: str | os.PathLike[str]) -> Path:
@@ -142,6 +156,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         workers=int(service.get("workers", 1)),
         threads=int(service.get("threads", 0)),
         api_key=env.get("API_KEY") or service.get("api_key", ""),
+        memory_budget_mb=int(env.get("MEMORY_BUDGET_MB") or service.get("memory_budget_mb", 0)),
     )
     settings = replace(settings, **overrides) if overrides else settings
     if model.get("use_finetuned", True) and "finetuned" not in overrides:

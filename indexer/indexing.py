@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from indexer.catalog import CatalogImage, CatalogScan, scan_catalog
 from indexer.compaction import CompactionReport, compact, compaction_due
-from indexer.config import Settings
+from indexer.config import Settings, process_memory_mb
 from indexer.images import ImageError, load_pixels
 from indexer.locking import write_lock
 from indexer.model import Embedder
@@ -238,7 +238,7 @@ def index_catalog(
     report.compaction, report.pending = compact_if_due(settings, store, embedder, progress=progress)
     report.indexed, report.products = store.counts()
     report.seconds = time.perf_counter() - started
-    report.peak_memory_mb = peak_memory_mb()
+    report.peak_memory_mb = process_memory_mb("VmHWM")
     return report
 
 
@@ -266,14 +266,3 @@ def _image_vectors(batch: CheckedBatch, product_ids: dict[str, int]) -> list[Ima
         )
         for image, vector in zip(batch.embedded, batch.vectors, strict=True)
     ]
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

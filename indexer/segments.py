@@ -118,6 +118,21 @@ def _in_use(folder: Path) -> bool:
     return False
 
 
+def resident_estimate_mb(index_dir: Path) -> float:
+    """What loading the current base adds to a server's resident memory: the arrays it reads whole (ids,
+    categories, prices, and an id -> row table) and an approximate structure FAISS cannot memory-map.
+    The vectors themselves are memory-mapped and shared through the page cache."""
+    manifest = read_manifest(index_dir)
+    if manifest is None or "base" not in manifest:
+        return 0.0
+    folder = index_dir / manifest["base"]
+    arrays = sum((folder / f"{name}.npy").stat().st_size for name in ("ids", "category", "price"))
+    ann = folder / "ann.faiss"
+    # IVF lists are memory-mapped; other structures (HNSW graphs, flat codes) are read into memory.
+    in_memory = ann.exists() and not manifest.get("factory", "").upper().startswith("IVF")
+    return (2 * arrays + (ann.stat().st_size if in_memory else 0)) / 1e6
+
+
 @dataclass
 class BaseSegment:
     """One loaded base: vectors memory-mapped (sorted by category, then id), ids, category codes, prices."""

@@ -7,6 +7,7 @@ through any server, or a `make index`, is visible on every server without a rest
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -18,14 +19,15 @@ import numpy as np
 
 from indexer.catalog import ProductFields
 from indexer.compaction import compaction_due
-from indexer.config import REPO_ROOT, Settings
+from indexer.config import REPO_ROOT, Settings, process_memory_mb
 from indexer.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.locking import compaction_running
 from indexer.model import Embedder
-from indexer.segments import load_base, manifest_stamp, remove_unused_bases
+from indexer.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
 from indexer.store import Store
 from service.product_rows import ProductRows
 
+log = logging.getLogger(__name__)
 # Several images of one product collapse into one result, so fetch a few more neighbours.
 OVERFETCH = 3
 
@@ -121,6 +123,12 @@ class CatalogSearch:
                 self._start_compaction()
 
     def _load(self) -> IndexView | None:
+        if refusal := self._over_budget():
+            log.error(refusal)
+            if self._view is not None:
+                return self._view  # keep serving the base it has, with every change applied
+            self._problem = refusal
+            return None
         base = load_base(self.settings.index_dir)
         if base is None:
             self._problem = (
@@ -143,7 +151,24 @@ class CatalogSearch:
         self._problem = None
         return IndexView(LiveIndex(base), ProductRows(self.store), self._stamp)
 
+    def _over_budget(self) -> str | None:
+        """Why the current base must not be loaded (it would take this server past service.memory_budget_mb),
+        or None. Checked before loading: better a clear refusal than the kernel's out-of-memory killer."""
+        budget = self.settings.memory_budget_mb
+        if not budget:
+            return None
+        needed, resident = resident_estimate_mb(self.settings.index_dir), process_memory_mb()
+        if resident + needed <= budget:
+            return None
+        return (
+            f"not loading the index base in {self.settings.index_dir}: it needs about {needed:,.0f} MB on top of "
+            f"the {resident:,.0f} MB this server uses, over service.memory_budget_mb = {budget:,} MB; raise the "
+            "budget (MEMORY_BUDGET_MB) or choose an index.factory that needs less memory"
+        )
+
     def _switch(self, view: IndexView | None) -> None:
+        if view is self._view:
+            return
         old = self._view
         self._view = view
         if old is not None:

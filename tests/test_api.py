@@ -321,3 +321,22 @@ def test_a_database_behind_the_code_gets_503_until_migrated(base_settings, embed
     assert response.status_code == 503 and "make migrate" in response.json["reason"]
     migrate(settings.db_url)
     assert client.get("/readyz").status_code == 200  # no restart needed
+
+
+def test_a_base_over_the_memory_budget_is_refused_and_the_old_one_kept(base_settings, embedder, tmp_path, caplog):
+    from indexer.compaction import compact
+    from indexer.store import Store
+
+    settings = base_settings.with_overrides(data_dir=tmp_path / "data", memory_budget_mb=1_000_000)
+    index_catalog(settings, embedder, write_skimage_catalog(tmp_path / "catalog"), progress=False)
+    app = create_app(settings, embedder)
+    client = app.test_client()
+    served = client.get("/readyz").json["index_version"]
+    app.extensions["catalog_search"].settings = settings.with_overrides(memory_budget_mb=1)  # the catalog outgrew it
+    compact(settings, Store.open(settings), embedder)  # a new base is published
+    with caplog.at_level("ERROR"):
+        status = client.get("/readyz")
+    assert status.status_code == 200 and status.json["index_version"] == served  # still the base it had
+    assert "service.memory_budget_mb = 1 MB" in caplog.text
+    fresh = create_app(settings.with_overrides(memory_budget_mb=1), embedder).test_client().get("/readyz")
+    assert fresh.status_code == 503 and "memory_budget_mb" in fresh.json["reason"]
