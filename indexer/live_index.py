@@ -63,6 +63,7 @@ class _State:
     seen: int
     masked: np.ndarray  # base rows deleted or replaced since the base was built
     masked_count: int
+    masked_ids: np.ndarray  # their image ids
     delta: _Delta
     live_counts: np.ndarray  # live vectors per category code
     # FAISS selectors built for this state (bitmaps over image ids), kept with the bitmaps they point to
@@ -96,6 +97,7 @@ class LiveIndex:
             seen=base.built_through,
             masked=np.zeros(len(base), dtype=bool),
             masked_count=0,
+            masked_ids=np.zeros(0, np.int64),
             delta=_Delta(
                 np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32)
             ),
@@ -134,12 +136,13 @@ class LiveIndex:
             if changes.head <= state.seen:
                 return np.zeros(0, np.int64)
             touched = np.concatenate([changes.ids, changes.removed])
-            masked = state.masked
+            masked, masked_ids = state.masked, state.masked_ids
             rows = self.base.rows_of(touched)
             rows = rows[rows >= 0]
             if len(rows):
                 masked = masked.copy()
                 masked[rows] = True
+                masked_ids = np.union1d(masked_ids, self.base.ids[rows])
             codes = np.array([self._code(name) for name in changes.categories], dtype=np.int32)
             old = state.delta
             keep = ~np.isin(old.ids, touched)
@@ -149,10 +152,10 @@ class LiveIndex:
                 codes=np.concatenate([old.codes[keep], codes]),
                 prices=np.concatenate([old.prices[keep], changes.prices]),
             )
-            masked_count = int(masked.sum()) if len(rows) else state.masked_count
+            masked_count = len(masked_ids)
             live_counts = self._counts(delta.codes) - self._counts(self.base.category_codes[masked])
             live_counts[: len(self._base_counts)] += self._base_counts
-            self._state = _State(changes.head, masked, masked_count, delta, live_counts)
+            self._state = _State(changes.head, masked, masked_count, masked_ids, delta, live_counts)
             return touched
 
     def _code(self, name: str | None) -> int:
@@ -191,30 +194,49 @@ class LiveIndex:
 
     def _search_base(self, state: _State, query: np.ndarray, count: int, filters: Filters, code: int | None):
         base = self.base
-        start, end = 0, len(base)
-        if code is not None:
+        if code is not None:  # one block of rows, within which a price filter is a mask
             if code not in base.blocks:
                 return _NONE
             start, end = base.blocks[code]
-        ok = filters.price_mask(base.prices[start:end])
-        if state.masked_count:
-            live = ~state.masked[start:end]
-            ok = live if ok is None else ok & live
-        matches = (end - start) if ok is None else int(ok.sum())
-        if matches == 0:
-            return _NONE
-        if base.ann is None or matches <= GATHER_LIMIT or (code is not None and end - start <= EXACT_LIMIT):
-            return self._exact(query, count, start, end, ok)
-        selector = bitmap = None
-        if ok is not None or code is not None:
-            selector, bitmap = self._selector(state, (code, filters.min_price, filters.max_price), start, end, ok)
-        found = candidates(base.ann, base.tuning, query, count, selector=selector, widen=len(base) / matches)
-        del bitmap  # FAISS held only a pointer to it during the search
+            ok = filters.price_mask(base.prices[start:end])
+            if state.masked_count:
+                live = ~state.masked[start:end]
+                ok = live if ok is None else ok & live
+            matches = (end - start) if ok is None else int(ok.sum())
+            if matches == 0:
+                return _NONE
+            if base.ann is None or matches <= GATHER_LIMIT or end - start <= EXACT_LIMIT:
+                return self._exact(query, count, start, end, ok)
+            ids = base.ids[start:end] if ok is None else base.ids[start:end][ok]
+            cache_key = None if filters.prices_bounded else code
+            return self._approximate(state, query, count, ids, cache_key)
+        if filters.prices_bounded:  # rows from the price index, without a pass over every price
+            start, end = base.price_range(filters.min_price, filters.max_price)
+            if end - start <= GATHER_LIMIT:
+                rows = np.sort(base.price_order[start:end])  # the memory map read in order
+                rows = rows[~state.masked[rows]]
+                return _top(base.ids[rows], base.vectors[rows] @ query, count) if len(rows) else _NONE
+            if base.ann is None:
+                return self._exact(query, count, 0, len(base), _mask(len(base), base.price_order[start:end], state))
+            return self._approximate(state, query, count, base.ids_by_price[start:end], None)
+        if base.ann is None:
+            return self._exact(query, count, 0, len(base), ~state.masked if state.masked_count else None)
+        return self._approximate(state, query, count, None, "all")
+
+    def _approximate(
+        self, state: _State, query: np.ndarray, count: int, members: np.ndarray | None, cache_key: object
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates from the FAISS structure, restricted to `members` (image ids; None: every live one),
+        re-ranked exactly with the real vectors."""
+        base = self.base
+        selector, keep = self._selector(state, members, cache_key)
+        widen = len(base) / max(1, len(members)) if members is not None else 1.0
+        found = candidates(base.ann, base.tuning, query, count, selector=selector, widen=widen)
+        del keep  # FAISS held only pointers into it during the search
         rows = base.rows_of(found)
         rows = np.unique(rows[rows >= 0])
         if not len(rows):
             return _NONE
-        # exact re-ranking with the real vectors
         return _top(base.ids[rows], base.vectors[rows] @ query, count)
 
     def _exact(self, query: np.ndarray, count: int, start: int, end: int, ok: np.ndarray | None):
@@ -229,19 +251,34 @@ class LiveIndex:
             scores[~ok] = -np.inf
         return _top(base.ids[start:end], scores, count)
 
-    def _selector(
-        self, state: _State, key: tuple, start: int, end: int, ok: np.ndarray | None
-    ) -> tuple[faiss.IDSelector, np.ndarray]:
-        """A FAISS selector over image ids of the qualifying base rows, with the bitmap it points to (keep it
-        alive while searching). Category selectors are kept for this state; price ranges vary per request."""
-        cached = state.selectors.get(key)
-        if cached is not None:
-            return cached
-        ids = self.base.ids[start:end] if ok is None else self.base.ids[start:end][ok]
-        members = np.zeros(len(self.base.row_of_id), dtype=bool)
-        members[ids] = True
-        bitmap = np.packbits(members, bitorder="little")
-        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
-        if key[1] is None and key[2] is None:
-            state.selectors[key] = (selector, bitmap)
-        return selector, bitmap
+    def _selector(self, state: _State, members: np.ndarray | None, cache_key: object) -> tuple[object, object]:
+        """A FAISS selector and what it points into (keep that alive while searching): every live base id but
+        the masked ones (a small hash set), or a bitmap over image ids of `members`. Those of a category, or of
+        the whole base, are kept for this state; price ranges vary per request."""
+        if cache_key is not None and cache_key in state.selectors:
+            return state.selectors[cache_key]
+        if members is None:
+            if not state.masked_count:
+                return None, None
+            masked = state.masked_ids
+            batch = faiss.IDSelectorBatch(len(masked), faiss.swig_ptr(masked))
+            made = (faiss.IDSelectorNot(batch), (batch, masked))
+        else:
+            bits = np.zeros(len(self.base.row_of_id), dtype=bool)
+            bits[members] = True
+            if state.masked_count:
+                bits[state.masked_ids] = False
+            bitmap = np.packbits(bits, bitorder="little")
+            made = (faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap)
+        if cache_key is not None:
+            state.selectors[cache_key] = made
+        return made
+
+
+def _mask(size: int, rows: np.ndarray, state: _State) -> np.ndarray:
+    """Those rows, less the masked ones, as a boolean mask."""
+    mask = np.zeros(size, dtype=bool)
+    mask[rows] = True
+    if state.masked_count:
+        mask &= ~state.masked
+    return mask

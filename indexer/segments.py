@@ -150,6 +150,11 @@ class BaseSegment:
     blocks: dict[int, tuple[int, int]]
     # image id -> row, -1 where absent
     row_of_id: np.ndarray
+    # rows ordered by price (those without a price last) and their prices, so a price range is two binary
+    # searches instead of a pass over every price
+    price_order: np.ndarray
+    sorted_prices: np.ndarray
+    ids_by_price: np.ndarray
     _lock_descriptor: int | None = None
 
     @property
@@ -165,6 +170,15 @@ class BaseSegment:
         rows = np.full(len(image_ids), -1, dtype=np.int64)
         rows[inside] = self.row_of_id[image_ids[inside]]
         return rows
+
+    def price_range(self, low: float | None, high: float | None) -> tuple[int, int]:
+        """[start, end) in price order (price_order, ids_by_price) of the rows whose price is within
+        [low, high] (a bound may be None); rows without a price never are."""
+        prices = self.sorted_prices  # NaN (no price) sorts last, so a search never lands past the priced rows
+        # bounds as float32 like the prices: a float64 bound would make numpy convert every price first
+        start = 0 if low is None else int(np.searchsorted(prices, np.float32(low), side="left"))
+        end = int(np.searchsorted(prices, np.float32(np.inf if high is None else high), side="right"))
+        return start, end
 
     def release(self) -> None:
         if self._lock_descriptor is not None:
@@ -214,5 +228,8 @@ def load_base(index_dir: Path) -> BaseSegment | None:
         tuning=SearchTuning.from_dict(manifest.get("tuning") or {"factory": "Flat"}),
         blocks=blocks,
         row_of_id=row_of_id,
+        price_order=(order := np.argsort(prices, kind="stable")),
+        sorted_prices=prices[order],
+        ids_by_price=ids[order],
         _lock_descriptor=descriptor,
     )

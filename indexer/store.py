@@ -211,7 +211,7 @@ class Store:
         with self.engine.connect() as connection:
             row = connection.execute(
                 select(Product.sku, Product.title, Product.category, Product.price, Product.url, Product.attributes)
-                .where(Product.sku == sku, Product.id.in_(_live_product_ids()))
+                .where(Product.sku == sku, _HAS_LIVE_IMAGE)
                 .limit(1)
             ).first()
         return None if row is None else ProductFields(*row[:5], attributes=row[5] or {})
@@ -267,7 +267,7 @@ class Store:
         """sku -> the product's category, or another metadata column (an attribute)."""
         with self.engine.connect() as connection:
             rows = connection.execute(
-                select(Product.sku, Product.category, Product.attributes).where(Product.id.in_(_live_product_ids()))
+                select(Product.sku, Product.category, Product.attributes).where(_HAS_LIVE_IMAGE)
             ).all()
         if label == "category":
             return {sku: category for sku, category, _ in rows}
@@ -548,8 +548,9 @@ def _product_values(product: ProductFields) -> dict[str, object]:
     }
 
 
-def _live_product_ids():
-    return select(ProductImage.product_id).where(LIVE)
+# A product is live while it has a live image. EXISTS, not IN (SELECT ...): SQLite would materialise the
+# live image ids of the whole catalog (seconds at a million) for a lookup of one product.
+_HAS_LIVE_IMAGE = select(ProductImage.id).where(ProductImage.product_id == Product.id, LIVE).exists()
 
 
 _RESULT_ROWS = (
