@@ -182,29 +182,13 @@ class CatalogSearch:
         server's memory. One at a time (the compaction lock), and only when still due."""
         if self._compactor is not None and self._compactor.poll() is None:
             return
-        if (
-            compaction_running(self.settings.data_dir)
-            or compaction_due(self.settings, self.store, self.embedder) is None
-        ):
+        data_dir = self.settings.data_dir
+        if compaction_running(data_dir) or compaction_due(self.settings, self.store, self.embedder) is None:
             return
-        log = open(self.settings.data_dir / "compaction.log", "ab")  # noqa: SIM115 (the child keeps it)
-        self._compactor = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "indexer",
-                "--data-dir",
-                str(self.settings.data_dir),
-                "compact",
-                "--if-due",
-                "--quiet",
-            ],
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        log.close()
+        # Not --if-due: this server has just checked, with its own settings.
+        command = [sys.executable, "-m", "indexer", "--data-dir", str(data_dir), "compact", "--quiet"]
+        with open(data_dir / "compaction.log", "ab") as log:  # the child keeps its own descriptor
+            self._compactor = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True)
 
     def status(self) -> dict[str, object]:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +15,7 @@ from indexer.schema import ProductImage
 from indexer.segments import load_base, read_manifest
 from indexer.store import Store
 from service import create_app
-from tests.conftest import skimage_photo, write_skimage_catalog
+from tests.conftest import skimage_photo, subprocess_config, write_skimage_catalog
 
 KEY = "s3cret-key-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -148,3 +149,22 @@ def test_make_index_keeps_products_written_through_the_api(setup, embedder):
     assert report.removed == 1 and report.indexed == 6  # 5 catalog photos + the API's
     assert client.get("/api/products/api-only").status_code == 200
     assert client.get("/api/products/space/rocket").status_code == 404
+
+
+def test_a_server_whose_delta_passes_the_threshold_starts_a_compaction(base_settings, embedder, tmp_path, monkeypatch):
+    settings = base_settings.with_overrides(data_dir=tmp_path / "data", api_key=KEY, compact_after=3)
+    index_catalog(settings, embedder, write_skimage_catalog(tmp_path / "catalog"), progress=False)
+    monkeypatch.setenv("SEARCH_CONFIG", str(subprocess_config(tmp_path)))  # what the compaction process reads
+    client = create_app(settings, embedder).test_client()
+    first_base = read_manifest(settings.index_dir)["version"]
+    photos = {f"w-{i}": jpeg("rocket", angle=20 * i + 5) for i in range(3)}
+    for sku, photo in photos.items():
+        assert put(client, sku, photo).status_code == 201
+    deadline = time.monotonic() + 120
+    while read_manifest(settings.index_dir)["version"] == first_base:  # a separate process builds it
+        assert time.monotonic() < deadline, (settings.data_dir / "compaction.log").read_text()[-2000:]
+        time.sleep(0.1)
+    status = client.get("/readyz").json
+    assert status["items"] == 9 and status["delta"] == 0 and status["base"]["items"] == 9
+    for sku, photo in photos.items():
+        assert sku in search(client, photo)
