@@ -1,5 +1,5 @@
-"""One writer at a time per data folder: the indexer's commits and the write API's changes
-take the same lock, so that a published index always matches the rows it was built from."""
+"""Locks per data folder: one writer at a time (the indexer's commits and the write API's changes take
+the same lock, so change numbers follow commit order), and one compaction at a time."""
 
 from __future__ import annotations
 

@@ -66,7 +66,6 @@ class IndexView:
 
     live: LiveIndex
     rows: ProductRows
-    stamp: tuple[int, int]
 
     @property
     def manifest(self) -> dict:
@@ -149,7 +148,7 @@ class CatalogSearch:
             )
             return None
         self._problem = None
-        return IndexView(LiveIndex(base), ProductRows(self.store), self._stamp)
+        return IndexView(LiveIndex(base), ProductRows(self.store))
 
     def _over_budget(self) -> str | None:
         """Why the current base must not be loaded (it would take this server past service.memory_budget_mb),
