@@ -16,6 +16,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+DEV_INSTALLED := $(VENV)/.installed-dev
 PORT ?= 8000
 DEMO_CATALOG := demo-catalog
 
@@ -25,7 +26,7 @@ endif
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv weights migrate index serve demo demo-catalog test bench bench-scale soak eval finetune lint format clean
+.PHONY: help venv dev weights migrate index serve demo demo-catalog test bench bench-scale soak eval finetune lint format clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -37,6 +38,13 @@ $(INSTALLED): requirements.txt
 	touch $@
 
 venv: $(INSTALLED)
+
+# Test, lint and benchmark tools (requirements-dev.txt), on top of the runtime packages.
+$(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+dev: $(DEV_INSTALLED)
 
 weights: venv
 	@$(PY) -m indexer weights
@@ -78,26 +86,26 @@ demo: demo-catalog weights migrate
 	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
 
 # wrk is the benchmark's load generator; one test runs it against the real server.
-test: weights
+test: weights dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk; its test will be skipped"
 	$(PY) -m pytest
 
 # Throughput, latency and memory on a real catalog (default: the grocery-store dataset beside the repo).
 # The HTTP load comes from wrk (Debian's package, installed here when missing).
-bench: weights migrate
+bench: weights migrate dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk"
 	$(PY) -m bench $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
 
 # A million products on one machine: N synthetic vectors around real photos' embeddings, imported with
 # `indexer import-vectors` and measured beside a 10,000-product catalog, to bench/scale.json and scale.png.
 N ?= 1000000
-bench-scale: weights migrate
+bench-scale: weights migrate dev
 	$(PY) -m bench.scale --products $(N)
 
 # Searches under concurrent re-indexing, API writes and a compaction, over PRODUCTS products (real photos
 # plus synthetic vectors): 0 errors and 0 wrong results, to bench/soak.json.
 PRODUCTS ?= 100000
-soak: weights migrate
+soak: weights migrate dev
 	$(PY) -m bench.soak --products $(PRODUCTS) $(if $(CATALOG),--catalog "$(CATALOG)") \
 	  $(if $(METADATA),--metadata "$(METADATA)")
 
@@ -112,11 +120,11 @@ finetune: weights migrate
 	@test -n "$(CATALOG)" || { echo "usage: make finetune CATALOG=<folder> [METADATA=<csv>]"; exit 2; }
 	$(PY) -m indexer finetune --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)")
 
-lint: venv
+lint: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: venv
+format: dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
