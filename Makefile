@@ -85,9 +85,12 @@ demo: demo-catalog weights migrate
 	@echo
 	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
 
-# wrk is the benchmark's load generator; one test runs it against the real server.
+# wrk is the benchmark's load generator; one test runs it against the real server. Debian's chromium is
+# the browser that Playwright drives in tests/test_browser.py (Playwright's own browser download is not used).
 test: weights dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk; its test will be skipped"
+	@test -x /usr/bin/chromium || $(call apt_install,chromium) \
+	  || echo "apt-get could not install chromium; the browser tests will be skipped"
 	$(PY) -m pytest
 
 # Throughput, latency and memory on a real catalog (default: the grocery-store dataset beside the repo).
@@ -129,4 +132,4 @@ format: dev
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf data $(DEMO_CATALOG) $(DEMO_CATALOG)-queries .pytest_cache .ruff_cache
+	rm -rf data $(DEMO_CATALOG) $(DEMO_CATALOG)-queries .pytest_cache .ruff_cache .hypothesis

@@ -2,13 +2,15 @@
 
 Environment variables override the paths so one checkout can serve several
 catalogs: DATA_DIR, CATALOG, METADATA, MODELS_DIR, DATABASE_URL, and
-SEARCH_CONFIG to point at another config file.
+SEARCH_CONFIG to point at another config file (and API_KEY, MEMORY_BUDGET_MB,
+FETCH_ALLOW_PRIVATE, CORS_ORIGINS for the service).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +23,10 @@ MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_
 PYPI_WEIGHTS = "pypi-mobilenet-v1"
 # Written by `make finetune` in models_dir: the fine-tuned model version in use.
 ACTIVE_MODEL_FILE = "active-model.json"
+# An origin as browsers send it: scheme://host[:port], the host a name or a bracketed IPv6 address, no path.
+ORIGIN = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(:\d{1,5})?"
+)
 
 
 class ConfigError(ValueError):
@@ -52,12 +58,18 @@ class Settings:
     default_k: int = 12
     max_k: int = 100
     max_upload_bytes: int = 10_000_000
+    # Search by image_url: the whole fetch (every redirect, the body) must finish within this many seconds.
+    fetch_timeout_s: float = 5.0
+    # While off, image_url may only reach public addresses (no loopback, private, metadata...: request forgery).
+    fetch_allow_private: bool = False
     workers: int = 1
     threads: int = 0
     # The storefront write API (PUT/DELETE /api/products/<sku>) is off while this is empty.
     api_key: str = ""
     # A server refuses to load a base segment that would take its resident memory past this; 0 = no limit.
     memory_budget_mb: int = 0
+    # Origins (scheme://host[:port]) whose pages may call the read API from a browser; empty = none.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def embed_workers(self) -> int:
@@ -116,6 +128,12 @@ def _path(base: Path, value: str | os.PathLike[str]) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def _origins(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """service.cors_origins as a tuple: a TOML list, or a comma-separated string (CORS_ORIGINS)."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
 def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
     """Read config.toml, apply environment overrides, then explicit keyword overrides."""
     config_path = Path(config_path or os.environ.get("SEARCH_CONFIG") or DEFAULT_CONFIG)
@@ -153,16 +171,34 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         default_k=int(service.get("default_k", 12)),
         max_k=int(service.get("max_k", 100)),
         max_upload_bytes=int(service.get("max_upload_bytes", 10_000_000)),
+        fetch_timeout_s=float(service.get("fetch_timeout_s", Settings.fetch_timeout_s)),
+        fetch_allow_private=_flag(
+            "service.fetch_allow_private (or FETCH_ALLOW_PRIVATE)",
+            env.get("FETCH_ALLOW_PRIVATE") or service.get("fetch_allow_private", Settings.fetch_allow_private),
+        ),
         workers=int(service.get("workers", 1)),
         threads=int(service.get("threads", 0)),
         api_key=env.get("API_KEY") or service.get("api_key", ""),
         memory_budget_mb=int(env.get("MEMORY_BUDGET_MB") or service.get("memory_budget_mb", 0)),
+        cors_origins=_origins(env.get("CORS_ORIGINS") or service.get("cors_origins", ())),
     )
     settings = replace(settings, **overrides) if overrides else settings
     if model.get("use_finetuned", True) and "finetuned" not in overrides:
         settings = replace(settings, finetuned=active_finetuned(settings))
     validate(settings)
     return settings
+
+
+def _flag(name: str, value: object) -> bool:
+    """A true/false setting from TOML (a boolean) or the environment (1/0, true/false, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} = {value!r}: use true or false")
 
 
 def active_finetuned(settings: Settings) -> Path | None:
@@ -195,3 +231,11 @@ def validate(settings: Settings) -> None:
         raise ConfigError("index.compact_after must be at least 1")
     if settings.batch_size < 1:
         raise ConfigError("model.batch_size must be at least 1")
+    if not settings.fetch_timeout_s > 0:
+        raise ConfigError("service.fetch_timeout_s must be a positive number of seconds")
+    for origin in settings.cors_origins:
+        if not ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"service.cors_origins (or CORS_ORIGINS): {origin[:100]!r} is not an origin; write each as "
+                "scheme://host[:port], as a browser sends it (e.g. https://shop.example), with no path or '*'"
+            )

@@ -7,7 +7,9 @@ uploads alike, so the index and the queries always see images the same way.
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,64 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_PIXELS = 40_000_000
 # Transparent pixels become white: catalog photos are shown on white.
 BACKGROUND = (255, 255, 255)
+# A region searched on its own must cover at least this share of the photo, and this many pixels a side.
+MIN_BOX_AREA = 0.01
+MIN_BOX_PIXELS = 16
 
 
 class ImageError(ValueError):
     """The bytes are not an image we can use; the message says why."""
+
+
+class BoxError(ValueError):
+    """The region asked for makes no sense for this photo; the message says why."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """A region of the upright photo as fractions of its width and height (x0, y0) to (x1, y1)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def __post_init__(self) -> None:
+        values = (self.x0, self.y0, self.x1, self.y1)
+        if not all(math.isfinite(v) for v in values):
+            raise BoxError("box must be four finite numbers x0,y0,x1,y1")
+        if not (0 <= self.x0 < self.x1 <= 1 and 0 <= self.y0 < self.y1 <= 1):
+            raise BoxError(
+                f"box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the photo), not {self}"
+            )
+        if self.area < MIN_BOX_AREA:
+            raise BoxError(f"box covers {self.area:.2%} of the photo; it must cover at least {MIN_BOX_AREA:.0%}")
+
+    @property
+    def area(self) -> float:
+        return (self.x1 - self.x0) * (self.y1 - self.y0)
+
+    def as_list(self) -> list[float]:
+        return [self.x0, self.y0, self.x1, self.y1]
+
+    def __str__(self) -> str:
+        return ",".join(f"{v:g}" for v in self.as_list())
+
+    def decode_size(self, target_size: int) -> int:
+        """The reduced-scale decoding target that still leaves the region target_size pixels a side."""
+        return math.ceil(target_size / min(self.x1 - self.x0, self.y1 - self.y0))
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The region of an upright decoded image; BoxError when it is under MIN_BOX_PIXELS a side."""
+        width, height = image.size
+        left, top = round(self.x0 * width), round(self.y0 * height)
+        right, bottom = round(self.x1 * width), round(self.y1 * height)
+        if right - left < MIN_BOX_PIXELS or bottom - top < MIN_BOX_PIXELS:
+            raise BoxError(
+                f"box is {right - left}x{bottom - top} pixels of this {width}x{height} photo; "
+                f"it must be at least {MIN_BOX_PIXELS} pixels a side"
+            )
+        return image.crop((left, top, right, bottom))
 
 
 def open_image(source: bytes | str | Path, target_size: int | None = None) -> Image.Image:
@@ -95,13 +151,20 @@ def to_model_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def load_pixels(source: bytes | str | Path, size: int) -> np.ndarray:
-    """Decode and resize in one step: what both the indexer and the service call."""
-    return to_model_input(open_image(source, target_size=size), size)
+def open_region(source: bytes | str | Path, target_size: int, box: Box | None = None) -> Image.Image:
+    """open_image, then the box's region of the upright photo (decoded at a scale that keeps it target_size)."""
+    if box is None:
+        return open_image(source, target_size=target_size)
+    return box.crop(open_image(source, target_size=box.decode_size(target_size)))
 
 
-def thumbnail(source: bytes | str | Path, size: int = 256) -> Image.Image:
-    """A small upright RGB copy for showing to people (pages, preview grids)."""
-    image = open_image(source, target_size=size)
+def load_pixels(source: bytes | str | Path, size: int, box: Box | None = None) -> np.ndarray:
+    """Decode (and crop to a box) and resize in one step: what both the indexer and the service call."""
+    return to_model_input(open_region(source, size, box), size)
+
+
+def thumbnail(source: bytes | str | Path, size: int = 256, box: Box | None = None) -> Image.Image:
+    """A small upright RGB copy (of the box's region, with one) for showing to people (pages, preview grids)."""
+    image = open_region(source, size, box)
     image.thumbnail((size, size))
     return image

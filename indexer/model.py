@@ -16,7 +16,7 @@ import numpy as np
 
 from indexer.config import PYPI_WEIGHTS, ConfigError, Settings
 from indexer.engines import Engine, KerasEngine, LiteRTEngine, LiteRTExport, export_litert, export_path, read_export
-from indexer.images import load_pixels
+from indexer.images import Box, load_pixels
 from indexer.weights import sha256_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -149,9 +149,10 @@ class Embedder:
             return np.zeros((0, self.identity.dim), dtype=np.float32)
         return l2_normalize(self.engine.features(pixels))
 
-    def embed_image(self, source: bytes | str | Path) -> np.ndarray:
-        """One image file or upload -> (dim,) unit vector; raises ImageError for bad input."""
-        return self.embed_pixels(load_pixels(source, self.input_size)[None])[0]
+    def embed_image(self, source: bytes | str | Path, box: Box | None = None) -> np.ndarray:
+        """One image file or upload (or the box's region of it) -> (dim,) unit vector; raises ImageError for bad
+        input and BoxError for a region too small for the photo."""
+        return self.embed_pixels(load_pixels(source, self.input_size, box)[None])[0]
 
 
 def identity_of(settings: Settings, feature_model) -> ModelIdentity:

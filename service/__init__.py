@@ -17,14 +17,19 @@ from indexer.store import Store
 def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> Flask:
     """Application factory: settings and the model are loaded once, here, not at import time."""
     from service.api import api
+    from service.cors import enable_cors
     from service.errors import register_error_handlers
+    from service.metrics import instrument
+    from service.openapi import openapi
     from service.pages import pages
     from service.queries import RecentQueries
     from service.search import CatalogSearch
+    from service.widget import widget
     from service.writes import writes
 
     settings = settings or load_settings()
-    app = Flask(__name__)
+    # No /static route: the one static file (widget.js) has its own URL and caching.
+    app = Flask(__name__, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes)
     app.json.sort_keys = False  # keep each result's fields in their documented order
     app.logger.setLevel(logging.INFO)
@@ -40,5 +45,9 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.register_blueprint(api)
     app.register_blueprint(pages)
     app.register_blueprint(writes)
+    app.register_blueprint(openapi)
+    app.register_blueprint(widget)
     register_error_handlers(app)
+    enable_cors(app, settings.cors_origins)
+    instrument(app)
     return app

@@ -6,14 +6,14 @@ import time
 from collections.abc import Callable
 
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
-from werkzeug.exceptions import NotFound
 from werkzeug.routing import PathConverter
 
 from indexer.live_index import Filters
 from service.errors import BadRequest
 from service.preview import render_preview
-from service.queries import read_filters, read_k, read_upload
-from service.search import CatalogSearch, IndexView, Match
+from service.queries import read_filters, read_k
+from service.query_photo import read_search_query
+from service.search import CatalogSearch, IndexView, Match, UnknownProduct
 
 api = Blueprint("api", __name__)
 
@@ -52,7 +52,8 @@ def search_by_photo():
     search = catalog_search()
     view = search.current()  # 503 before reading the upload when there is nothing to search
     k, filters = _search_inputs(view)
-    query = current_app.extensions["recent_queries"].add(read_upload(request), search.embedder)
+    recent = current_app.extensions["recent_queries"]
+    query = read_search_query(request, search.settings, search.embedder, recent)
     matches = search.search(query.vector, k, filters, view=view)
     return jsonify(
         {
@@ -60,6 +61,7 @@ def search_by_photo():
             "k": k,
             **_filters_json(filters),
             "query": query.token,
+            "box": query.box.as_list() if query.box else None,
             "index_version": view.version,
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
@@ -70,7 +72,13 @@ def search_by_photo():
 def similar_products(sku: str):
     started = time.perf_counter()
     k, filters = _search_inputs()
-    matches = catalog_search().similar(sku, k, filters)
+    try:
+        matches = catalog_search().similar(sku, k, filters)
+    except UnknownProduct:
+        # The widget asks this way: a 404 would put a red "failed to load" line in the shop's console.
+        if request.args.get("unknown") != "empty":
+            raise
+        matches = []
     return jsonify(
         {
             "sku": sku,
@@ -111,23 +119,23 @@ def product_image(sku: str):
 
 @api.route("/api/search/preview.png", methods=["GET", "POST"])
 def search_preview():
-    """A Matplotlib grid of a query and its matches: POST a photo, or GET with ?query=<token> or ?sku=."""
+    """A Matplotlib grid of a query and its matches: POST a photo or image_url, or GET with ?query=<token> or
+    ?sku=; a box searches (and shows) that region of the photo."""
     search = catalog_search()
     search.current()
     k, filters = _search_inputs()
     recent = current_app.extensions["recent_queries"]
-    if request.method == "POST":
-        query = recent.add(read_upload(request), search.embedder)
-        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, filters)
-    elif token := request.args.get("query"):
-        query = recent.get(token)
-        if query is None:
-            raise NotFound("that query is no longer remembered; upload the photo again")
+    if request.method == "POST" or request.args.get("query") or request.args.get("image_url"):
+        query = read_search_query(request, search.settings, search.embedder, recent)
         thumbnail, matches = query.thumbnail(), search.search(query.vector, k, filters)
     elif sku := request.args.get("sku"):
+        if request.args.get("box"):
+            raise BadRequest("box applies to a photo (image, image_url or query), not to sku")
         thumbnail, matches = search.image_path(sku), search.similar(sku, k, filters)
     else:
-        raise BadRequest("POST a photo as 'image', or GET with ?query=<token from a search> or ?sku=<sku>")
+        raise BadRequest(
+            "POST a photo as 'image' (or its image_url), or GET with ?query=<token from a search> or ?sku=<sku>"
+        )
     png = render_preview(thumbnail, [(m, search.image_path(m.sku)) for m in matches])
     return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
 

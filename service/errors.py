@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, Response, jsonify, make_response, render_template, request
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from service.search import NotReady, UnknownProduct
@@ -14,10 +15,11 @@ class BadRequest(ValueError):
     status = 400
 
 
-def _respond(status: int, error: str, message: str):
+def _respond(status: int, error: str, message: str) -> Response:
+    # A Response either way, so that handlers can add headers to the HTML page as well as to the JSON.
     if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
-        return jsonify({"error": error, "message": message}), status
-    return render_template("error.html", status=status, error=error, message=message), status
+        return make_response(jsonify({"error": error, "message": message}), status)
+    return make_response(render_template("error.html", status=status, error=error, message=message), status)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -32,7 +34,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(NotReady)
     def not_ready(exc: NotReady):
         response = _respond(503, "not_ready", str(exc))
-        response[0].headers["Retry-After"] = "10"
+        response.headers["Retry-After"] = "10"
         return response
 
     @app.errorhandler(HTTPException)
@@ -40,7 +42,19 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if exc.code == 413:
             message = f"the upload is larger than the limit of {app.config['MAX_CONTENT_LENGTH']:,} bytes"
-        return _respond(exc.code or 500, exc.name.lower().replace(" ", "_"), message)
+        response = _respond(exc.code or 500, exc.name.lower().replace(" ", "_"), message)
+        # The exception's own headers belong to the answer: Allow on a 405 (RFC 9110), WWW-Authenticate on a 401.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(OperationalError)
+    def database_unavailable(exc: OperationalError):
+        # A database the service cannot read (never migrated, locked, gone) is a wait, not a crash.
+        app.logger.error("database unavailable on %s %s: %s", request.method, request.path, exc.orig)
+        problem = app.extensions["catalog_search"].store.schema_problem()
+        return not_ready(NotReady(problem or "the catalog database is unavailable right now; try again shortly"))
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception):

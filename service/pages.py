@@ -6,10 +6,12 @@ import base64
 import io
 
 from flask import Blueprint, current_app, render_template, request
+from werkzeug.exceptions import HTTPException
 
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.queries import read_filters, read_k, read_upload
+from service.queries import read_filters, read_k
+from service.query_photo import read_search_query
 from service.search import NotReady
 
 pages = Blueprint("pages", __name__)
@@ -39,13 +41,18 @@ def search_page():
             context["k"] = read_k(request, search.settings.default_k, search.settings.max_k)
             filters = read_filters(request, context["categories"])
             context["category"] = filters.category
-            query = current_app.extensions["recent_queries"].add(read_upload(request), search.embedder)
+            recent = current_app.extensions["recent_queries"]
+            query = read_search_query(request, search.settings, search.embedder, recent)
         except (BadRequest, NotReady) as exc:
             context["error"] = str(exc)
             return render_template("search.html", **context), 400 if isinstance(exc, BadRequest) else 503
+        except HTTPException as exc:  # a forgotten query token (404), an image_url that failed (502)
+            context["error"] = exc.description
+            return render_template("search.html", **context), exc.code
         context.update(
             query=query,
-            query_image=_data_url(query.thumbnail()),
+            # The whole photo, with the box drawn on it: the shopper drags a new box on this picture.
+            query_image=_data_url(query.query.thumbnail()),
             matches=search.search(query.vector, context["k"], filters),
         )
     return render_template("search.html", **context)

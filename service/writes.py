@@ -19,6 +19,7 @@ from pathlib import Path
 from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.catalog import ProductFields, parse_price
@@ -42,7 +43,10 @@ def require_key() -> None:
         raise Forbidden("the write API is off; set service.api_key (or API_KEY) to turn it on")
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(given.encode(), key.encode()):
-        raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
+        # WWW-Authenticate names the scheme to use, as a 401 must (RFC 9110).
+        raise Unauthorized(
+            "send the API key as 'Authorization: Bearer <key>'", www_authenticate=WWWAuthenticate("bearer")
+        )
 
 
 def _check_sku(sku: str) -> str:
@@ -142,4 +146,6 @@ def delete_product(sku: str):
 def _format_of(data: bytes) -> str:
     """The file type from the image's header (for the stored file's name and its Content-Type)."""
     with Image.open(io.BytesIO(data)) as image:
-        return image.format or "img"
+        # Many phones' JPEGs (a second view, a depth map) read as MPO: stored as .mpo, /images would serve them
+        # as application/octet-stream. Their first image is a plain JPEG, which is what browsers show.
+        return "JPEG" if image.format == "MPO" else image.format or "img"

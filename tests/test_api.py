@@ -340,3 +340,10 @@ def test_a_base_over_the_memory_budget_is_refused_and_the_old_one_kept(base_sett
     assert "service.memory_budget_mb = 1 MB" in caplog.text
     fresh = create_app(settings.with_overrides(memory_budget_mb=1), embedder).test_client().get("/readyz")
     assert fresh.status_code == 503 and "memory_budget_mb" in fresh.json["reason"]
+
+
+def test_a_database_never_migrated_gets_503_with_what_to_do_not_500(base_settings, embedder, tmp_path):
+    client = create_app(base_settings.with_overrides(data_dir=tmp_path / "fresh"), embedder).test_client()
+    for path in ("/api/products/sku-1", "/images/sku-1", "/products/sku-1"):
+        response = client.get(path, headers={"Accept": "application/json"})
+        assert response.status_code == 503 and "make migrate" in response.json["message"], path

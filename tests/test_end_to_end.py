@@ -16,6 +16,8 @@ from indexer.config import REPO_ROOT
 from service import create_app
 from tests.conftest import read_csv
 
+pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
+
 # Ten products from different coarse groups, with all their catalog photos (about 420).
 CATEGORIES = (
     "Banana", "Carrots", "Kiwi", "Lemon", "Watermelon",

@@ -16,6 +16,8 @@ from indexer.model import load_embedder
 from indexer.weights import WEIGHTS_FILE
 from tests.conftest import read_csv
 
+pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
+
 APPLES = ("Golden-Delicious", "Granny-Smith", "Pink-Lady", "Royal-Gala", "Red-Delicious")
 
 

@@ -31,6 +31,8 @@ from indexer.store import ImageVector, Store
 from service import create_app
 from tests.conftest import live_index, subprocess_config
 
+pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
+
 COUNT = 24_000
 CATEGORIES = 40
 

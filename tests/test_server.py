@@ -13,6 +13,8 @@ from bench.server import running_server
 from indexer.indexing import index_catalog
 from tests.conftest import write_skimage_catalog
 
+pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
+
 
 @pytest.fixture(scope="module")
 def server(base_settings, embedder, tmp_path_factory):

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.soak import main as soak
+
+pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
 
 def test_no_failed_or_wrong_search_across_a_reindex_a_compaction_and_100_writes(grocery, tmp_path):

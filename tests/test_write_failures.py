@@ -21,6 +21,8 @@ from bench.server import running_server
 from indexer.indexing import index_catalog
 from tests.conftest import skimage_photo, subprocess_config, write_skimage_catalog
 
+pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
+
 KEY = "failure-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

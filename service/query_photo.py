@@ -1,0 +1,108 @@
+"""The photo a search is about, from an upload, an image_url or a recent query's token, and the region of it
+(box) to search for: one reader for the API, the preview grid and the search page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flask import Request
+from PIL import Image
+from werkzeug.exceptions import NotFound
+
+from indexer.config import Settings
+from indexer.images import Box, BoxError, ImageError, thumbnail
+from indexer.model import Embedder
+from service.errors import BadRequest
+from service.fetch import EVERYWHERE, fetch_image
+from service.queries import Query, RecentQueries
+
+SOURCES = "a multipart/form-data file field named 'image', an image_url, or query=<token from an earlier search>"
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """A remembered query photo and the vector searched for: the whole photo's, or its box's."""
+
+    query: Query
+    box: Box | None
+    vector: np.ndarray
+
+    @property
+    def token(self) -> str:
+        return self.query.token
+
+    def thumbnail(self) -> Image.Image:
+        """What was searched for: the box's region of the photo, or the whole photo."""
+        return thumbnail(self.query.photo, box=self.box)
+
+
+def read_box(request: Request) -> Box | None:
+    """box=x0,y0,x1,y1 (fractions of the upright photo's width and height), or None when absent or empty."""
+    raw = request.values.get("box", "").strip()
+    if not raw:
+        return None
+    parts = raw.split(",")
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise BadRequest(
+            f"box must be four numbers x0,y0,x1,y1, fractions of the photo's width and height "
+            f"(e.g. 0,0,0.5,1 for the left half), not {raw[:60]!r}"
+        ) from None
+    try:
+        return Box(*values)
+    except BoxError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def fetch_photo(url: str, settings: Settings) -> bytes:
+    """image_url's bytes within the service's limits; 400 when refused, 502 when the fetch fails."""
+    fetched = fetch_image(
+        url,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.fetch_timeout_s,
+        allowed_networks=EVERYWHERE if settings.fetch_allow_private else (),
+    )
+    return fetched.data
+
+
+def read_search_query(request: Request, settings: Settings, embedder: Embedder, recent: RecentQueries) -> SearchQuery:
+    """The one photo the request names (an 'image' upload, image_url, or query token) and its optional box,
+    embedded; 400 for a missing, doubled or unusable photo or a bad box, 404 for a forgotten token."""
+    box = read_box(request)  # checked before any download or embedding
+    data = None
+    if (upload := request.files.get("image")) is not None:
+        data = upload.read()
+        if not data and not upload.filename:
+            data = None  # what a browser sends for a form's empty file input: no upload at all
+    url = request.values.get("image_url", "").strip()
+    token = request.values.get("query", "").strip()
+    given = [name for name, value in (("image", data is not None), ("image_url", url), ("query", token)) if value]
+    if not given:
+        raise BadRequest(f"send the photo as {SOURCES}")
+    if len(given) > 1:
+        raise BadRequest(f"send only one of image, image_url and query, not {' and '.join(given)}")
+    if data is not None:
+        if not data:
+            raise BadRequest("the uploaded image is empty (0 bytes)")
+        query = recent.add(data, embedder)
+    elif url:
+        query = recent.add(fetch_photo(url, settings), embedder)
+    else:
+        query = recent.get(token)
+        if query is None:
+            raise NotFound("that query is no longer remembered; upload the photo again")
+    return SearchQuery(query=query, box=box, vector=query.vector if box is None else embed_region(query, box, embedder))
+
+
+def embed_region(query: Query, box: Box, embedder: Embedder) -> np.ndarray:
+    """The vector of the box's region of a query photo, through the same decoding and resizing as a whole one."""
+    try:
+        return embedder.embed_image(query.photo, box=box)
+    except BoxError as exc:
+        raise BadRequest(str(exc)) from None
+    except ImageError as exc:  # not reached for a remembered photo (it decoded once), but never a 500
+        raise BadRequest(f"the photo is not a usable image: {exc}") from None

@@ -1,0 +1,319 @@
+"""The search pages and the storefront widget in a real Chromium, against the production server on loopback.
+
+Screenshots of every step go to tests/screenshots/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+
+from bench.server import running_server
+from indexer.indexing import index_catalog
+from tests.conftest import skimage_photo, subprocess_config, write_skimage_catalog
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's own browser download is not reachable
+SCREENSHOTS = Path(__file__).with_name("screenshots")
+
+# A sku with a '/' (the widget must encode it per segment) and a title that would run if it were HTML.
+PRODUCTS_CSV = """sku,image,title,category,price,url
+cat-1,animals/chelsea.jpg,Chelsea the cat,animals,9.99,https://shop.example/cat-1
+cam-1,people/camera.jpg,<script>window.pwned = 1</script> Cameraman,people,8.50,
+mug-1,drinks/coffee.jpg,Espresso cup,drinks,3.20,
+people/suit-1,people/astronaut.jpg,Astronaut portrait,people,,
+rocket-1,space/rocket.jpg,Rocket launch,space,1000000,
+eye-1,medical/retina.jpg,Retina scan,medical,,
+"""
+SCRIPT_TITLE = "<script>window.pwned = 1</script> Cameraman"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # the test output is not an access log
+        pass
+
+
+@contextmanager
+def static_site(folder: Path) -> Iterator[str]:
+    """A storefront on its own origin: Python's http.server on another loopback port, serving folder."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    folder = tmp_path_factory.mktemp("shop")
+    with static_site(folder) as origin:
+        yield origin, folder
+
+
+@pytest.fixture(scope="module")
+def service(base_settings, embedder, tmp_path_factory, shop) -> Iterator[str]:
+    """The production server over the six-product catalog, with the shop's origin allowed by CORS."""
+    root = tmp_path_factory.mktemp("browser")
+    catalog = write_skimage_catalog(root / "catalog")
+    (catalog / "products.csv").write_text(PRODUCTS_CSV)
+    settings = base_settings.with_overrides(data_dir=root / "data", catalog_dir=catalog)
+    index_catalog(settings, embedder, catalog, progress=False)
+    env = {
+        "DATA_DIR": str(settings.data_dir),
+        "API_KEY": secrets.token_urlsafe(16),
+        "SEARCH_CONFIG": str(subprocess_config(root)),
+        "CORS_ORIGINS": shop[0],
+    }
+    with running_server(env, timeout=120) as running:
+        yield running.url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian's chromium is not at {CHROMIUM} (make test installs it with apt-get)")
+    with sync_playwright() as playwright:
+        # --no-sandbox: the tests run as root, where Chromium's sandbox refuses to start.
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    yield page
+    context.close()
+
+
+def screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+
+
+def photo_file(folder: Path, name: str, image: Image.Image) -> Path:
+    path = folder / name
+    image.save(path, quality=80)
+    return path
+
+
+def cat_photo(folder: Path) -> Path:
+    # A different crop of a catalog photo, as a shopper's photo would be.
+    photo = skimage_photo("chelsea")
+    return photo_file(folder, "cat.jpg", photo.crop((30, 20, photo.width - 10, photo.height - 30)))
+
+
+def cat_and_rocket_photo(folder: Path) -> tuple[Path, float]:
+    """The cat large on the left, a small rocket on the right: the whole photo finds the cat first.
+    Returns the file and where the rocket's part starts, as a fraction of the width."""
+    cat, rocket = skimage_photo("chelsea"), skimage_photo("rocket")
+    cat = cat.resize((500, round(cat.height * 500 / cat.width)))
+    rocket = rocket.resize((round(rocket.width * 220 / rocket.height), 220))
+    both = Image.new("RGB", (cat.width + 20 + rocket.width, 400), "white")
+    both.paste(cat, (0, (both.height - cat.height) // 2))
+    both.paste(rocket, (cat.width + 20, (both.height - rocket.height) // 2))
+    return photo_file(folder, "cat-and-rocket.jpg", both), (cat.width + 10) / both.width
+
+
+def search_with(page: Page, service: str, photo: Path, category: str | None = None) -> None:
+    page.goto(service + "/")
+    page.set_input_files("input[name=image]", str(photo))
+    if category is not None:
+        page.select_option("select[name=category]", category)
+    page.click("button[type=submit]")
+
+
+def card_titles(page: Page) -> list[str]:
+    return page.locator(".card .title").all_inner_texts()
+
+
+def all_images_loaded(page: Page, selector: str) -> bool:
+    return page.eval_on_selector_all(
+        selector, "images => images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0)"
+    )
+
+
+def test_widget_script_is_cacheable_javascript(service):
+    response = requests.get(f"{service}/widget.js", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("application/javascript")
+    assert "max-age=3600" in response.headers["Cache-Control"] and "data-similar-sku" in response.text
+    again = requests.get(f"{service}/widget.js", headers={"If-None-Match": response.headers["ETag"]}, timeout=10)
+    assert again.status_code == 304
+
+
+def test_similar_answers_an_unknown_sku_with_no_results_only_when_asked(service):
+    # What the widget asks for, so that an unknown sku leaves no failed request in the shop's console.
+    assert requests.get(f"{service}/api/products/nope/similar", timeout=10).status_code == 404
+    quiet = requests.get(f"{service}/api/products/nope/similar?unknown=empty", timeout=10)
+    assert quiet.status_code == 200 and quiet.json()["results"] == []
+    known = requests.get(f"{service}/api/products/people/suit-1/similar?unknown=empty&k=2", timeout=10)
+    assert known.status_code == 200 and len(known.json()["results"]) == 2
+
+
+@pytest.mark.slow
+def test_uploading_a_photo_through_the_form_shows_result_cards(page, service, tmp_path):
+    search_with(page, service, cat_photo(tmp_path))
+    expect(page.locator(".card")).to_have_count(6)  # every product: default_k is 12
+    assert card_titles(page)[0] == "Chelsea the cat"
+    assert page.locator(".card a").first.get_attribute("href") == "/products/cat-1"
+    assert all_images_loaded(page, ".query img")
+    screenshot(page, "search-results")
+
+
+@pytest.mark.slow
+def test_choosing_a_category_shows_only_that_category(page, service, tmp_path):
+    search_with(page, service, cat_photo(tmp_path), category="people")
+    expect(page.locator(".card")).to_have_count(2)
+    assert sorted(card_titles(page)) == sorted(["Astronaut portrait", SCRIPT_TITLE])
+    assert all(meta.startswith("people") for meta in page.locator(".card .meta:first-of-type").all_inner_texts())
+    expect(page.locator("select[name=category]")).to_have_value("people")
+    screenshot(page, "search-category")
+
+
+@pytest.mark.slow
+def test_dragging_a_box_on_the_query_photo_searches_that_region(page, service, tmp_path):
+    photo, rocket_starts = cat_and_rocket_photo(tmp_path)
+    search_with(page, service, photo)
+    expect(page.locator(".card .title").first).to_have_text("Chelsea the cat")
+    query_photo = page.locator("#query-photo")
+    expect(query_photo).to_be_visible()
+    screenshot(page, "region-before")
+    box = query_photo.bounding_box()
+    assert box is not None
+    left, right = box["x"] + box["width"] * (rocket_starts + 0.02), box["x"] + box["width"] * 0.98
+    top, bottom = box["y"] + box["height"] * 0.05, box["y"] + box["height"] * 0.95
+    page.mouse.move(left, top)
+    page.mouse.down()
+    page.mouse.move((left + right) / 2, (top + bottom) / 2, steps=5)
+    page.mouse.move(right, bottom, steps=5)
+    page.mouse.up()
+    # Whether the page re-searches in place or reloads, the rocket's region must find the rocket.
+    expect(page.locator(".card .title").first).to_have_text("Rocket launch")
+    screenshot(page, "region-after")
+
+
+@pytest.mark.slow
+def test_product_page_and_its_preview_grid_load(page, service):
+    page.goto(f"{service}/products/cat-1")
+    expect(page.locator("h2").first).to_have_text("Chelsea the cat")
+    expect(page.locator(".card")).to_have_count(5)  # the other products, not itself
+    page.wait_for_function("[...document.images].every(i => i.complete)")
+    assert all_images_loaded(page, "img")
+    screenshot(page, "product-page")
+    preview = page.get_by_role("link", name="preview grid (PNG)")
+    assert "/api/search/preview.png?sku=cat-1" in (preview.get_attribute("href") or "")
+    with page.expect_response(lambda r: "/api/search/preview.png" in r.url) as answer:
+        preview.click()
+    assert answer.value.status == 200 and answer.value.headers["content-type"] == "image/png"
+    page.wait_for_function("document.images.length === 1 && document.images[0].complete")
+    assert page.evaluate("document.images[0].naturalWidth") > 300
+    screenshot(page, "preview-grid")
+
+
+@pytest.mark.slow
+def test_a_file_that_is_not_an_image_gets_a_friendly_error(page, service, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a shopping list, not a photo")
+    page.goto(service + "/")
+    page.set_input_files("input[name=image]", str(notes))
+    with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        page.click("button[type=submit]")
+    assert answer.value.status == 400
+    expect(page.locator(".error")).to_contain_text("not a recognised image")
+    text = page.locator("body").inner_text()
+    assert "Traceback" not in text and 'File "' not in text
+    expect(page.locator("input[name=image]")).to_be_visible()  # the form is there to try again
+    screenshot(page, "upload-error")
+
+
+def storefront_page(folder: Path, service: str) -> str:
+    (folder / "product.html").write_text(
+        f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>A storefront</title><link rel="icon" href="data:,"></head>
+<body>
+  <h1>Astronaut portrait</h1>
+  <h2>You may also like</h2>
+  <div id="known" data-similar-sku="people/suit-1" data-k="5"></div>
+  <h2>Not in the catalog</h2>
+  <div id="unknown" data-similar-sku="no/such sku?" data-k="5"></div>
+  <script src="{service}/widget.js" async></script>
+</body>
+</html>
+"""
+    )
+    return "product.html"
+
+
+@contextmanager
+def console_errors(page: Page) -> Iterator[list[str]]:
+    """Error-level console messages and uncaught exceptions of the page, as they happen."""
+    errors: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(f"console: {message.text} ({message.location.get('url')})")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: errors.append(f"pageerror: {error}"))
+    yield errors
+
+
+@pytest.mark.slow
+def test_widget_on_another_origin_shows_similar_products_and_nothing_for_an_unknown_sku(page, service, shop):
+    origin, folder = shop
+    with console_errors(page) as errors:
+        page.goto(f"{origin}/{storefront_page(folder, service)}")
+        known, unknown = page.locator("#known"), page.locator("#unknown")
+        expect(unknown).to_have_attribute("data-similar-state", "empty")
+        expect(known).to_have_attribute("data-similar-state", "loaded")
+        cards = known.locator(".vps-card")
+        expect(cards).to_have_count(5)
+        page.wait_for_function("[...document.querySelectorAll('#known img')].every(i => i.complete)")
+        assert all_images_loaded(page, "#known .vps-image")
+        screenshot(page, "storefront-widget")
+    assert errors == []
+    titles = known.locator(".vps-title").all_text_contents()
+    assert SCRIPT_TITLE in titles and "Astronaut portrait" not in titles  # the product itself is left out
+    assert known.locator("script").count() == 0 and page.evaluate("window.pwned") is None
+    links = dict(zip(titles, known.locator("a.vps-link").evaluate_all("links => links.map(a => a.href)"), strict=True))
+    assert links["Chelsea the cat"] == "https://shop.example/cat-1"  # the product's own url when known
+    assert links["Espresso cup"] == f"{service}/products/mug-1"  # else the service's product page
+    assert "9.99" in known.locator(".vps-card", has_text="Chelsea").inner_text()
+    assert unknown.evaluate("div => div.childNodes.length") == 0
+
+
+@pytest.mark.slow
+def test_widget_fills_a_div_the_shop_adds_later(page, service, shop):
+    origin, folder = shop
+    with console_errors(page) as errors:
+        page.goto(f"{origin}/{storefront_page(folder, service)}")
+        expect(page.locator("#known")).to_have_attribute("data-similar-state", "loaded")
+        page.evaluate(
+            """() => {
+                const div = document.createElement("div");
+                div.id = "later";
+                div.dataset.similarSku = "rocket-1";
+                div.dataset.k = "2";
+                document.body.appendChild(div);
+            }"""
+        )
+        expect(page.locator("#later .vps-card")).to_have_count(2)
+        page.evaluate("document.getElementById('later').dataset.k = '3'")  # and re-fills it when k changes
+        expect(page.locator("#later .vps-card")).to_have_count(3)
+        screenshot(page, "storefront-widget-later")
+    assert errors == []
