@@ -5,6 +5,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# Before numpy loads OpenBLAS: its worker threads spin after every matrix-vector product (the exact scans of
+# the live index), taking the cores the request threads' interpreters need. Requests already run in parallel.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from indexer.config import load_settings
 
 _settings = load_settings()
