@@ -25,8 +25,9 @@ from service.errors import BadRequest
 @dataclass(frozen=True)
 class Query:
     token: str
-    vector: np.ndarray
     photo: bytes
+    # The whole photo's vector; None while only regions of it were searched (each is embedded on its own).
+    vector: np.ndarray | None
 
     def thumbnail(self) -> Image.Image:
         """Made only when a page or preview shows the photo, not on every search."""
@@ -107,19 +108,21 @@ class RecentQueries:
         self._items: OrderedDict[str, Query] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, data: bytes, embedder: Embedder) -> Query:
-        """Decode and embed an uploaded photo once, or return it from the cache."""
+    def add(self, data: bytes, embedder: Embedder | None) -> Query:
+        """Remember an uploaded photo, embedded whole once (with an embedder), or return it from the cache.
+        Without an embedder the photo is remembered unembedded: a region search needs only the region."""
         token = hashlib.sha256(data).hexdigest()
         with self._lock:
-            if token in self._items:
+            known = self._items.get(token)
+            if known is not None:
                 self._items.move_to_end(token)
-                return self._items[token]
-        vector = embed_upload(data, embedder)
-        query = Query(token=token, vector=vector, photo=data)
+                if known.vector is not None or embedder is None:
+                    return known
+        query = Query(token=token, photo=data, vector=None if embedder is None else embed_upload(data, embedder))
         with self._lock:
             if token not in self._items:
-                self._items[token] = query
                 self._bytes += len(data)
+            self._items[token] = query
             while self._items and (len(self._items) > self._size or self._bytes > self._max_bytes):
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= len(evicted.photo)

@@ -85,24 +85,28 @@ def read_search_query(request: Request, settings: Settings, embedder: Embedder, 
         raise BadRequest(f"send the photo as {SOURCES}")
     if len(given) > 1:
         raise BadRequest(f"send only one of image, image_url and query, not {' and '.join(given)}")
-    if data is not None:
-        if not data:
-            raise BadRequest("the uploaded image is empty (0 bytes)")
-        query = recent.add(data, embedder)
-    elif url:
-        query = recent.add(fetch_photo(url, settings), embedder)
-    else:
-        query = recent.get(token)
-        if query is None:
+    if data is not None and not data:
+        raise BadRequest("the uploaded image is empty (0 bytes)")
+    if url:
+        data = fetch_photo(url, settings)
+    if data is None:
+        remembered = recent.get(token)
+        if remembered is None:
             raise NotFound("that query is no longer remembered; upload the photo again")
-    return SearchQuery(query=query, box=box, vector=query.vector if box is None else embed_region(query, box, embedder))
+        data = remembered.photo
+    if box is None:
+        query = recent.add(data, embedder)  # the whole photo, embedded once and remembered
+        return SearchQuery(query=query, box=None, vector=query.vector)
+    # A region search embeds only the region (first, so a photo that does not decode is not remembered).
+    vector = embed_region(data, box, embedder)
+    return SearchQuery(query=recent.add(data, None), box=box, vector=vector)
 
 
-def embed_region(query: Query, box: Box, embedder: Embedder) -> np.ndarray:
+def embed_region(photo: bytes, box: Box, embedder: Embedder) -> np.ndarray:
     """The vector of the box's region of a query photo, through the same decoding and resizing as a whole one."""
     try:
-        return embedder.embed_image(query.photo, box=box)
+        return embedder.embed_image(photo, box=box)
     except BoxError as exc:
         raise BadRequest(str(exc)) from None
-    except ImageError as exc:  # not reached for a remembered photo (it decoded once), but never a 500
-        raise BadRequest(f"the photo is not a usable image: {exc}") from None
+    except ImageError as exc:
+        raise BadRequest(f"the upload is not a usable image: {exc}") from None
