@@ -375,67 +375,61 @@ def measure_visibility(client: Client, photos: list[bytes], targets: list[tuple[
     """PUT new products with real photos, then DELETE existing ones: from sending the request until
     a photo search shows the new sku, or until the deleted sku is gone (its GET answers 404 and a
     neighbour's /similar that showed it no longer does)."""
-    report: dict[str, dict] = {}
-    put_ms, put_request_ms, put_checks, put_errors, put_missing = [], [], [], [], 0
-    for number, photo in enumerate(tqdm(photos, desc="PUT until visible", leave=False)):
-        sku = f"bench-{tag}-new-{number}"
+
+    def put(item: tuple[int, bytes]) -> tuple[int, object, float]:
+        number, photo = item
         fields = {"title": f"Bench product {number}", "category": "bench", "price": "9.99"}
-        started = time.perf_counter()
-        status, data, request_ms = client.put(sku, photo, fields)
-        if status not in (200, 201):
-            put_errors.append(f"{status}: {str(data)[:200]}")
-            continue
-        put_request_ms.append(request_ms)
-        ms, checks = _wait_until(lambda s=sku, p=photo: s in result_skus(client.search(p)[1]), started)
-        put_checks.append(checks)
-        if ms is None:
-            put_missing += 1
-        else:
-            put_ms.append(ms)
-    # Until visible includes the check that saw it (a photo search: one embedding), so the
+        return client.put(f"bench-{tag}-new-{number}", photo, fields)
+
+    def shown(item: tuple[int, bytes]) -> bool:
+        number, photo = item
+        return f"bench-{tag}-new-{number}" in result_skus(client.search(photo)[1])
+
+    def gone(item: tuple[str, str | None]) -> bool:
+        sku, witness = item
+        if client.product_status(sku) != 404:
+            return False
+        if witness is None:
+            return True
+        status, data, _ = client.similar(witness, k=WITNESS_K)
+        return status == 200 and sku not in result_skus(data)
+
+    # Until visible includes the check that saw it (for a PUT, a photo search: one embedding), so the
     # request's own latency is reported beside it.
-    report["put"] = {
-        **stats(put_ms),
-        "request": stats(put_request_ms),
-        "not_visible_within_s": put_missing,
-        "errors": len(put_errors),
-        "error_examples": put_errors[:3],
-        "first_check_saw_it": sum(c == 1 for c in put_checks),
+    report: dict[str, dict] = {
+        "put": _until_seen("PUT until visible", list(enumerate(photos)), put, shown, "not_visible_within_s"),
+        "delete": _until_seen(
+            "DELETE until gone", targets, lambda item: client.delete(item[0]), gone, "not_gone_within_s"
+        ),
     }
-
-    delete_ms, delete_request_ms, delete_checks, delete_errors, delete_missing = [], [], [], [], 0
-    for sku, witness in tqdm(targets, desc="DELETE until gone", leave=False):
-        started = time.perf_counter()
-        status, data, request_ms = client.delete(sku)
-        if status != 200:
-            delete_errors.append(f"{status}: {str(data)[:200]}")
-            continue
-        delete_request_ms.append(request_ms)
-
-        def gone(sku=sku, witness=witness) -> bool:
-            if client.product_status(sku) != 404:
-                return False
-            if witness is None:
-                return True
-            status, data, _ = client.similar(witness, k=WITNESS_K)
-            return status == 200 and sku not in result_skus(data)
-
-        ms, checks = _wait_until(gone, started)
-        delete_checks.append(checks)
-        if ms is None:
-            delete_missing += 1
-        else:
-            delete_ms.append(ms)
-    report["delete"] = {
-        **stats(delete_ms),
-        "request": stats(delete_request_ms),
-        "not_gone_within_s": delete_missing,
-        "errors": len(delete_errors),
-        "error_examples": delete_errors[:3],
-        "first_check_saw_it": sum(c == 1 for c in delete_checks),
-        "with_witness": sum(w is not None for _, w in targets),
-    }
+    report["delete"]["with_witness"] = sum(w is not None for _, w in targets)
     return report
+
+
+def _until_seen(label: str, items: list, send, seen, missing_key: str) -> dict:
+    """For each item: send the write, then time from sending it until seen(item) holds (or give up)."""
+    visible_ms, request_ms, checks, errors, missing = [], [], [], [], 0
+    for item in tqdm(items, desc=label, leave=False):
+        started = time.perf_counter()
+        status, data, took_ms = send(item)
+        if status not in (200, 201):
+            errors.append(f"{status}: {str(data)[:200]}")
+            continue
+        request_ms.append(took_ms)
+        ms, count = _wait_until(lambda item=item: seen(item), started)
+        checks.append(count)
+        if ms is None:
+            missing += 1
+        else:
+            visible_ms.append(ms)
+    return {
+        **stats(visible_ms),
+        "request": stats(request_ms),
+        missing_key: missing,
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "first_check_saw_it": sum(c == 1 for c in checks),
+    }
 
 
 def delete_targets(client: Client, pool: np.ndarray, count: int, avoid: set[int]) -> list[tuple[str, str | None]]:

@@ -71,9 +71,11 @@ def search_by_photo():
 @api.get("/api/products/<path:sku>/similar")
 def similar_products(sku: str):
     started = time.perf_counter()
-    k, filters = _search_inputs()
+    search = catalog_search()
+    view = search.current()  # once per request: the filters and the search see the same state
+    k, filters = _search_inputs(view)
     try:
-        matches = catalog_search().similar(sku, k, filters)
+        matches = search.similar(sku, k, filters, view=view)
     except UnknownProduct:
         # The widget asks this way: a 404 would put a red "failed to load" line in the shop's console.
         if request.args.get("unknown") != "empty":

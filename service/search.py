@@ -231,9 +231,9 @@ class CatalogSearch:
         ids, scores = view.live.search(vector, (k + 1) * OVERFETCH, filters)
         return self._matches(view, ids, scores, k, exclude_sku)
 
-    def similar(self, sku: str, k: int, filters: Filters = NO_FILTERS) -> list[Match]:
+    def similar(self, sku: str, k: int, filters: Filters = NO_FILTERS, view: IndexView | None = None) -> list[Match]:
         """'More like this': neighbours of a catalog product's own vector (read from the store), without itself."""
-        view = self.current()
+        view = view or self.current()
         identity = self.embedder.identity
         vector = self.store.vector_of(sku, identity.key, identity.dim)
         if vector is None:

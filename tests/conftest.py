@@ -128,3 +128,26 @@ def subprocess_config(folder: Path, **replacements: str) -> Path:
     path = folder / "config.toml"
     path.write_text(text)
     return path
+
+
+def served_catalog(
+    settings: Settings,
+    embedder,
+    root: Path,
+    *,
+    data_dir: Path | None = None,
+    products_csv: str | None = None,
+    config_changes: dict[str, str] | None = None,
+    **env: str,
+) -> tuple[dict[str, str], Path]:
+    """The scikit-image catalog (with products_csv as its metadata, if given) indexed into a data folder, and
+    the environment for bench.server.running_server over it: the plain model, plus the variables given."""
+    from indexer.indexing import index_catalog
+
+    catalog = write_skimage_catalog(root / "catalog")
+    if products_csv is not None:
+        (catalog / "products.csv").write_text(products_csv)
+    data_dir = data_dir or root / "data"
+    index_catalog(settings.with_overrides(data_dir=data_dir), embedder, catalog, progress=False)
+    config = subprocess_config(root, **(config_changes or {}))
+    return {"DATA_DIR": str(data_dir), "SEARCH_CONFIG": str(config), **env}, catalog

@@ -19,8 +19,7 @@ from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from bench.server import running_server
-from indexer.indexing import index_catalog
-from tests.conftest import skimage_photo, subprocess_config, write_skimage_catalog
+from tests.conftest import served_catalog, skimage_photo
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's own browser download is not reachable
 SCREENSHOTS = Path(__file__).with_name("screenshots")
@@ -65,17 +64,14 @@ def shop(tmp_path_factory) -> Iterator[tuple[str, Path]]:
 @pytest.fixture(scope="module")
 def service(base_settings, embedder, tmp_path_factory, shop) -> Iterator[str]:
     """The production server over the six-product catalog, with the shop's origin allowed by CORS."""
-    root = tmp_path_factory.mktemp("browser")
-    catalog = write_skimage_catalog(root / "catalog")
-    (catalog / "products.csv").write_text(PRODUCTS_CSV)
-    settings = base_settings.with_overrides(data_dir=root / "data", catalog_dir=catalog)
-    index_catalog(settings, embedder, catalog, progress=False)
-    env = {
-        "DATA_DIR": str(settings.data_dir),
-        "API_KEY": secrets.token_urlsafe(16),
-        "SEARCH_CONFIG": str(subprocess_config(root)),
-        "CORS_ORIGINS": shop[0],
-    }
+    env, _ = served_catalog(
+        base_settings,
+        embedder,
+        tmp_path_factory.mktemp("browser"),
+        products_csv=PRODUCTS_CSV,
+        API_KEY=secrets.token_urlsafe(16),
+        CORS_ORIGINS=shop[0],
+    )
     with running_server(env, timeout=120) as running:
         yield running.url
 

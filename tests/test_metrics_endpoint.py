@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.server import running_server
 from indexer.indexing import index_catalog
 from service import create_app
-from tests.conftest import SKIMAGE_CATALOG, skimage_photo, subprocess_config, write_skimage_catalog
+from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_photo, write_skimage_catalog
 
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -188,11 +188,9 @@ def searches_answered_by(folder: Path, pid: int, snapshots: Path) -> float:
 
 def test_counts_add_up_across_gunicorn_workers(base_settings, embedder, tmp_path):
     """Two workers each count the searches they answer; every scrape, whichever worker answers it, sums both."""
-    settings = base_settings.with_overrides(data_dir=tmp_path / "data")
-    index_catalog(settings, embedder, write_skimage_catalog(tmp_path / "catalog"), progress=False)
     # One thread per worker (gunicorn's sync worker): while one worker answers, the other accepts the next request.
-    config = subprocess_config(tmp_path, **{"workers = 1\nthreads = 0": "workers = 2\nthreads = 1"})
-    env = {"DATA_DIR": str(settings.data_dir), "SEARCH_CONFIG": str(config)}
+    changes = {"workers = 1\nthreads = 0": "workers = 2\nthreads = 1"}
+    env, _ = served_catalog(base_settings, embedder, tmp_path, config_changes=changes)
     photos = [jpeg(name) for name in PHOTOS[:2]]
     with running_server(env, timeout=120) as server:
 

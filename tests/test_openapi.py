@@ -19,7 +19,7 @@ from bench.server import running_server
 from indexer.indexing import index_catalog
 from service import create_app
 from service.openapi import SPEC
-from tests.conftest import SKIMAGE_CATALOG, skimage_photo, subprocess_config, write_skimage_catalog
+from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_photo, write_skimage_catalog
 
 API_KEY = "openapi-test-key"
 # Generated cases per operation in the fuzzing phase (fewer where there is little to vary); the examples and
@@ -128,17 +128,10 @@ def test_a_phone_jpeg_with_a_second_view_is_served_as_a_jpeg(indexed, embedder):
 @pytest.fixture(scope="module")
 def server(base_settings, embedder, tmp_path_factory):
     """gunicorn over the six scikit-image photos, with the write API on; yields its URL and the catalog's photos."""
-    root = tmp_path_factory.mktemp("openapi-server")
-    settings = base_settings.with_overrides(data_dir=root / "data")
-    catalog = write_skimage_catalog(root / "catalog")
-    index_catalog(settings, embedder, catalog, progress=False)
-    env = {
-        "DATA_DIR": str(settings.data_dir),
-        "API_KEY": API_KEY,
-        "SEARCH_CONFIG": str(subprocess_config(root)),
-        # So that an image_url can name this server's own photos (the test has no other server to fetch from).
-        "FETCH_ALLOW_PRIVATE": "1",
-    }
+    # FETCH_ALLOW_PRIVATE: so that an image_url can name this server's own photos (there is no other server).
+    env, catalog = served_catalog(
+        base_settings, embedder, tmp_path_factory.mktemp("openapi-server"), API_KEY=API_KEY, FETCH_ALLOW_PRIVATE="1"
+    )
     with running_server(env, timeout=120) as running:
         assert requests.get(f"{running.url}/openapi.json", timeout=10).json() == {**SPEC, "servers": [{"url": "/"}]}
         yield running.url, [path.read_bytes() for path in sorted(catalog.rglob("*.jpg"))]

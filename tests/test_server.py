@@ -10,19 +10,15 @@ import requests
 
 from bench.load import run_wrk, search_bodies
 from bench.server import running_server
-from indexer.indexing import index_catalog
-from tests.conftest import write_skimage_catalog
+from tests.conftest import served_catalog
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
 
 @pytest.fixture(scope="module")
 def server(base_settings, embedder, tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    settings = base_settings.with_overrides(data_dir=root / "data")
-    catalog = write_skimage_catalog(root / "catalog")
-    index_catalog(settings, embedder, catalog, progress=False)
-    with running_server({"DATA_DIR": str(settings.data_dir)}, timeout=120) as running:
+    env, catalog = served_catalog(base_settings, embedder, tmp_path_factory.mktemp("server"))
+    with running_server(env, timeout=120) as running:
         yield running.url, catalog
 
 

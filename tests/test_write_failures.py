@@ -18,8 +18,7 @@ import pytest
 import requests
 
 from bench.server import running_server
-from indexer.indexing import index_catalog
-from tests.conftest import skimage_photo, subprocess_config, write_skimage_catalog
+from tests.conftest import served_catalog, skimage_photo
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
@@ -49,10 +48,7 @@ def served(base_settings, embedder, tmp_path):
     """An indexed catalog, and the environment of a production server over it."""
 
     def serve(data_dir: Path) -> tuple[dict[str, str], Path]:
-        catalog = write_skimage_catalog(tmp_path / "catalog")
-        index_catalog(base_settings.with_overrides(data_dir=data_dir), embedder, catalog, progress=False)
-        config = subprocess_config(tmp_path)
-        return {"DATA_DIR": str(data_dir), "API_KEY": KEY, "SEARCH_CONFIG": str(config)}, catalog
+        return served_catalog(base_settings, embedder, tmp_path, data_dir=data_dir, API_KEY=KEY)
 
     return serve
 
