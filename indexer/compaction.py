@@ -29,6 +29,7 @@ from indexer.segments import (
     publish_base,
     read_manifest,
     remove_partial_bases,
+    rows_by_id,
     write_arrays,
 )
 from indexer.store import Store
@@ -109,8 +110,7 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
     codes = np.array([code_of.get(c, NO_CATEGORY) for c in snapshot.categories], dtype=np.int32)
     order = np.lexsort((snapshot.ids, codes))  # by category, then id: a category is one block of rows
     ids, codes, prices = snapshot.ids[order], codes[order], snapshot.prices[order]
-    row_of_id = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
-    row_of_id[ids] = np.arange(len(ids))
+    row_of_id = rows_by_id(ids)
     stages["read ids"] = time.perf_counter() - started
 
     version = new_version()

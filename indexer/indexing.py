@@ -28,6 +28,7 @@ from indexer.config import Settings, process_memory_mb
 from indexer.images import ImageError, load_pixels
 from indexer.locking import write_lock
 from indexer.model import Embedder
+from indexer.segments import read_manifest
 from indexer.store import ImageVector, KnownFile, Store
 
 # A run that would remove more than this fraction of its folder's images stops and asks for --prune.
@@ -248,8 +249,6 @@ def compact_if_due(
     """Compact when compaction_due says so; else (None, changes waiting in the delta)."""
     if compaction_due(settings, store, embedder) is not None:
         return compact(settings, store, embedder, progress=progress), 0
-    from indexer.segments import read_manifest
-
     return None, store.pending_changes(int((read_manifest(settings.index_dir) or {}).get("built_through", 0)))
 
 

@@ -38,6 +38,13 @@ def new_version() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
 
 
+def rows_by_id(ids: np.ndarray) -> np.ndarray:
+    """image id -> its row in `ids` (a dense table, -1 where an id is absent)."""
+    table = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
+    table[ids] = np.arange(len(ids))
+    return table
+
+
 def read_manifest(index_dir: Path) -> dict | None:
     try:
         return json.loads((index_dir / MANIFEST).read_text())
@@ -209,8 +216,7 @@ def load_base(index_dir: Path) -> BaseSegment | None:
     except BaseException:
         os.close(descriptor)
         raise
-    row_of_id = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
-    row_of_id[ids] = np.arange(len(ids))
+    row_of_id = rows_by_id(ids)
     blocks: dict[int, tuple[int, int]] = {}
     if len(codes):
         starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
