@@ -124,13 +124,13 @@ class Store:
 
     def head(self) -> int:
         with self.engine.connect() as connection:
-            return int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
+            return _head(connection)
 
     @staticmethod
     def _next_change(connection: Connection) -> int:
         """The next change number, taken inside the caller's write transaction."""
         connection.execute(update(StoreState).where(StoreState.name == "head").values(value=StoreState.value + 1))
-        return int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")))
+        return _head(connection)
 
     def pending_changes(self, since: int) -> int:
         """Image rows changed after change number `since` (what a delta holds)."""
@@ -142,7 +142,7 @@ class Store:
         again meanwhile is read in its newer state and read once more next time, and applying is idempotent.
         Vectors of another model are left out: they belong to an index that a new model will build."""
         with self.engine.connect() as connection:
-            head = int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
+            head = _head(connection)
             if head <= seen:
                 return Changes(seen, *_empty(dim))
             rows = connection.execute(
@@ -173,7 +173,7 @@ class Store:
     def snapshot(self, model_key: str) -> Snapshot:
         """Ids, categories and prices of every live vector of the model, by id (without the vectors)."""
         with self.engine.connect() as connection:
-            head = int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
+            head = _head(connection)
             rows = connection.execute(
                 select(ProductImage.id, Product.category, Product.price)
                 .join(Product)
@@ -525,6 +525,11 @@ class Store:
                     delete(Product).where(Product.id.in_(part), ~Product.id.in_(select(ProductImage.product_id)))
                 )
         return purged
+
+
+def _head(connection: Connection) -> int:
+    """The newest committed change number (as of the connection's transaction)."""
+    return int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
 
 
 def _empty(dim: int) -> tuple:
