@@ -106,14 +106,11 @@ class CatalogSearch:
             view = self._view
         if view is None:
             raise NotReady(self._problem or "not ready")
-        self.refresh(view)
+        self._refresh(view)
         return view
 
-    def refresh(self, view: IndexView | None = None) -> None:
-        """Apply the changes committed since this server last looked (cheap when there are none)."""
-        view = view or self._view
-        if view is None:
-            return
+    def _refresh(self, view: IndexView) -> None:
+        """Apply the changes committed since this server last looked (one indexed read when there are none)."""
         identity = self.embedder.identity
         changes = self.store.changes_since(view.live.seen, identity.key, identity.dim)
         if changes.head > view.live.seen:
