@@ -46,8 +46,9 @@ $(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt
 
 dev: $(DEV_INSTALLED)
 
+# With PRECISION=int8 the int8 model is calibrated on CATALOG's photos when given (make index passes it).
 weights: venv
-	@$(PY) -m indexer weights
+	@$(PY) -m indexer weights $(if $(CATALOG),--catalog "$(CATALOG)") $(if $(METADATA),--metadata "$(METADATA)")
 
 migrate: venv
 	@$(PY) -m indexer migrate
@@ -87,10 +88,14 @@ demo: demo-catalog weights migrate
 
 # wrk is the benchmark's load generator; one test runs it against the real server. Debian's chromium is
 # the browser that Playwright drives in tests/test_browser.py (Playwright's own browser download is not used).
+# Debian's postgresql gives the server binaries (initdb, postgres) of the cluster that the tests start themselves
+# in a temporary folder (tests/postgres.py; PG_BINDIR names another folder of them).
 test: weights dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk; its test will be skipped"
 	@test -x /usr/bin/chromium || $(call apt_install,chromium) \
 	  || echo "apt-get could not install chromium; the browser tests will be skipped"
+	@test -n "$$PG_BINDIR" || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || $(call apt_install,postgresql) \
+	  || echo "apt-get could not install postgresql; the PostgreSQL tests will be skipped"
 	$(PY) -m pytest
 
 # Throughput, latency and memory on a real catalog (default: the grocery-store dataset beside the repo).

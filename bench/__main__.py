@@ -27,8 +27,9 @@ import numpy as np
 from bench.load import run_wrk, search_bodies, wrk_path
 from bench.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
 from bench.server import running_server
+from bench.synthetic import catalog_metadata
 from indexer.catalog import in_catalog, scan_catalog
-from indexer.config import REPO_ROOT, cpu_count, load_settings
+from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings
 from indexer.images import load_pixels
 from indexer.model import INPUT_SIZE, load_embedder
 
@@ -56,9 +57,10 @@ class Reference:
     """The raw engine's single-image rate (batch 1, one interpreter using every core: the limit)
     and the seed-style Keras rate (the baseline), measurable again around any step."""
 
-    def __init__(self, settings, tensors: np.ndarray):
+    def __init__(self, settings, tensors: np.ndarray, catalog: Path, metadata: Path | None):
         self.settings, self.tensors = settings, tensors
-        self.embedder = load_embedder(settings)
+        # An int8 model not yet calibrated on a catalog is calibrated on this one, before anything is timed.
+        self.embedder = load_embedder(settings, catalog=catalog, metadata=metadata)
         self._keras = None
 
     def engine_rate(self, seconds: float = 4.0) -> float:
@@ -104,6 +106,7 @@ def measure_engine(reference: Reference) -> dict:
         )
     return {
         "engine": reference.embedder.engine.name,
+        "precision": settings.precision,
         "threads": settings.inference_threads,
         "images_per_s": round(single, 1),
         "one_thread_per_core_images_per_s": round(parallel, 1),
@@ -111,12 +114,13 @@ def measure_engine(reference: Reference) -> dict:
     }
 
 
-def measure_indexing(catalog: Path, metadata: Path | None, data_dir: Path) -> dict:
+def measure_indexing(catalog: Path, metadata: Path | None, data_dir: Path, precision: str) -> dict:
     """`python -m indexer index` from files into an empty data folder, as a separate process."""
     command = [sys.executable, "-m", "indexer", "index", "--catalog", str(catalog), "--quiet"]
     command += ["--metadata", str(metadata)] if metadata else []
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "DATA_DIR": str(data_dir)},
+    env = {**os.environ, "DATA_DIR": str(data_dir), "PRECISION": precision}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     output, errors = process.communicate()
     seconds = time.perf_counter() - started
@@ -163,39 +167,49 @@ def _timed(function, argument) -> float:
 
 def measure_http(reference: Reference, data_dir: Path, photos: list[bytes], levels: tuple[int, ...]) -> dict:
     """Start the production server as `make serve` does, time it until ready, then load it with
-    each number of concurrent clients in turn, the engine measured around each."""
-    with running_server({"DATA_DIR": str(data_dir)}) as server, search_bodies(photos, {"k": "12"}) as bodies:
+    each number of concurrent clients in turn (raw JPEG bodies, as a storefront's server sends them),
+    the engine measured around each; and once with multipart forms (as a browser's form sends them)."""
+    env = {"DATA_DIR": str(data_dir), "PRECISION": reference.settings.precision}
+    with (
+        running_server(env) as server,
+        search_bodies(photos, {"k": "12"}, raw=True) as raw,
+        search_bodies(photos, {"k": "12"}) as multipart,
+    ):
         idle_memory = process_tree_memory_mb(server.process.pid)
         search = f"{server.url}/api/search"
-        run_wrk(search, *bodies, clients=1, seconds=2)  # warm-up
-        loads = []
-        for clients in levels:
-            cpu, steal = process_tree_cpu_seconds(server.process.pid), machine_steal()
-            load, rates = reference.around(lambda c=clients: run_wrk(search, *bodies, clients=c, seconds=10))
-            # The server is idle while the engine is measured around the load, so this is the load's CPU.
-            cpu = process_tree_cpu_seconds(server.process.pid) - cpu
-            stolen, total = (now - then for now, then in zip(machine_steal(), steal, strict=True))
-            loads.append({
-                **load,
-                "engine_around": rates,
-                "over_engine": round(load["requests_per_s"] / rates["mean"]["engine"], 3),
-                "server_cpu_ms_per_request": round(1000 * cpu / max(1, load["requests"]), 2),
-                "machine_steal_percent": round(100 * stolen / max(1, total), 1),
-            })  # fmt: skip
+        run_wrk(f"{search}?k=12", *raw, clients=1, seconds=2)  # warm-up
+        loads = [_load(reference, server, f"{search}?k=12", raw, clients) for clients in levels]
+        multipart_load = _load(reference, server, search, multipart, 4)
         loaded_memory = process_tree_memory_mb(server.process.pid)
     return {"ready_seconds": round(server.ready_seconds, 2), "memory_idle": idle_memory,
-            "memory_after_load": loaded_memory, "load": loads}  # fmt: skip
+            "memory_after_load": loaded_memory, "load": loads, "multipart_4_clients": multipart_load}  # fmt: skip
+
+
+def _load(reference: Reference, server, url: str, bodies: tuple[Path, str], clients: int) -> dict:
+    cpu, steal = process_tree_cpu_seconds(server.process.pid), machine_steal()
+    load, rates = reference.around(lambda: run_wrk(url, *bodies, clients=clients, seconds=10))
+    # The server is idle while the engine is measured around the load, so this is the load's CPU.
+    cpu = process_tree_cpu_seconds(server.process.pid) - cpu
+    stolen, total = (now - then for now, then in zip(machine_steal(), steal, strict=True))
+    return {
+        **load,
+        "engine_around": rates,
+        "over_engine": round(load["requests_per_s"] / rates["mean"]["engine"], 3),
+        "server_cpu_ms_per_request": round(1000 * cpu / max(1, load["requests"]), 2),
+        "machine_steal_percent": round(100 * stolen / max(1, total), 1),
+    }
 
 
 def _with_reference(result: dict, rates: dict) -> dict:
     return {**result, "around": rates}
 
 
-def ratios(results: dict) -> dict[str, float]:
-    """The issue's figures: each step against the reference measured around it."""
+def ratios(results: dict, cpus: int) -> dict[str, float]:
+    """One precision's figures: each step against the reference measured around it."""
     indexing, four = results["indexing"], next(r for r in results["http"]["load"] if r["clients"] == 4)
     around = indexing["around"]["mean"]
     request_cpu_ms = four["server_cpu_ms_per_request"]
+    inference_ms = results["engine"]["one_thread_inference_ms"]
     return {
         "indexing_over_engine": round(indexing["images_per_s"] / around["engine"], 3),
         "indexing_over_seed_baseline": round(indexing["images_per_s"] / around["keras"], 1),
@@ -204,46 +218,65 @@ def ratios(results: dict) -> dict[str, float]:
         # What the HTTP figure could be if the server's CPU time per request kept every core busy,
         # and how much of that CPU time the inference itself is.
         "http_4_clients_ceiling_from_cpu_per_request": round(
-            1000 * results["machine"]["cpus"] / request_cpu_ms / four["engine_around"]["mean"]["engine"], 3
+            1000 * cpus / request_cpu_ms / four["engine_around"]["mean"]["engine"], 3
         ),
-        "inference_share_of_request_cpu": round(results["engine"]["one_thread_inference_ms"] / request_cpu_ms, 3),
+        "server_cpu_ms_per_request": request_cpu_ms,
+        "inference_share_of_request_cpu": round(inference_ms / request_cpu_ms, 3),
+        "server_cpu_ms_per_request_outside_inference": round(request_cpu_ms - inference_ms, 2),
         "server_ready_seconds": results["http"]["ready_seconds"],
         "server_rss_mb_minus_index": round(results["http"]["memory_after_load"]["rss_mb"] - results["index_mb"], 1),
     }
+
+
+def comparison(fp32: dict, int8: dict) -> dict[str, float]:
+    """int8 against fp32, both measured in this run (the issue's Done-when lines)."""
+
+    def http(result: dict, clients: int) -> float:
+        return next(r for r in result["http"]["load"] if r["clients"] == clients)["requests_per_s"]
+
+    return {
+        "engine_int8_over_fp32": round(int8["engine"]["images_per_s"] / fp32["engine"]["images_per_s"], 2),
+        "engine_one_thread_per_core_int8_over_fp32": round(
+            int8["engine"]["one_thread_per_core_images_per_s"] / fp32["engine"]["one_thread_per_core_images_per_s"], 2
+        ),
+        "make_index_int8_over_fp32": round(fp32["indexing"]["seconds"] / int8["indexing"]["seconds"], 2),
+        **{f"http_{c}_clients_int8_over_fp32": round(http(int8, c) / http(fp32, c), 2) for c in (1, 2, 4, 8)},
+        "in_process_p50_int8_over_fp32": round(int8["in_process"]["p50_ms"] / fp32["in_process"]["p50_ms"], 2),
+    }
+
+
+COLOURS = {"fp32": "#2c7fb8", "int8": "#fd8d3c"}
 
 
 def chart(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 4.5), dpi=100)
+    figure = Figure(figsize=(13, 4.8), dpi=100)
     FigureCanvasAgg(figure)
     rates, latency = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    limit, indexing = results["engine"]["images_per_s"], results["indexing"]
-    # (rate, the engine rate it is compared with: the one measured around it)
-    bars = {
-        "Keras predict,\none image\n(baseline)": (results["seed_baseline"]["images_per_s"], limit),
-        "LiteRT forward\n(the limit)": (limit, limit),
-        "make index\nfrom files": (indexing["images_per_s"], indexing["around"]["mean"]["engine"]),
-        **{f"HTTP, {r['clients']}\nclient(s)": (r["requests_per_s"], r["engine_around"]["mean"]["engine"])
-           for r in results["http"]["load"]},
-    }  # fmt: skip
-    heights = [rate for rate, _ in bars.values()]
-    drawn = rates.bar(list(bars), heights, color=["#999", "#2c7fb8", "#41ab5d"] + ["#fd8d3c"] * 4)
-    rates.bar_label(drawn, labels=[f"{v:.0f}\n{v / ref:.2f}×" for v, ref in bars.values()], fontsize=8)
+    groups = ["LiteRT forward", "make index", *(f"HTTP, {c} client{'s' * (c > 1)}" for c in (1, 2, 4, 8))]
+    width = 0.4
+    for offset, (precision, result) in zip((-width / 2, width / 2), results["precisions"].items(), strict=True):
+        values = [result["engine"]["images_per_s"], result["indexing"]["images_per_s"],
+                  *(r["requests_per_s"] for r in result["http"]["load"])]  # fmt: skip
+        drawn = rates.bar(np.arange(len(groups)) + offset, values, width, label=precision, color=COLOURS[precision])
+        rates.bar_label(drawn, labels=[f"{v:.0f}" for v in values], fontsize=7)
+        loads = result["http"]["load"]
+        for key, style in (("p50_ms", "-o"), ("p95_ms", "--s")):
+            latency.plot([r["clients"] for r in loads], [r[key] for r in loads], style, color=COLOURS[precision],
+                         label=f"{precision} HTTP {key[:3]}")  # fmt: skip
+    rates.set_xticks(np.arange(len(groups)), groups, fontsize=8)
     rates.set_ylabel("images or requests per second")
-    rates.set_title("Throughput (ratio to the LiteRT forward rate measured around each step)", fontsize=10)
-    rates.tick_params(axis="x", labelsize=7)
-    rates.margins(y=0.2)
-    loads = results["http"]["load"]
-    for key, marker in (("p50_ms", "o"), ("p95_ms", "s"), ("p99_ms", "^")):
-        latency.plot([r["clients"] for r in loads], [r[key] for r in loads], marker=marker, label=f"HTTP {key[:3]}")
-    latency.axhline(results["in_process"]["p50_ms"], color="#41ab5d", linestyle="--", label="in-process p50")
+    rates.set_title(f"Throughput (Keras predict, one image: {results['seed_baseline']['images_per_s']:.0f}/s)",
+                    fontsize=10)  # fmt: skip
+    rates.legend(fontsize=8)
+    rates.margins(y=0.15)
     latency.set_xscale("log", base=2)
-    latency.set_xticks([r["clients"] for r in loads], [str(r["clients"]) for r in loads])
+    latency.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     latency.set_xlabel("concurrent clients")
     latency.set_ylabel("ms")
-    latency.set_title("Search latency")
+    latency.set_title("Search latency over HTTP")
     latency.legend(fontsize=8)
     figure.suptitle(f"{results['machine']['cpus']} CPUs, {results['machine']['processor']}", fontsize=9)
     figure.tight_layout()
@@ -266,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(OUT_DIR))
     args = parser.parse_args(argv)
     catalog = Path(args.catalog)
-    metadata = Path(args.metadata) if args.metadata else next(
-        (catalog / n for n in ("catalog.csv", "products.csv") if (catalog / n).exists()), None
-    )  # fmt: skip
+    metadata = Path(args.metadata) if args.metadata else catalog_metadata(catalog)
     metadata = in_catalog(catalog, metadata)
     settings = load_settings()
     images = scan_catalog(catalog, metadata).images
@@ -285,29 +316,40 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"machine": machine(), "catalog": str(catalog), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     wrk_path()  # say at once when the load generator is missing, not after the indexing run
-    reference = Reference(settings, tensors)
+    references = {p: Reference(settings.with_overrides(precision=p), tensors, catalog, metadata) for p in PRECISIONS}
+    per: dict[str, dict] = {p: {} for p in PRECISIONS}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data_dir = Path(tmp)
+        data_dirs = {p: Path(tmp) / p for p in PRECISIONS}
+        # Step by step, both precisions one after the other: each comparison is made minutes apart at most.
         steps = [
-            ("engine", "raw engine forward rate", lambda: measure_engine(reference)),
-            ("seed_baseline", "Keras per-image predict", lambda: {"images_per_s": round(reference.keras_rate(), 1)}),
+            ("engine", "raw engine forward rate", lambda p: measure_engine(references[p])),
             ("indexing", f"python -m indexer index ({len(images)} images), engine and Keras measured around it",
-             lambda: _with_reference(*reference.around(lambda: measure_indexing(catalog, metadata, data_dir),
-                                                       keras=True))),
-            ("in_process", "in-process query latency", lambda: measure_in_process(settings, data_dir, photos)),
+             lambda p: _with_reference(*references[p].around(
+                 lambda: measure_indexing(catalog, metadata, data_dirs[p], p), keras=True))),
+            ("in_process", "in-process query latency",
+             lambda p: measure_in_process(references[p].settings, data_dirs[p], photos)),
             ("http", "HTTP against gunicorn (wrk), engine measured around each load",
-             lambda: measure_http(reference, data_dir, photos, (1, 2, 4, 8))),
+             lambda p: measure_http(references[p], data_dirs[p], photos, (1, 2, 4, 8))),
         ]  # fmt: skip
         for key, title, step in steps:
-            print(f"bench: {title} ...", file=sys.stderr, flush=True)
-            results[key] = step()
-        # The base segment a server maps: the vectors, ids, categories, prices and any FAISS structure.
-        base = data_dir / "index" / json.loads((data_dir / "index" / "manifest.json").read_text())["base"]
-        results["index_mb"] = round(sum(f.stat().st_size for f in base.iterdir()) / 2**20, 2)
-    results["ratios"] = ratios(results)
+            for precision in PRECISIONS:
+                print(f"bench: {title}, {precision} ...", file=sys.stderr, flush=True)
+                per[precision][key] = step(precision)
+            if key == "engine":
+                print("bench: Keras per-image predict (the seed's way) ...", file=sys.stderr, flush=True)
+                results["seed_baseline"] = {"images_per_s": round(references["fp32"].keras_rate(), 1)}
+        for precision, data_dir in data_dirs.items():
+            # The base segment a server maps: the vectors, ids, categories, prices and any FAISS structure.
+            base = data_dir / "index" / json.loads((data_dir / "index" / "manifest.json").read_text())["base"]
+            per[precision]["index_mb"] = round(sum(f.stat().st_size for f in base.iterdir()) / 2**20, 2)
+    for result in per.values():
+        result["ratios"] = ratios(result, results["machine"]["cpus"])
+    results["precisions"] = per
+    results["int8_over_fp32"] = comparison(per["fp32"], per["int8"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     chart(results, out / "results.png")
-    print(json.dumps(results["ratios"], indent=2))
+    print(json.dumps({"int8_over_fp32": results["int8_over_fp32"],
+                      **{p: r["ratios"] for p, r in per.items()}}, indent=2))  # fmt: skip
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}", file=sys.stderr)
     return 0
 

@@ -7,6 +7,7 @@ wrk), so the server's figure would depend on the client's.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from PIL import Image
 
 WRK_SCRIPT = Path(__file__).with_name("wrk.lua")
 INSTALL_WRK = "install wrk (Debian/Ubuntu: apt-get install wrk; macOS: brew install wrk) and run make bench again"
@@ -39,13 +42,18 @@ def multipart_body(photo: bytes, fields: dict[str, str], boundary: str | None = 
 
 
 @contextmanager
-def search_bodies(photos: list[bytes], fields: dict[str, str]) -> Iterator[tuple[Path, str]]:
-    """The photos as multipart bodies in a temporary folder (one file each, one boundary for all),
-    for wrk.lua to load: yields the folder and the content type."""
+def search_bodies(photos: list[bytes], fields: dict[str, str], raw: bool = False) -> Iterator[tuple[Path, str]]:
+    """The photos as request bodies in a temporary folder (one file each), for wrk.lua to load: multipart
+    forms with one boundary for all, or (raw) the photos' own bytes, whose fields then go in the URL.
+    Yields the folder and the content type."""
     boundary = uuid.uuid4().hex
+    content_type = f"multipart/form-data; boundary={boundary}"
     with tempfile.TemporaryDirectory(prefix="bench-bodies-") as folder:
         for number, photo in enumerate(photos):
-            body, content_type = multipart_body(photo, fields, boundary)
+            if raw:
+                body, content_type = photo, Image.open(io.BytesIO(photo)).get_format_mimetype()
+            else:
+                body, _ = multipart_body(photo, fields, boundary)
             (Path(folder) / f"{number:05d}.body").write_bytes(body)
         yield Path(folder), content_type
 

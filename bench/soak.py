@@ -55,14 +55,15 @@ def index(catalog: Path, metadata: Path, env: dict) -> None:
     indexer_command(["index", "--catalog", str(catalog), "--metadata", str(metadata), "--quiet"], env)
 
 
-def synthetic_products(catalog: Path, rows: list[dict], count: int, folder: Path):
+def synthetic_products(catalog: Path, metadata: Path, rows: list[dict], count: int, folder: Path):
     """`count` products whose vectors are clustered around the embeddings of some of the catalog's photos."""
     from bench.synthetic import embed_photos, generate, real_photos
     from indexer.config import load_settings
     from indexer.model import load_embedder
 
     _, photos = real_photos(200, catalog, seed=0)
-    anchors = embed_photos(load_embedder(load_settings()), photos, progress=False)
+    embedder = load_embedder(load_settings(), catalog=catalog, metadata=metadata)  # int8: calibrated on it if need be
+    anchors = embed_photos(embedder, photos, progress=False)
     return generate(folder, count, anchors, [p.category for p in photos], seed=0, progress=False)
 
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         write_catalog(second, tmp / "second.csv")
         index(catalog, tmp / "first.csv", env)
         if args.products > len(first):
-            synthetic = synthetic_products(catalog, first, args.products - len(first), tmp / "synthetic")
+            synthetic = synthetic_products(catalog, catalog / args.metadata, first, args.products - len(first),
+                                           tmp / "synthetic")  # fmt: skip
             indexer_command(["import-vectors", "--vectors", str(synthetic.vectors), "--products",
                              str(synthetic.products), "--quiet"], env)  # fmt: skip
         with running_server(env, timeout=300) as server:

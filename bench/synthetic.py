@@ -59,6 +59,11 @@ def row_of(sku: str) -> int | None:
         return None
 
 
+def catalog_metadata(folder: Path) -> Path | None:
+    """A benchmark catalog's metadata file: catalog.csv (as the grocery-store dataset has) or products.csv."""
+    return next((folder / name for name in ("catalog.csv", "products.csv") if (folder / name).exists()), None)
+
+
 def real_photos(limit: int, catalog: Path | None, seed: int) -> tuple[str, list[Photo]]:
     """Up to `limit` real photos with a category each, spread over every category: from the
     catalog folder (its catalog.csv or products.csv, or its folders) when it exists, else the
@@ -66,7 +71,7 @@ def real_photos(limit: int, catalog: Path | None, seed: int) -> tuple[str, list[
     of the source and the photos."""
     for folder in (catalog, REPO_ROOT / "demo-catalog"):
         if folder is not None and Path(folder).is_dir():
-            metadata = next((folder / n for n in ("catalog.csv", "products.csv") if (folder / n).exists()), None)
+            metadata = catalog_metadata(folder)
             images = [i for i in scan_catalog(folder, metadata).images if i.category]
             if images:
                 return str(folder), _spread(images, limit, seed)

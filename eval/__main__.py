@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         "catalog": str(catalog),
         "queries_file": args.queries,
         "index": {
-            **{key: manifest.get(key) for key in ("version", "model", "weights_sha256", "dim", "engine", "factory")},
+            **{
+                key: manifest.get(key)
+                for key in ("version", "model", "weights_sha256", "dim", "precision", "engine", "factory")
+            },
             "items": app.extensions["catalog_search"].status()["items"],
         },
         "seconds": round(seconds, 1),

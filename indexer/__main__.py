@@ -4,6 +4,7 @@ python -m indexer index --catalog ../shared/datasets/grocery-store --metadata ca
 python -m indexer compact
 python -m indexer import-vectors --vectors vectors.npy --products products.csv
 python -m indexer weights
+PRECISION=int8 python -m indexer weights --catalog ../shared/datasets/grocery-store --metadata catalog.csv
 python -m indexer migrate
 python -m indexer demo-catalog demo-catalog
 """
@@ -31,7 +32,7 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 2
     settings = settings.sharing_cores(settings.embed_workers)
-    embedder = load_embedder(settings, concurrency=settings.embed_workers)
+    embedder = load_embedder(settings, concurrency=settings.embed_workers, catalog=catalog, metadata=metadata)
     try:
         report = index_catalog(
             settings, embedder, catalog, metadata, progress=not args.quiet, add_only=args.add, prune=args.prune
@@ -81,16 +82,30 @@ def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
     from indexer.model import ensure_litert_export, resolve_weights
 
     print(f"weights ready: {resolve_weights(settings)}")
-    if settings.engine == "litert":
-        print(f"LiteRT model ready: {ensure_litert_export(settings).model_path}")
+    if settings.engine != "litert":
+        return 0
+    # The fp32 model always: the reference the int8 one is checked against, and PRECISION=fp32's model.
+    print(f"LiteRT model ready (fp32): {ensure_litert_export(settings.with_overrides(precision='fp32')).model_path}")
+    if settings.precision == "int8":
+        catalog = Path(args.catalog) if args.catalog else None
+        metadata = in_catalog(catalog, args.metadata) if catalog else None
+        try:
+            export = ensure_litert_export(settings, catalog=catalog, metadata=metadata, recalibrate=args.recalibrate)
+        except ConfigError as exc:
+            if catalog is not None or args.recalibrate:
+                raise
+            # Nothing to calibrate on yet: `make index CATALOG=...` calibrates on that catalog's photos.
+            print(f"int8 model not made yet: {exc}")
+            return 0
+        print(f"LiteRT model ready (int8): {export.model_path}")
     return 0
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.schema import migrate
+    from indexer.schema import migrate, shown_url
 
     migrate(settings.db_url)
-    print(f"database schema is current: {settings.db_url}")
+    print(f"database schema is current: {shown_url(settings.db_url)}")
     return 0
 
 
@@ -159,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = commands.add_parser(
         "weights", help="fetch and convert the configured model weights (and its LiteRT model)"
+    )
+    weights.add_argument("--catalog", help="int8 only: calibrate on this catalog's photos if none was used yet")
+    weights.add_argument("--metadata", help="the catalog's products.csv or .jsonl (default: its own, if present)")
+    weights.add_argument(
+        "--recalibrate", action="store_true", help="int8 only: calibrate again (then `make index` re-embeds)"
     )
     weights.set_defaults(run=cmd_weights)
 

@@ -90,7 +90,7 @@ def compact(
 ) -> CompactionReport | None:
     """Build and publish a new base from every live vector; None when another compaction holds the lock
     and wait is False."""
-    with compaction_lock(settings.data_dir, wait=wait) as held:
+    with compaction_lock(settings.data_dir, store, wait=wait) as held:
         if not held:
             return None
         return _compact(settings, store, embedder, progress)
@@ -143,7 +143,7 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
         "categories": names,
     }
     base = publish_base(index_dir, folder, manifest)
-    with write_lock(settings.data_dir):
+    with write_lock(settings.data_dir, store):
         store.purge_tombstones(snapshot.head, PURGE_AFTER)
     if tuning.recall_at_10 is not None and tuning.recall_at_10 < 0.95:
         log.warning("%s reaches recall@10 %.3f only; consider index.factory = 'auto'", factory, tuning.recall_at_10)

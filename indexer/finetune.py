@@ -269,7 +269,7 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
     partial.write_text(json.dumps(summary, indent=2))
     partial.replace(settings.models_dir / ACTIVE_MODEL_FILE)
     if settings.engine == "litert":
-        ensure_litert_export(settings.with_overrides(finetuned=weights_path))
+        ensure_litert_export(settings.with_overrides(finetuned=weights_path), catalog=catalog_dir, metadata=metadata)
     shutil.rmtree(work_dir / "backup", ignore_errors=True)
     progress_file.unlink(missing_ok=True)
     return summary

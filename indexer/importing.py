@@ -103,7 +103,7 @@ def import_vectors(
             products.append(
                 ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, row.get("url") or None)
             )
-        with write_lock(settings.data_dir):
+        with write_lock(settings.data_dir, store):
             product_ids = store.upsert_products(products)
             if images:
                 store.store_vectors(

@@ -199,7 +199,7 @@ def index_catalog(
         results = checked_batches(scan.images, known, embedder, settings.batch_size, pool, settings.embed_workers)
         # While the first batches are embedded: every product's metadata, which the embeddings' rows
         # point to. Products whose photos all fail are removed again by reconcile_catalog.
-        with write_lock(settings.data_dir):
+        with write_lock(settings.data_dir, store):
             product_ids = store.upsert_products(image.product for image in scan.images)
         bar = tqdm(total=len(scan.images), desc="Indexing", unit="img", disable=not progress)
         for batch in results:
@@ -207,10 +207,10 @@ def index_catalog(
                 failed.add(image.rel_path)
                 report.problems.append(f"{image.rel_path}: {problem}")
             if batch.embedded:
-                with write_lock(settings.data_dir):
+                with write_lock(settings.data_dir, store):
                     store.store_vectors(_image_vectors(batch, product_ids), model_key)
             if batch.restated:
-                with write_lock(settings.data_dir):
+                with write_lock(settings.data_dir, store):
                     store.record_file_stats(batch.restated)
             report.embedded += len(batch.embedded)
             report.unchanged += batch.unchanged
@@ -223,7 +223,7 @@ def index_catalog(
         for image in scan.images
         if image.rel_path not in failed
     }
-    with write_lock(settings.data_dir):
+    with write_lock(settings.data_dir, store):
         reconciled = store.reconcile_catalog(
             keep, str(scan.root), remove=not add_only, most_removed=None if prune else MOST_REMOVED
         )

@@ -8,14 +8,27 @@ it; `load_embedder` runs it with the configured engine (LiteRT by default).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from indexer.calibration import calibration_catalog, calibration_sample
 from indexer.config import PYPI_WEIGHTS, ConfigError, Settings
-from indexer.engines import Engine, KerasEngine, LiteRTEngine, LiteRTExport, export_litert, export_path, read_export
+from indexer.engines import (
+    INT8_RECIPE,
+    Engine,
+    KerasEngine,
+    LiteRTEngine,
+    LiteRTExport,
+    convert_fp32,
+    convert_int8,
+    export_path,
+    read_export,
+    write_export,
+)
 from indexer.images import Box, load_pixels
 from indexer.weights import sha256_file
 
@@ -26,22 +39,44 @@ INPUT_SIZE = 224
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What an index was built with; an index is only searched with the same model."""
+    """What an index was built with; an index is only searched with the same model, at the same precision."""
 
     name: str
     weights_sha256: str
     dim: int
+    precision: str = "fp32"
+    # The int8 model's own file: its calibration decides its vectors, so two calibrations are two models.
+    quantized_sha256: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"model": self.name, "weights_sha256": self.weights_sha256, "dim": self.dim}
+        identity: dict[str, object] = {
+            "model": self.name, "weights_sha256": self.weights_sha256, "dim": self.dim, "precision": self.precision
+        }  # fmt: skip
+        if self.quantized_sha256:
+            identity["quantized_sha256"] = self.quantized_sha256
+        return identity
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelIdentity:
-        return cls(name=data["model"], weights_sha256=data["weights_sha256"], dim=int(data["dim"]))
+        # Indexes from before precisions existed are fp32.
+        return cls(
+            name=data["model"],
+            weights_sha256=data["weights_sha256"],
+            dim=int(data["dim"]),
+            precision=data.get("precision") or "fp32",
+            quantized_sha256=data.get("quantized_sha256"),
+        )
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.weights_sha256[:16]}"
+        """Names the vectors in the database: an fp32 key is what it was before int8 existed."""
+        key = f"{self.name}@{self.weights_sha256[:16]}"
+        if self.precision != "fp32":
+            key += f"+{self.precision}-{(self.quantized_sha256 or '')[:12]}"
+        return key
+
+    def quantized(self, flatbuffer_sha256: str) -> ModelIdentity:
+        return replace(self, precision="int8", quantized_sha256=flatbuffer_sha256)
 
 
 def _application(name: str):
@@ -175,30 +210,107 @@ def weights_key(settings: Settings, *, convert: bool = True) -> str:
     return sha256_file(Path(resolve_weights(settings)))
 
 
-def ensure_litert_export(settings: Settings, *, create: bool = True) -> LiteRTExport:
-    """The .tflite conversion of the configured model, converting it (with TensorFlow) if allowed."""
-    path = export_path(settings.models_dir, settings.model_name, weights_key(settings, convert=create))
+def ensure_litert_export(
+    settings: Settings,
+    *,
+    create: bool = True,
+    catalog: Path | None = None,
+    metadata: Path | None = None,
+    recalibrate: bool = False,
+) -> LiteRTExport:
+    """The .tflite conversion of the configured model at the configured precision, converting it (with
+    TensorFlow) if allowed. An int8 model is calibrated on `catalog` when given (see ensure_int8_export)."""
+    key = weights_key(settings, convert=create)
+    if settings.precision == "int8":
+        return ensure_int8_export(
+            settings, key, create=create, catalog=catalog, metadata=metadata, recalibrate=recalibrate
+        )
+    path = export_path(settings.models_dir, settings.model_name, key)
     export = read_export(path)
     if export is None:
         if not create:
             raise ConfigError(f"no LiteRT model at {path} for the configured weights yet; run `make weights`")
         feature_model = build_feature_model(settings)
-        export = export_litert(feature_model, identity_of(settings, feature_model).as_dict(), path)
+        export = write_export(path, convert_fp32(feature_model), identity_of(settings, feature_model).as_dict())
     return export
 
 
+def int8_pointer(settings: Settings, key: str) -> Path:
+    """Names the int8 model in use for these weights (several calibrations may lie beside each other)."""
+    return export_path(settings.models_dir, settings.model_name, key).with_name(
+        f"{settings.model_name}-{key[:16]}-{INT8_RECIPE}.active.json"
+    )
+
+
+def ensure_int8_export(
+    settings: Settings,
+    key: str,
+    *,
+    create: bool,
+    catalog: Path | None,
+    metadata: Path | None,
+    recalibrate: bool = False,
+) -> LiteRTExport:
+    """The int8 model in use for these weights. It is calibrated once, on the first catalog that `make index`
+    or `make finetune` passes (or, before any, on the configured or demo catalog), and then kept: re-indexing
+    a folder of new photos must not re-quantise, which would re-embed the whole catalog. A model calibrated on
+    a fallback is replaced by one calibrated on the first real catalog; `recalibrate` replaces any."""
+    pointer = int8_pointer(settings, key)
+    active = _read_pointer(pointer)
+    if active is not None and not recalibrate and (catalog is None or active[1] == "catalog"):
+        return active[0]
+    if not create:
+        raise ConfigError(
+            f"no int8 LiteRT model for the configured weights yet ({pointer}); "
+            "run `make index CATALOG=<folder>` or `make weights` with PRECISION=int8"
+        )
+    origin = "catalog" if catalog is not None else "fallback"
+    if catalog is None:
+        catalog, metadata = calibration_catalog(settings, None)
+    sample = calibration_sample(catalog, metadata, INPUT_SIZE)
+    path = export_path(settings.models_dir, settings.model_name, key, calibration=sample.fingerprint)
+    export = read_export(path)
+    if export is None:
+        feature_model = build_feature_model(settings)
+        flatbuffer, float_layers = convert_int8(feature_model, sample.pixels)
+        identity = identity_of(settings, feature_model).quantized(hashlib.sha256(flatbuffer).hexdigest())
+        export = write_export(
+            path, flatbuffer, identity.as_dict(), calibration=sample.describe(), float_layers=float_layers
+        )
+    partial = pointer.with_name(pointer.name + ".partial")
+    partial.write_text(json.dumps({"model": path.name, "origin": origin, "calibration": sample.describe()}, indent=2))
+    os.replace(partial, pointer)
+    return export
+
+
+def _read_pointer(pointer: Path) -> tuple[LiteRTExport, str] | None:
+    try:
+        active = json.loads(pointer.read_text())
+    except FileNotFoundError:
+        return None
+    export = read_export(pointer.with_name(active["model"]))
+    return None if export is None else (export, active["origin"])
+
+
 def load_embedder(
-    settings: Settings, *, engine: str | None = None, create_export: bool = True, concurrency: int = 1
+    settings: Settings,
+    *,
+    engine: str | None = None,
+    create_export: bool = True,
+    concurrency: int = 1,
+    catalog: Path | None = None,
+    metadata: Path | None = None,
 ) -> Embedder:
     """The configured engine with the configured model, for up to `concurrency` simultaneous
     callers. LiteRT never imports TensorFlow unless it must convert the model first (and
-    create_export allows it)."""
+    create_export allows it). `catalog` is the one being indexed: an int8 model not yet calibrated
+    on a catalog is calibrated on it."""
     engine = engine or settings.engine
     version = settings.finetuned.name.removesuffix(".weights.h5") if settings.finetuned else "plain"
     if engine == "keras":
         feature_model = build_feature_model(settings)
         return Embedder(KerasEngine(feature_model), identity_of(settings, feature_model), version=version)
-    export = ensure_litert_export(settings, create=create_export)
+    export = ensure_litert_export(settings, create=create_export, catalog=catalog, metadata=metadata)
     return Embedder(
         LiteRTEngine(export.model_path, settings.inference_threads, interpreters=concurrency),
         ModelIdentity.from_dict(export.identity),

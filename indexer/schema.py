@@ -1,7 +1,8 @@
 """The catalog tables (SQLAlchemy 2 ORM), the engine, and schema migration. indexer.store reads and writes them.
 
 An image row's id is its vector's id in the index, and the row keeps the vector itself, so the index can
-always be rebuilt from the database. Alembic migrations in migrations/ create and evolve these tables.
+always be rebuilt from the database. Alembic migrations in migrations/ create and evolve these tables, on
+SQLite (the default, a file in the data folder) and on PostgreSQL (`DATABASE_URL=postgresql+psycopg://...`).
 """
 
 from __future__ import annotations
@@ -9,15 +10,38 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, LargeBinary, String, create_engine, event, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    LargeBinary,
+    String,
+    create_engine,
+    event,
+    func,
+    literal,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from indexer.config import REPO_ROOT
+from indexer.locking import MIGRATION_LOCK_KEY
 
 # The newest migration in migrations/versions (a test checks that it is Alembic's head).
 SCHEMA_REVISION = "0004"
+
+
+# The types that differ between the two databases (the migrations spell out the same): JSON documents are
+# JSONB on PostgreSQL; times carry their time zone (timestamptz; SQLite keeps the UTC wall-clock text either
+# way); vectors are BLOB on SQLite, bytea on PostgreSQL.
+JSON_DOCUMENT = JSON().with_variant(JSONB(), "postgresql")
+TIMESTAMP = DateTime(timezone=True)
 
 
 class Base(DeclarativeBase):
@@ -37,7 +61,7 @@ class Product(Base):
     category: Mapped[str | None] = mapped_column(String(256), index=True)
     price: Mapped[float | None] = mapped_column(Float)
     url: Mapped[str | None] = mapped_column(String(2048))
-    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+    attributes: Mapped[dict] = mapped_column(JSON_DOCUMENT, default=dict)
     images: Mapped[list[ProductImage]] = relationship(
         back_populates="product", cascade="all, delete-orphan", order_by="ProductImage.id"
     )
@@ -57,10 +81,10 @@ class ProductImage(Base):
     # "catalog" rows follow the catalog folder (make index); "api" rows belong to the write API.
     source: Mapped[str] = mapped_column(String(16), default="catalog", server_default="catalog", index=True)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
-    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+    updated_at: Mapped[datetime] = mapped_column(TIMESTAMP, default=_now, onupdate=_now)
     # Set when the image leaves the catalog: the row stays (hidden) while index versions that
     # may still be in use refer to its id, then it is purged.
-    deleted_at: Mapped[datetime | None] = mapped_column(index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(TIMESTAMP, index=True)
     # The change number of the row's last change (vector, tombstone, or a shown product field):
     # servers apply the rows changed after the last number they saw.
     change: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0", index=True)
@@ -98,22 +122,47 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+    elif engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def _postgresql_keepalives(connection, _record) -> None:
+            # A writer's session holds the write lock (indexer.locking): should its machine die without closing
+            # the connection, the server ends the session, and so frees the lock, within about a minute.
+            autocommit, connection.autocommit = connection.autocommit, True
+            cursor = connection.cursor()
+            cursor.execute(
+                "SELECT set_config('tcp_keepalives_idle', '30', false), "
+                "set_config('tcp_keepalives_interval', '10', false), set_config('tcp_keepalives_count', '3', false)"
+            )
+            cursor.close()
+            connection.autocommit = autocommit
+
     return engine
 
 
 def migrate(url: str) -> None:
-    """Bring the database schema to the newest Alembic revision."""
+    """Bring the database schema to the newest Alembic revision. On PostgreSQL the whole upgrade is one
+    transaction (its DDL is transactional) under an advisory lock, so machines that migrate at the same
+    time take turns and the later ones find nothing left to do."""
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
-    config.set_main_option("sqlalchemy.url", url)
+    # Alembic reads the URL back through configparser, which takes % (a URL-escaped password) as interpolation.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     engine = make_engine(url)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(select(func.pg_advisory_xact_lock(literal(MIGRATION_LOCK_KEY, BigInteger))))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     engine.dispose()
+
+
+def shown_url(url: str) -> str:
+    """The database URL to print or log: without its password."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def schema_behind(engine: Engine) -> str | None:
@@ -122,7 +171,11 @@ def schema_behind(engine: Engine) -> str | None:
     try:
         with engine.connect() as connection:
             current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except OperationalError:  # no alembic_version table: never migrated
+    except ProgrammingError:  # PostgreSQL: no alembic_version table, never migrated
+        current = None
+    except OperationalError as exc:
+        if "no such table" not in str(exc.orig):  # not SQLite's "never migrated": a server that cannot be reached
+            return "the catalog database is unavailable right now; try again shortly"
         current = None
     if current == SCHEMA_REVISION:
         return None

@@ -2,19 +2,22 @@
 
 Every committed write takes the next change number ("head") and stamps the image rows it touched with it,
 so a server brings itself up to date by reading only the rows changed after the last number it saw.
-Writers hold `indexer.locking.write_lock`; readers never block them (SQLite WAL).
+Writers hold `indexer.locking.write_lock`; readers never block them (SQLite WAL; PostgreSQL's MVCC).
+The statements are the same on SQLite and PostgreSQL; what differs (advisory locks) says so where it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import BigInteger, Connection, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from indexer.catalog import ProductFields
 from indexer.config import Settings
@@ -119,6 +122,32 @@ class Store:
 
     def schema_problem(self) -> str | None:
         return schema_behind(self.engine)
+
+    @contextmanager
+    def advisory_lock(self, key: int, *, wait: bool) -> Iterator[bool]:
+        """PostgreSQL: hold the session-level advisory lock `key` while inside, on a connection of its own (so
+        every machine that uses this database takes turns); yields False at once when another session holds it
+        and wait is False. SQLite: yields True, its file lock (indexer.locking) is the whole lock.
+        Use it through indexer.locking, which takes this machine's file lock first."""
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        key_value = literal(key, BigInteger)
+        with self.engine.connect() as connection:
+            # No transaction stays open while the lock is held: a session lock outlives transactions.
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            if wait:
+                connection.execute(select(func.pg_advisory_lock(key_value)))
+            elif not connection.scalar(select(func.pg_try_advisory_lock(key_value))):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                try:
+                    connection.execute(select(func.pg_advisory_unlock(key_value)))
+                except SQLAlchemyError:
+                    connection.invalidate()  # closing the session releases its locks
 
     # --- change numbers ------------------------------------------------------------------------
 
@@ -447,7 +476,7 @@ class Store:
                     )
             # Products of this run none of whose photos could be read (the API writes a product and its image
             # in one transaction, so it never leaves one without).
-            connection.execute(delete(Product).where(~Product.id.in_(select(ProductImage.product_id))))
+            connection.execute(delete(Product).where(~_HAS_IMAGE))
         return result
 
     def put_product(
@@ -521,15 +550,17 @@ class Store:
             purged = connection.execute(delete(ProductImage).where(expired)).rowcount
             # Only those products: one the indexer has just created may not have its images yet.
             for part in _chunks(sorted(set(owners))):
-                connection.execute(
-                    delete(Product).where(Product.id.in_(part), ~Product.id.in_(select(ProductImage.product_id)))
-                )
+                connection.execute(delete(Product).where(Product.id.in_(part), ~_HAS_IMAGE))
         return purged
+
+
+# Built once: every search reads head, and building the statement cost more CPU than running it.
+_HEAD = select(StoreState.value).where(StoreState.name == "head")
 
 
 def _head(connection: Connection) -> int:
     """The newest committed change number (as of the connection's transaction)."""
-    return int(connection.scalar(select(StoreState.value).where(StoreState.name == "head")) or 0)
+    return int(connection.scalar(_HEAD) or 0)
 
 
 def _empty(dim: int) -> tuple:
@@ -556,6 +587,9 @@ def _product_values(product: ProductFields) -> dict[str, object]:
 # A product is live while it has a live image. EXISTS, not IN (SELECT ...): SQLite would materialise the
 # live image ids of the whole catalog (seconds at a million) for a lookup of one product.
 _HAS_LIVE_IMAGE = select(ProductImage.id).where(ProductImage.product_id == Product.id, LIVE).exists()
+# NOT EXISTS, not NOT IN (SELECT ...): PostgreSQL runs it as an anti-join; NOT IN over a subquery larger than
+# work_mem would scan the subquery once per product.
+_HAS_IMAGE = select(ProductImage.id).where(ProductImage.product_id == Product.id).exists()
 
 
 _RESULT_ROWS = (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import Flask, Response, jsonify, make_response, render_template, request
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from werkzeug.exceptions import HTTPException
 
 from service.search import NotReady, UnknownProduct
@@ -55,6 +55,14 @@ def register_error_handlers(app: Flask) -> None:
         app.logger.error("database unavailable on %s %s: %s", request.method, request.path, exc.orig)
         problem = app.extensions["catalog_search"].store.schema_problem()
         return not_ready(NotReady(problem or "the catalog database is unavailable right now; try again shortly"))
+
+    @app.errorhandler(ProgrammingError)
+    def schema_missing(exc: ProgrammingError):
+        # PostgreSQL reports a table that is not there (a database never migrated) as a programming error.
+        if problem := app.extensions["catalog_search"].store.schema_problem():
+            app.logger.error("database behind on %s %s: %s", request.method, request.path, exc.orig)
+            return not_ready(NotReady(problem))
+        return internal_error(exc)
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception):

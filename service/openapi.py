@@ -10,6 +10,9 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from indexer.config import PRECISIONS
+from service.query_photo import RAW_IMAGE_TYPES
+
 openapi = Blueprint("openapi", __name__)
 
 JSON = "application/json"
@@ -109,6 +112,12 @@ PHOTO: Schema = {
     "format": "binary",
     "description": "The photo (JPEG, PNG, WebP, ...), at most service.max_upload_bytes.",
 }
+RAW_PHOTO: Schema = {
+    "type": "string",
+    "format": "binary",
+    "description": "The photo's bytes as the whole body, at most service.max_upload_bytes; the other fields then "
+    "come in the query string.",
+}
 
 
 def _query_param(name: str, schema: Schema) -> Schema:
@@ -116,6 +125,8 @@ def _query_param(name: str, schema: Schema) -> Schema:
 
 
 FILTER_PARAMS = [_query_param(name, schema) for name, schema in FILTERS.items()]
+# The fields a raw photo body leaves to the query string (a form may send them there too).
+SEARCH_PARAMS = [*FILTER_PARAMS, _query_param("box", BOX)]
 
 
 def _multipart(properties: Schema, description: str, *, required: bool = True, extra: Schema | None = None) -> Schema:
@@ -198,8 +209,14 @@ PRODUCT: Schema = {
 }
 MODEL: Schema = {
     "type": "object",
-    "required": ["model", "weights_sha256", "dim"],
-    "properties": {"model": {"type": "string"}, "weights_sha256": {"type": "string"}, "dim": {"type": "integer"}},
+    "required": ["model", "weights_sha256", "dim", "precision"],
+    "properties": {
+        "model": {"type": "string"},
+        "weights_sha256": {"type": "string"},
+        "dim": {"type": "integer"},
+        "precision": {"type": "string", "enum": list(PRECISIONS)},
+        "quantized_sha256": {"type": "string", "description": "the int8 model file's sha256 (its calibration)"},
+    },
 }
 TUNING: Schema = {
     "type": ["object", "null"],
@@ -280,8 +297,9 @@ NAMED_BY = {
 }
 
 
-def _search_body(description: str, *, required: bool = True) -> Schema:
-    """The photo and filters of a search: multipart with an upload, or url-encoded with image_url or query."""
+def _search_body(description: str, *, required: bool = True, raw: bool = False) -> Schema:
+    """The photo and filters of a search: multipart with an upload, or url-encoded with image_url or query; with
+    raw, also the photo itself as the body (RAW_IMAGE_TYPES)."""
     body = _multipart(SEARCH_FIELDS, description, required=required, extra={"oneOf": list(NAMED_BY.values())})
     body["content"]["application/x-www-form-urlencoded"] = {
         "schema": {
@@ -290,6 +308,8 @@ def _search_body(description: str, *, required: bool = True) -> Schema:
             "oneOf": [NAMED_BY["image_url"], NAMED_BY["query"]],
         }
     }
+    if raw:
+        body["content"].update({media_type: {"schema": RAW_PHOTO} for media_type in RAW_IMAGE_TYPES})
     return body
 
 
@@ -302,8 +322,12 @@ PATHS: Schema = {
             "summary": "Search by photo",
             "description": "The catalog products that look most like a photo, best first. Send the photo as `image`, "
             "or its address as `image_url`, or the `query` token of a recent search (one of them); `box` searches "
-            "for a region of it. The fields may also come in the query string.",
-            "requestBody": _search_body("The photo (or its address, or a recent query's token) and optional filters."),
+            "for a region of it. The fields may also come in the query string. Or send the photo's bytes as the "
+            f"whole body (Content-Type {', '.join(RAW_IMAGE_TYPES)}), with the other fields in the query string.",
+            "parameters": SEARCH_PARAMS,
+            "requestBody": _search_body(
+                "The photo (or its address, or a recent query's token) and optional filters.", raw=True
+            ),
             "responses": {"200": _json("The matches.", _ref("SearchResults")), **_errors(400, 404, 413, 502, 503)},
         }
     },
@@ -329,7 +353,8 @@ PATHS: Schema = {
             "x-endpoint": "api.search_preview",
             "tags": ["search"],
             "summary": "Preview grid of a search by photo",
-            "requestBody": _search_body("As for POST /api/search."),
+            "parameters": SEARCH_PARAMS,
+            "requestBody": _search_body("As for POST /api/search.", raw=True),
             "responses": {"200": PNG, **_errors(400, 404, 413, 502, 503)},
         },
     },

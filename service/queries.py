@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,9 +58,10 @@ def read_k(request: Request, default: int, most: int) -> int:
     return min(k, most)
 
 
-def read_category(request: Request, known: list[str]) -> str | None:
+def read_category(request: Request, known: list[str] | Callable[[], list[str]]) -> str | None:
+    """The category filter, checked against the known categories (a callable: listed only when one is asked for)."""
     category = request.values.get("category", "").strip() or None
-    if category is not None and category not in known:
+    if category is not None and category not in (known() if callable(known) else known):
         raise BadRequest(f"unknown category {category[:80]!r}; GET /api/categories lists them")
     return category
 
@@ -77,7 +79,7 @@ def read_price_bound(request: Request, name: str) -> float | None:
     return value
 
 
-def read_filters(request: Request, known_categories: list[str]) -> Filters:
+def read_filters(request: Request, known_categories: list[str] | Callable[[], list[str]]) -> Filters:
     """category, min_price and max_price from the query string or form; 400 when they make no sense."""
     filters = Filters(
         category=read_category(request, known_categories),

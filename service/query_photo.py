@@ -17,7 +17,12 @@ from service.errors import BadRequest
 from service.fetch import EVERYWHERE, fetch_image
 from service.queries import Query, RecentQueries
 
-SOURCES = "a multipart/form-data file field named 'image', an image_url, or query=<token from an earlier search>"
+# Media types of a request whose whole body is the photo (its other fields then come in the query string).
+RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+SOURCES = (
+    "a multipart/form-data file field named 'image', the photo's bytes as the whole body (Content-Type "
+    f"{', '.join(RAW_IMAGE_TYPES)}), an image_url, or query=<token from an earlier search>"
+)
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,13 @@ def fetch_photo(url: str, settings: Settings) -> bytes:
 
 
 def read_search_query(request: Request, settings: Settings, embedder: Embedder, recent: RecentQueries) -> SearchQuery:
-    """The one photo the request names (an 'image' upload, image_url, or query token) and its optional box,
-    embedded; 400 for a missing, doubled or unusable photo or a bad box, 404 for a forgotten token."""
+    """The one photo the request names (an 'image' upload, a raw image body, image_url, or query token) and its
+    optional box, embedded; 400 for a missing, doubled or unusable photo or a bad box, 404 for a forgotten token."""
     box = read_box(request)  # checked before any download or embedding
     data = None
-    if (upload := request.files.get("image")) is not None:
+    if request.mimetype in RAW_IMAGE_TYPES:
+        data = request.get_data(cache=False)  # the whole body is the photo, counted as "image"
+    elif (upload := request.files.get("image")) is not None:
         data = upload.read()
         if not data and not upload.filename:
             data = None  # what a browser sends for a form's empty file input: no upload at all

@@ -8,6 +8,7 @@ through any server, or a `make index`, is visible on every server without a rest
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from indexer.compaction import compaction_due
 from indexer.config import REPO_ROOT, Settings, process_memory_mb
 from indexer.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.locking import compaction_running
-from indexer.model import Embedder
+from indexer.model import Embedder, ModelIdentity
 from indexer.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
 from indexer.store import Store
 from service.product_rows import ProductRows
@@ -81,6 +82,24 @@ class IndexView:
 _faiss_threads = threading.local()
 
 
+def model_mismatch(manifest: dict, running: ModelIdentity) -> str | None:
+    """Why this server must not search the index (built with another model or precision), or None."""
+    built_with = ModelIdentity.from_dict(manifest)
+    if built_with == running:
+        return None
+    same_network = (built_with.name, built_with.weights_sha256) == (running.name, running.weights_sha256)
+    if same_network and built_with.precision != running.precision:
+        return (
+            f"the index was built at {built_with.precision} precision and this service runs {running.precision} "
+            f"(model.precision / PRECISION); set PRECISION={built_with.precision} or re-run `make index` "
+            f"with PRECISION={running.precision}"
+        )
+    return (
+        f"the index was built with {built_with.as_dict()} but the service runs {running.as_dict()}; "
+        "re-run `make index` with this model or configure the model the index was built with"
+    )
+
+
 class CatalogSearch:
     def __init__(self, settings: Settings, embedder: Embedder, store: Store):
         self.settings = settings
@@ -135,14 +154,9 @@ class CatalogSearch:
             base.release()
             self._problem = problem  # e.g. new code started without `make migrate`
             return None
-        built_with = {k: base.manifest.get(k) for k in ("model", "weights_sha256", "dim")}
-        if built_with != self.embedder.identity.as_dict():
+        if problem := model_mismatch(base.manifest, self.embedder.identity):
             base.release()
-            self._problem = (
-                f"the index was built with {built_with} but the service runs "
-                f"{self.embedder.identity.as_dict()}; re-run `make index` with this model "
-                "or configure the model the index was built with"
-            )
+            self._problem = problem
             return None
         self._problem = None
         return IndexView(LiveIndex(base), ProductRows(self.store))
@@ -179,12 +193,15 @@ class CatalogSearch:
         if self._compactor is not None and self._compactor.poll() is None:
             return
         data_dir = self.settings.data_dir
-        if compaction_running(data_dir) or compaction_due(self.settings, self.store, self.embedder) is None:
+        if compaction_running(data_dir, self.store) or compaction_due(self.settings, self.store, self.embedder) is None:
             return
-        # Not --if-due: this server has just checked, with its own settings.
+        # Not --if-due: this server has just checked, with its own settings (its data folder and database).
         command = [sys.executable, "-m", "indexer", "--data-dir", str(data_dir), "compact", "--quiet"]
+        env = {**os.environ, "DATABASE_URL": self.settings.database_url} if self.settings.database_url else None
         with open(data_dir / "compaction.log", "ab") as log:  # the child keeps its own descriptor
-            self._compactor = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log, start_new_session=True)
+            self._compactor = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+            )
 
     def status(self) -> dict[str, object]:
         try:

@@ -112,6 +112,9 @@ def put_product(sku: str):
     """Add or replace a product: multipart 'image' plus title, category, price, url, other fields."""
     search = catalog_search()
     _check_sku(sku)
+    if any("\x00" in name + value for name, value in request.form.items(multi=True)):
+        # PostgreSQL stores no NUL in text or JSON: refused on every database, so both behave alike.
+        raise BadRequest("product fields may not contain NUL characters")
     data = read_upload(request)
     vector = embed_upload(data, search.embedder)
     image_format = _format_of(data)
@@ -127,7 +130,7 @@ def put_product(sku: str):
     with _saving():
         path = _store_photo(data, image_format)
         image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vector)
-        with write_lock(search.settings.data_dir):
+        with write_lock(search.settings.data_dir, search.store):
             created, _ = search.store.put_product(product, image, search.embedder.identity.key, source=API)
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
@@ -135,7 +138,7 @@ def put_product(sku: str):
 @writes.delete("/api/products/<path:sku>")
 def delete_product(sku: str):
     search = catalog_search()
-    with _saving(), write_lock(search.settings.data_dir):
+    with _saving(), write_lock(search.settings.data_dir, search.store):
         # tombstones: a request still holding an older state can resolve every id it found
         change = search.store.delete_product(sku)
     if change is None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: settings in a temporary folder, the real embedding model, small real catalogs."""
+"""Shared fixtures: settings in a temporary folder, the real embedding model, small real catalogs, and the
+databases: SQLite (a file in the data folder) and PostgreSQL (a throwaway cluster, tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 
 from indexer.config import REPO_ROOT, Settings, load_settings
 from indexer.live_index import LiveIndex
 from indexer.segments import load_base
 from indexer.store import Store
+from tests.postgres import NO_BINARIES, PostgresCluster, find_bindir
+
+# The suite runs the fp32 model, here and in every process it starts. An int8 model is calibrated on the first
+# catalog indexed, and the suite's tiny catalogs would leave that calibration in the repository's models/
+# folder for the shop's own catalog. tests/test_precision.py covers int8 with a models folder of its own.
+os.environ["PRECISION"] = "fp32"
 
 GROCERY = Path(os.environ.get("GROCERY_DIR", REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"))
 
@@ -40,10 +47,68 @@ def base_settings() -> Settings:
     return load_settings(REPO_ROOT / "config.toml").with_overrides(finetuned=None)
 
 
+# The storage tests run on both databases: `@both_databases` on a test (or `pytestmark = both_databases` on a
+# module) that uses `settings` or `database_url`, or params=DATABASES on a fixture of a wider scope.
+DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+both_databases = pytest.mark.parametrize("database", DATABASES)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the session, started on first use; tests that need it skip, saying
+    why, only where the server's binaries are not installed."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip(NO_BINARIES)
+    cluster = PostgresCluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def settings(tmp_path: Path, base_settings: Settings) -> Settings:
+def database() -> str:
+    """The database a test's settings use: SQLite, unless the test is parametrised with both_databases."""
+    return "sqlite"
+
+
+def new_database(request: pytest.FixtureRequest, database: str) -> str:
+    """settings.database_url for a new, empty database of that kind, for as long as the asking fixture lives:
+    "" (SQLite, catalog.sqlite3 in the data folder), or a PostgreSQL database of its own, dropped afterwards."""
+    if database == "sqlite":
+        return ""
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    name = cluster.create_database()
+    request.addfinalizer(lambda: cluster.drop_database(name))
+    return cluster.url(name)
+
+
+def copy_database(request: pytest.FixtureRequest, database_url: str) -> str:
+    """A copy of a PostgreSQL database, dropped after the asking fixture; "" for SQLite, whose file is copied
+    with its data folder."""
+    if not database_url:
+        return ""
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    name = cluster.create_database(template=make_url(database_url).database)
+    request.addfinalizer(lambda: cluster.drop_database(name))
+    return cluster.url(name)
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, database: str) -> str:
+    return new_database(request, database)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, base_settings: Settings, database_url: str) -> Settings:
     return base_settings.with_overrides(
-        data_dir=tmp_path / "data", catalog_dir=tmp_path / "catalog", metadata_path=None, batch_size=4
+        data_dir=tmp_path / "data",
+        catalog_dir=tmp_path / "catalog",
+        metadata_path=None,
+        batch_size=4,
+        database_url=database_url,
     )
 
 
@@ -95,7 +160,7 @@ def grocery() -> Path:
 
 @contextmanager
 def statements_reading(engine, sql: str) -> Iterator[list[str]]:
-    """The statements the real SQLite database receives that contain sql, as they happen."""
+    """The statements the real database receives that contain sql, as they happen."""
     seen: list[str] = []
 
     def record(connection, cursor, statement, *_):
@@ -150,4 +215,6 @@ def served_catalog(
     data_dir = data_dir or root / "data"
     index_catalog(settings.with_overrides(data_dir=data_dir), embedder, catalog, progress=False)
     config = subprocess_config(root, **(config_changes or {}))
+    if settings.database_url:
+        env = {"DATABASE_URL": settings.database_url, **env}
     return {"DATA_DIR": str(data_dir), "SEARCH_CONFIG": str(config), **env}, catalog

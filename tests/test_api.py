@@ -12,7 +12,7 @@ from PIL import Image
 from indexer.config import REPO_ROOT
 from indexer.indexing import index_catalog
 from service import create_app
-from tests.conftest import skimage_photo, statements_reading, write_skimage_catalog
+from tests.conftest import both_databases, skimage_photo, statements_reading, write_skimage_catalog
 
 PRODUCTS_CSV = """sku,image,title,category,price,url,colour
 cat-1,animals/chelsea.jpg,Chelsea the cat,animals,9.99,https://shop.example/cat-1,ginger
@@ -167,6 +167,61 @@ def test_oversized_upload_is_a_413(client, cat_query):
     assert search(client, cat_query).status_code == 200
 
 
+def search_raw(client, data: bytes, content_type: str = "image/jpeg", url: str = "/api/search", **params):
+    """The photo's bytes as the whole body, the other fields in the query string."""
+    return client.post(url, data=data, content_type=content_type, query_string=params)
+
+
+def test_a_raw_jpeg_body_finds_what_the_same_photo_sent_as_a_form_finds(client, cat_query):
+    raw, form = search_raw(client, cat_query), search(client, cat_query)
+    assert raw.status_code == 200 and raw.json["results"][0]["sku"] == "cat-1"
+    assert raw.json["results"] == form.json["results"] and raw.json["query"] == form.json["query"]
+
+
+@pytest.mark.parametrize(("format", "content_type"), [("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_a_raw_png_or_webp_body_is_searched_too(client, format, content_type):
+    buffer = io.BytesIO()
+    skimage_photo("chelsea").save(buffer, format=format)
+    response = search_raw(client, buffer.getvalue(), content_type)
+    assert response.status_code == 200 and response.json["results"][0]["sku"] == "cat-1"
+
+
+def test_k_and_filters_come_from_the_query_string_with_a_raw_body(client, cat_query):
+    assert len(search_raw(client, cat_query, k=2).json["results"]) == 2
+    response = search_raw(client, cat_query, k=5, category="space")
+    assert response.json["k"] == 5 and response.json["category"] == "space"
+    assert [r["sku"] for r in response.json["results"]] == ["rocket-1"]
+    assert search_raw(client, cat_query, k="ten").status_code == 400
+
+
+def test_an_empty_raw_body_is_a_400_that_says_so(client):
+    response = search_raw(client, b"")
+    assert response.status_code == 400 and response.json["message"] == "the uploaded image is empty (0 bytes)"
+
+
+@pytest.mark.parametrize("field", ["image_url", "query"])
+def test_a_raw_body_and_another_photo_is_a_400(client, cat_query, field):
+    response = search_raw(client, cat_query, **{field: "https://shop.example/x.jpg" if field == "image_url" else "ab"})
+    assert response.status_code == 400 and "send only one of" in response.json["message"]
+    assert f"image and {field}" in response.json["message"]
+
+
+def test_a_raw_body_that_is_not_an_image_is_a_400_and_the_service_keeps_serving(client, cat_query):
+    response = search_raw(client, b"\x00garbage, not a photo" * 50)
+    assert response.status_code == 400 and "not a recognised image" in response.json["message"]
+    assert search_raw(client, cat_query).status_code == 200
+
+
+def test_an_oversized_raw_body_is_a_413(client):
+    response = search_raw(client, b"\xff" * 2_100_000)
+    assert response.status_code == 413 and "limit" in response.json["message"]
+
+
+def test_the_preview_grid_takes_a_raw_body_too(client, cat_query):
+    response = search_raw(client, cat_query, url="/api/search/preview.png", k=2)
+    assert response.status_code == 200 and response.mimetype == "image/png"
+
+
 def test_more_like_this_excludes_the_product_itself(client):
     response = client.get("/api/products/cat-1/similar?k=5")
     assert response.status_code == 200
@@ -304,13 +359,13 @@ def test_result_links_are_the_ones_url_for_builds(app):
     assert results[0]["image_url"] == "/visual-search/images/plain"
 
 
-def test_a_database_behind_the_code_gets_503_until_migrated(base_settings, embedder, tmp_path, skimage_catalog):
+@both_databases
+def test_a_database_behind_the_code_gets_503_until_migrated(settings, embedder, skimage_catalog):
     from alembic import command
     from alembic.config import Config
 
     from indexer.schema import migrate
 
-    settings = base_settings.with_overrides(data_dir=tmp_path / "data")
     index_catalog(settings, embedder, skimage_catalog, progress=False)
     config = Config()
     config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
@@ -342,8 +397,9 @@ def test_a_base_over_the_memory_budget_is_refused_and_the_old_one_kept(base_sett
     assert fresh.status_code == 503 and "memory_budget_mb" in fresh.json["reason"]
 
 
-def test_a_database_never_migrated_gets_503_with_what_to_do_not_500(base_settings, embedder, tmp_path):
-    client = create_app(base_settings.with_overrides(data_dir=tmp_path / "fresh"), embedder).test_client()
+@both_databases
+def test_a_database_never_migrated_gets_503_with_what_to_do_not_500(settings, embedder):
+    client = create_app(settings, embedder).test_client()
     for path in ("/api/products/sku-1", "/images/sku-1", "/products/sku-1"):
         response = client.get(path, headers={"Accept": "application/json"})
         assert response.status_code == 503 and "make migrate" in response.json["message"], path

@@ -61,6 +61,16 @@ def test_a_preflight_from_an_allowed_origin_opens_the_read_api(client, url, meth
     assert "Origin" in response.headers.get("Vary", "")
 
 
+def test_a_preflight_for_a_raw_image_search_allows_its_content_type(client):
+    # Content-Type image/jpeg is not a CORS-safelisted one: the browser asks first.
+    response = preflight(client, "/api/search", "POST", headers="Content-Type")
+    assert response.headers[ACAO] == SHOP
+    assert "content-type" in response.headers["Access-Control-Allow-Headers"].lower()
+    found = client.post("/api/search", data=jpeg("coffee"), content_type="image/jpeg", headers={"Origin": SHOP})
+    assert found.status_code == 200 and found.json["results"][0]["sku"] == "drinks/coffee"
+    assert found.headers[ACAO] == SHOP
+
+
 def test_a_preflight_from_another_origin_gets_no_cors_headers(client):
     for url, method in [("/api/search", "POST"), ("/api/categories", "GET"), ("/api/products/animals/chelsea", "GET")]:
         response = preflight(client, url, method, origin=OTHER)

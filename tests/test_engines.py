@@ -13,7 +13,7 @@ import pytest
 
 from indexer.config import REPO_ROOT, ConfigError
 from indexer.images import load_pixels
-from indexer.model import ensure_litert_export, load_embedder
+from indexer.model import ModelIdentity, ensure_litert_export, load_embedder
 from tests.conftest import SKIMAGE_CATALOG, read_csv
 
 
@@ -51,7 +51,7 @@ def test_a_pool_of_litert_interpreters_is_safe_to_share_between_threads(base_set
 
 def test_litert_export_records_the_keras_model_identity(base_settings, keras_embedder, embedder):
     export = ensure_litert_export(base_settings, create=False)
-    assert export.identity == keras_embedder.identity.as_dict()
+    assert ModelIdentity.from_dict(export.identity) == keras_embedder.identity
     assert embedder.identity == keras_embedder.identity  # an index built by either engine serves with the other
     assert embedder.tflite_sha256 == export.tflite_sha256 and len(export.tflite_sha256) == 64
 
@@ -77,7 +77,7 @@ def test_service_with_litert_never_imports_tensorflow(settings, embedder, skimag
     from indexer.indexing import index_catalog
 
     index_catalog(settings, embedder, skimage_catalog, progress=False)
-    env = {"DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin"}
+    env = {"DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin", "PRECISION": "fp32"}
     result = subprocess.run([sys.executable, "-c", SERVICE_PROBE, str(skimage_catalog / "drinks" / "coffee.jpg")],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""The indexing job: incremental runs, unreadable files, and what servers then search."""
+"""The indexing job: incremental runs, unreadable files, and what servers then search; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from indexer.indexing import index_catalog
 from indexer.schema import LIVE, Product, ProductImage
 from indexer.segments import load_base, read_manifest
 from indexer.store import Store
-from tests.conftest import live_index, skimage_photo
+from tests.conftest import both_databases, live_index, skimage_photo
+
+pytestmark = both_databases
 
 
 def run(settings, embedder, catalog, metadata=None):

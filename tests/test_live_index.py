@@ -2,7 +2,7 @@
 filters, changes applied without a rebuild, and compaction under deletions and SIGKILL.
 
 The catalog is 24,000 clustered synthetic vectors (dimension 1024, like the model's), imported through
-`import-vectors` into a real SQLite store and compacted into a real FAISS structure.
+`import-vectors` into a real store, SQLite and PostgreSQL in turn, and compacted into a real FAISS structure.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from indexer.model import l2_normalize
 from indexer.segments import load_base, read_manifest, remove_unused_bases
 from indexer.store import ImageVector, Store
 from service import create_app
-from tests.conftest import live_index, subprocess_config
+from tests.conftest import DATABASES, copy_database, live_index, new_database, subprocess_config
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
@@ -47,8 +47,8 @@ def clustered_vectors(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return vectors.astype(np.float32), labels // 4
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory, base_settings, embedder):
+@pytest.fixture(scope="module", params=DATABASES)
+def imported(request, tmp_path_factory, base_settings, embedder):
     folder = tmp_path_factory.mktemp("live")
     vectors, categories = clustered_vectors(COUNT)
     prices = np.round(np.random.default_rng(1).uniform(1, 100, COUNT), 2)
@@ -57,18 +57,21 @@ def imported(tmp_path_factory, base_settings, embedder):
         writer = csv.writer(handle)
         writer.writerow(["sku", "title", "category", "price", "url", "image"])
         writer.writerows([f"p{i}", f"Product {i}", f"c{categories[i]}", prices[i], "", ""] for i in range(COUNT))
-    settings = base_settings.with_overrides(data_dir=folder / "data")
+    settings = base_settings.with_overrides(data_dir=folder / "data", database_url=new_database(request, request.param))
     report = import_vectors(settings, embedder, folder / "vectors.npy", folder / "products.csv", progress=False)
     assert (report.stored, report.problems) == (COUNT, [])
     return settings, folder, vectors, categories, prices
 
 
 @pytest.fixture
-def fresh(imported, tmp_path):
-    """A copy of the imported data folder, for tests that change it."""
+def fresh(request, imported, tmp_path):
+    """A copy of the imported data folder (and PostgreSQL database), for tests that change it."""
     settings, *rest = imported
     shutil.copytree(settings.data_dir, tmp_path / "data")
-    return settings.with_overrides(data_dir=tmp_path / "data"), *rest
+    copy = settings.with_overrides(
+        data_dir=tmp_path / "data", database_url=copy_database(request, settings.database_url)
+    )
+    return copy, *rest
 
 
 def exact_top(vectors: np.ndarray, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[int]:
@@ -186,7 +189,7 @@ def test_sigkill_during_compaction_leaves_the_old_base_and_a_rerun_gives_the_sam
     before = [list(live_index(settings, embedder).search(q, 10)[0]) for q in queries]
     old_manifest = read_manifest(settings.index_dir)
     config = subprocess_config(tmp_path)
-    env = {**os.environ, "SEARCH_CONFIG": str(config)}
+    env = {**os.environ, "SEARCH_CONFIG": str(config), "DATABASE_URL": settings.database_url}
     command = [sys.executable, "-m", "indexer", "--data-dir", str(settings.data_dir), "compact", "--quiet"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     started = time.monotonic()

@@ -1,5 +1,5 @@
-"""Product rows behind image ids: read from the real SQLite file once, bounded, least recently used out,
-and forgotten when a change touches them."""
+"""Product rows behind image ids: read from the real database (SQLite, PostgreSQL) once, bounded, least recently
+used out, and forgotten when a change touches them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from indexer.indexing import index_catalog
 from indexer.schema import ProductImage
 from indexer.store import Store
 from service.product_rows import ProductRow, ProductRows
-from tests.conftest import statements_reading
+from tests.conftest import both_databases, statements_reading
 
 
+@both_databases
 def test_rows_are_read_once_and_the_least_recently_used_leave_first(settings, embedder, skimage_catalog):
     index_catalog(settings, embedder, skimage_catalog, progress=False)
     store = Store.open(settings, upgrade=False)

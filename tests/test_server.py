@@ -1,4 +1,5 @@
-"""The production server (`make serve`'s gunicorn command) over real HTTP on loopback."""
+"""The production server (`make serve`'s gunicorn command) over real HTTP on loopback, on SQLite and on
+PostgreSQL (DATABASE_URL)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import requests
 
 from bench.load import run_wrk, search_bodies
 from bench.server import running_server
-from tests.conftest import served_catalog
+from tests.conftest import DATABASES, new_database, served_catalog
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
 
-@pytest.fixture(scope="module")
-def server(base_settings, embedder, tmp_path_factory):
-    env, catalog = served_catalog(base_settings, embedder, tmp_path_factory.mktemp("server"))
+@pytest.fixture(scope="module", params=DATABASES)
+def server(request, base_settings, embedder, tmp_path_factory):
+    settings = base_settings.with_overrides(database_url=new_database(request, request.param))
+    env, catalog = served_catalog(settings, embedder, tmp_path_factory.mktemp("server"))
     with running_server(env, timeout=120) as running:
         yield running.url, catalog
 

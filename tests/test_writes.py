@@ -1,4 +1,5 @@
-"""The storefront write API: keyed, immediate, durable, serialised, and kept by `make index`."""
+"""The storefront write API: keyed, immediate, durable, serialised, and kept by `make index`; on SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from indexer.schema import ProductImage
 from indexer.segments import load_base, read_manifest
 from indexer.store import Store
 from service import create_app
-from tests.conftest import skimage_photo, subprocess_config, write_skimage_catalog
+from tests.conftest import both_databases, skimage_photo, subprocess_config, write_skimage_catalog
+
+pytestmark = both_databases
 
 KEY = "s3cret-key-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -28,8 +31,8 @@ def jpeg(name: str, angle: int = 0) -> bytes:
 
 
 @pytest.fixture
-def setup(base_settings, embedder, tmp_path):
-    settings = base_settings.with_overrides(data_dir=tmp_path / "data", api_key=KEY)
+def setup(base_settings, embedder, tmp_path, database_url):
+    settings = base_settings.with_overrides(data_dir=tmp_path / "data", api_key=KEY, database_url=database_url)
     catalog = write_skimage_catalog(tmp_path / "catalog")
     index_catalog(settings, embedder, catalog, progress=False)
     return settings, catalog, create_app(settings, embedder).test_client()
@@ -46,8 +49,8 @@ def search(client, photo: bytes, k: int = 3) -> list[str]:
     return [r["sku"] for r in response.json["results"]]
 
 
-def test_writes_are_off_without_a_key(base_settings, embedder, tmp_path):
-    client = create_app(base_settings.with_overrides(data_dir=tmp_path / "data", api_key=""), embedder).test_client()
+def test_writes_are_off_without_a_key(settings, embedder):
+    client = create_app(settings.with_overrides(api_key=""), embedder).test_client()
     response = put(client, "x", jpeg("coffee"))
     assert response.status_code == 403 and "api_key" in response.json["message"]
 
@@ -121,7 +124,10 @@ def test_a_deleted_product_never_appears_again(setup):
         assert len(session.scalars(select(ProductImage.id).where(ProductImage.id.in_(ids))).all()) == len(ids)
 
 
-@pytest.mark.parametrize(("photo", "fields"), [(b"not an image", {}), (None, {"price": "cheap"})])
+@pytest.mark.parametrize(
+    ("photo", "fields"),
+    [(b"not an image", {}), (None, {"price": "cheap"}), (None, {"title": "nul\x00"}), (None, {"colour\x00": "red"})],
+)
 def test_bad_writes_are_400s_and_change_nothing(setup, photo, fields):
     _, _, client = setup
     response = put(client, "bad", photo if photo is not None else jpeg("coffee"), **fields)
@@ -151,8 +157,8 @@ def test_make_index_keeps_products_written_through_the_api(setup, embedder):
     assert client.get("/api/products/space/rocket").status_code == 404
 
 
-def test_a_server_whose_delta_passes_the_threshold_starts_a_compaction(base_settings, embedder, tmp_path, monkeypatch):
-    settings = base_settings.with_overrides(data_dir=tmp_path / "data", api_key=KEY, compact_after=3)
+def test_a_server_whose_delta_passes_the_threshold_starts_a_compaction(settings, embedder, tmp_path, monkeypatch):
+    settings = settings.with_overrides(api_key=KEY, compact_after=3)  # the compaction process gets its database
     index_catalog(settings, embedder, write_skimage_catalog(tmp_path / "catalog"), progress=False)
     monkeypatch.setenv("SEARCH_CONFIG", str(subprocess_config(tmp_path)))  # what the compaction process reads
     client = create_app(settings, embedder).test_client()

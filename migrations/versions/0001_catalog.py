@@ -7,6 +7,7 @@ Create Date: 2026-11-27
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision = "0001"
 down_revision = None
@@ -23,7 +24,8 @@ def upgrade() -> None:
         sa.Column("category", sa.String(256)),
         sa.Column("price", sa.Float),
         sa.Column("url", sa.String(2048)),
-        sa.Column("attributes", sa.JSON, nullable=False),
+        # JSONB on PostgreSQL, JSON text on SQLite.
+        sa.Column("attributes", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
     )
     op.create_index("ix_products_category", "products", ["category"])
     op.create_table(
@@ -34,8 +36,9 @@ def upgrade() -> None:
         sa.Column("path", sa.String(4096), nullable=False),
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("model_key", sa.String(128), nullable=False),
-        sa.Column("embedding", sa.LargeBinary, nullable=False),
-        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("embedding", sa.LargeBinary, nullable=False),  # BLOB on SQLite, bytea on PostgreSQL
+        # timestamptz on PostgreSQL (UTC whatever the session's time zone); SQLite keeps UTC text either way.
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_images_product_id", "images", ["product_id"])
 

@@ -16,7 +16,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("images") as batch:
-        batch.add_column(sa.Column("deleted_at", sa.DateTime, nullable=True))
+        batch.add_column(sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True))  # timestamptz
     op.create_index("ix_images_deleted_at", "images", ["deleted_at"])
 
 
