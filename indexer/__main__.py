@@ -50,16 +50,23 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
     from indexer.compaction import compact, compaction_due
     from indexer.model import load_embedder
+    from indexer.segments import read_manifest
     from indexer.store import Store
 
     embedder = load_embedder(settings)
     store = Store.open(settings)
-    if args.if_due and (reason := compaction_due(settings, store, embedder)) is None:
-        print("no compaction due: the delta is below index.compact_after")
-        return 0
-    report = compact(settings, store, embedder, progress=not args.quiet, wait=not args.if_due)
+    if_base = args.if_base
+    if args.if_due:
+        # The base it is due for: a compaction elsewhere (another server, another host) may replace it first.
+        seen = (read_manifest(settings.index_dir) or {}).get("version", "")
+        if (reason := compaction_due(settings, store, embedder)) is None:
+            print("no compaction due: the delta is below index.compact_after")
+            return 0
+        if_base = seen if if_base is None else if_base
+    conditional = args.if_due or if_base is not None
+    report = compact(settings, store, embedder, progress=not args.quiet, wait=not conditional, if_base=if_base)
     if report is None:
-        print("another compaction is running; it will fold in these changes")
+        print("another compaction is running or has just replaced the base; it folds in these changes")
         return 0
     if args.if_due:
         print(f"compacting because {reason}")
@@ -161,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compact", help="fold the changes since the base segment into a new one (runs by itself when due)"
     )
     compact.add_argument("--if-due", action="store_true", help="only when the delta passed index.compact_after")
+    compact.add_argument(
+        "--if-base",
+        metavar="VERSION",
+        help="only while VERSION is the current base, and not waiting for a running compaction "
+        "(what a server starts: one compaction, wherever several servers decide on it at once)",
+    )
     compact.add_argument("--quiet", action="store_true", help="no progress bars")
     compact.set_defaults(run=cmd_compact)
 

@@ -47,8 +47,8 @@ def calibration_catalog(settings: Settings, catalog: Path | None) -> tuple[Path,
         if folder.is_dir() and any(folder.iterdir()):
             return folder, metadata
     raise ConfigError(
-        "model.precision = int8 is calibrated on catalog photos, and none are known yet: "
-        "run `make index CATALOG=<folder of product photos>` (or `make weights CATALOG=<folder>`) with PRECISION=int8"
+        "the int8 model (model.precision) is calibrated on catalog photos, and none are known yet: "
+        "`make index CATALOG=<folder of product photos>` (or `make weights CATALOG=<folder>`) calibrates it"
     )
 
 

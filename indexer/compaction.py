@@ -35,7 +35,9 @@ from indexer.segments import (
 from indexer.store import Store
 
 log = logging.getLogger(__name__)
-# Tombstoned rows are deleted this long after the deletion: every running server has applied it by then.
+# Tombstoned rows are deleted once a base without them has been the current one this long: by then every server,
+# on every host, sees that base before it applies further changes (an NFS client caches a manifest's attributes
+# for at most a minute by default), so none still needs the tombstone to mask the deleted vector.
 PURGE_AFTER = timedelta(minutes=5)
 
 
@@ -86,12 +88,21 @@ def compaction_due(settings: Settings, store: Store, embedder: Embedder) -> str 
 
 
 def compact(
-    settings: Settings, store: Store, embedder: Embedder, *, progress: bool = False, wait: bool = True
+    settings: Settings,
+    store: Store,
+    embedder: Embedder,
+    *,
+    progress: bool = False,
+    wait: bool = True,
+    if_base: str | None = None,
 ) -> CompactionReport | None:
     """Build and publish a new base from every live vector; None when another compaction holds the lock
-    and wait is False."""
+    and wait is False, or when if_base is given and the current base is no longer that version ("" for none):
+    a compaction that the caller decided on is then done already, by another process or host."""
     with compaction_lock(settings.data_dir, store, wait=wait) as held:
         if not held:
+            return None
+        if if_base is not None and (read_manifest(settings.index_dir) or {}).get("version", "") != if_base:
             return None
         return _compact(settings, store, embedder, progress)
 
@@ -103,6 +114,7 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
     index_dir = settings.index_dir
     index_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_bases(index_dir)  # a compaction that died (we hold the lock, so none is running)
+    previous = read_manifest(index_dir)
 
     snapshot = store.snapshot(model_key)
     names = sorted({c for c in snapshot.categories if c})
@@ -143,8 +155,9 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
         "categories": names,
     }
     base = publish_base(index_dir, folder, manifest)
-    with write_lock(settings.data_dir, store):
-        store.purge_tombstones(snapshot.head, PURGE_AFTER)
+    if (purge_through := _settled_through(previous)) is not None:
+        with write_lock(settings.data_dir, store):
+            store.purge_tombstones(purge_through, PURGE_AFTER)
     if tuning.recall_at_10 is not None and tuning.recall_at_10 < 0.95:
         log.warning("%s reaches recall@10 %.3f only; consider index.factory = 'auto'", factory, tuning.recall_at_10)
     return CompactionReport(
@@ -156,6 +169,21 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
         seconds=time.perf_counter() - started,
         stage_seconds={k: round(v, 2) for k, v in stages.items()},
     )
+
+
+def _settled_through(previous: dict | None) -> int | None:
+    """The change number through which tombstones may be purged: that of the base this compaction replaces, when
+    it has been the current base for PURGE_AFTER (every server on every host has switched to it or past it),
+    else None. Not the new base's: a server on another host may not see the new manifest for a while."""
+    if not previous or "base" not in previous:
+        return None
+    try:
+        created = datetime.fromisoformat(previous["created"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if datetime.now(UTC) - created < PURGE_AFTER:
+        return None
+    return int(previous.get("built_through", 0))
 
 
 def _write_vectors(

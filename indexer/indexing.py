@@ -246,9 +246,15 @@ def index_catalog(
 def compact_if_due(
     settings: Settings, store: Store, embedder: Embedder, *, progress: bool = False
 ) -> tuple[CompactionReport | None, int]:
-    """Compact when compaction_due says so; else (None, changes waiting in the delta)."""
-    if compaction_due(settings, store, embedder) is not None:
-        return compact(settings, store, embedder, progress=progress), 0
+    """Compact when compaction_due says so; else (None, changes waiting in the delta). A compaction that
+    another process or host runs meanwhile (a server's) is waited for, and counts: due is checked again on
+    the base it published, so the same changes are not compacted twice."""
+    while True:
+        seen = (read_manifest(settings.index_dir) or {}).get("version", "")
+        if compaction_due(settings, store, embedder) is None:
+            break
+        if (report := compact(settings, store, embedder, progress=progress, if_base=seen)) is not None:
+            return report, 0
     return None, store.pending_changes(int((read_manifest(settings.index_dir) or {}).get("built_through", 0)))
 
 

@@ -262,7 +262,8 @@ def ensure_int8_export(
     if not create:
         raise ConfigError(
             f"no int8 LiteRT model for the configured weights yet ({pointer}); "
-            "run `make index CATALOG=<folder>` or `make weights` with PRECISION=int8"
+            "run `make index CATALOG=<folder of product photos>` (or `make weights CATALOG=<folder>`), which "
+            "calibrates it on that catalog's photos, or set PRECISION=fp32"
         )
     origin = "catalog" if catalog is not None else "fallback"
     if catalog is None:

@@ -5,6 +5,12 @@ category is one contiguous block), their image ids, category codes and prices, a
 structure (ann.faiss) that proposes candidates for exact re-ranking. manifest.json names the current base and
 the change number it was built through; it is replaced with one atomic rename. Servers hold a shared lock on
 the base they use, so old bases are removed as soon as nobody uses them.
+
+The index folder may be shared by servers on several hosts (NFSv4): Linux's NFS client turns flock into a lock
+on the whole file that the NFS server arbitrates across clients, so the in-use locks work between hosts. Such
+an exclusive lock needs the file open for writing, and a file that another host deletes is gone under that
+host's memory map (it gets SIGBUS or ESTALE, unlike an unlinked file on a local disk), so no base that any
+server holds is ever deleted.
 """
 
 from __future__ import annotations
@@ -89,17 +95,15 @@ def publish_base(index_dir: Path, partial: Path, manifest: dict) -> str:
 
 
 def remove_unused_bases(index_dir: Path) -> list[str]:
-    """Keep the current base and, while a server still holds it, the newest other one; delete the rest.
-    A server still mapping a deleted base keeps reading it
-    (unlinked files live on while mapped) and switches to the current one on its next request.
-    Returns the folders removed."""
+    """Keep the current base and every base a server still holds; delete the rest. A server holding an old
+    base switches to the current one on its next request, releases the old one and calls this again.
+    Requests of this host still searching a base just released keep reading it (an unlinked file lives on
+    while mapped). Returns the folders removed."""
     current = (read_manifest(index_dir) or {}).get("base")
-    others = sorted((p for p in index_dir.glob("base-*") if p.name != current), key=lambda p: p.name, reverse=True)
-    removed, kept_one = [], False
-    for folder in others:
-        if not kept_one and _in_use(folder):
-            kept_one = True
-            continue
+    removed = []
+    for folder in sorted(p for p in index_dir.glob("base-*") if p.name != current):
+        if _in_use(folder):
+            continue  # possibly by a server on another host, whose memory map would not survive the deletion
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder.name)
     return removed
@@ -112,13 +116,17 @@ def remove_partial_bases(index_dir: Path) -> None:
 
 
 def _in_use(folder: Path) -> bool:
+    """Whether a server (of any host, on a shared folder) holds the base. Opened for writing: over NFS an
+    exclusive lock needs it (EBADF otherwise). When in doubt (another error), the base counts as in use."""
     try:
-        descriptor = os.open(folder / IN_USE, os.O_RDONLY)
+        descriptor = os.open(folder / IN_USE, os.O_RDWR)
     except FileNotFoundError:
         return False
+    except OSError:
+        return True
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: held; anything else: cannot tell
         return True
     finally:
         os.close(descriptor)  # closing releases the lock we may have taken

@@ -135,7 +135,7 @@ class CatalogSearch:
         if changes.head > view.live.seen:
             view.rows.forget(view.live.apply(changes))
             if view.live.delta_size >= self.settings.compact_after:
-                self._start_compaction()
+                self._start_compaction(view)
 
     def _load(self) -> IndexView | None:
         if refusal := self._over_budget():
@@ -187,9 +187,11 @@ class CatalogSearch:
             old.live.base.release()
             remove_unused_bases(self.settings.index_dir)
 
-    def _start_compaction(self) -> None:
+    def _start_compaction(self, view: IndexView) -> None:
         """Fold a grown delta into a new base in a separate process: off the request path, and out of this
-        server's memory. One at a time (the compaction lock), and only when still due."""
+        server's memory. One at a time (the compaction lock), and only when still due. Servers on several hosts
+        may decide on it at once: --if-base makes the process compact only while the base it was due for is
+        still the current one, so one of them compacts and the others find the new base and stop."""
         if self._compactor is not None and self._compactor.poll() is None:
             return
         data_dir = self.settings.data_dir
@@ -197,6 +199,7 @@ class CatalogSearch:
             return
         # Not --if-due: this server has just checked, with its own settings (its data folder and database).
         command = [sys.executable, "-m", "indexer", "--data-dir", str(data_dir), "compact", "--quiet"]
+        command += ["--if-base", str(view.manifest.get("version", ""))]
         env = {**os.environ, "DATABASE_URL": self.settings.database_url} if self.settings.database_url else None
         with open(data_dir / "compaction.log", "ab") as log:  # the child keeps its own descriptor
             self._compactor = subprocess.Popen(
