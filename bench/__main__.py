@@ -33,6 +33,9 @@ from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings
 from indexer.images import load_pixels
 from indexer.model import INPUT_SIZE, load_embedder
 
+# The precision `make index` runs (config.toml's): the one measured on a local Ray cluster too.
+DEFAULT_PRECISION = "int8"
+
 OUT_DIR = REPO_ROOT / "bench"
 
 
@@ -114,12 +117,16 @@ def measure_engine(reference: Reference) -> dict:
     }
 
 
-def measure_indexing(catalog: Path, metadata: Path | None, data_dir: Path, precision: str) -> dict:
-    """`python -m indexer index` from files into an empty data folder, as a separate process."""
+def measure_indexing(
+    catalog: Path, metadata: Path | None, data_dir: Path, precision: str, ray_address: str | None = None
+) -> dict:
+    """`python -m indexer index` from files into an empty data folder, as a separate process; with
+    ray_address, decoding and embedding on that Ray cluster (`local`: one started by the indexer)."""
     command = [sys.executable, "-m", "indexer", "index", "--catalog", str(catalog), "--quiet"]
     command += ["--metadata", str(metadata)] if metadata else []
     started = time.perf_counter()
-    env = {**os.environ, "DATA_DIR": str(data_dir), "PRECISION": precision}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"DATA_DIR": str(data_dir), "PRECISION": precision, **({"RAY_ADDRESS": ray_address} if ray_address else {})}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     output, errors = process.communicate()
@@ -131,6 +138,17 @@ def measure_indexing(catalog: Path, metadata: Path | None, data_dir: Path, preci
     peak = float(output.split("peak memory ")[1].split(" MB")[0])
     return {"images": count, "seconds": round(seconds, 2), "images_per_s": round(count / seconds, 1),
             "peak_rss_mb": peak, "summary": output.strip()}  # fmt: skip
+
+
+def measure_ray_indexing(catalog: Path, metadata: Path | None, data_dir: Path, plain: dict) -> dict:
+    """The same indexing run with RAY_ADDRESS=local (decoding and embedding on Ray actors, one LiteRT
+    interpreter each), against the plain run's rate: on a few cores, Ray's overhead."""
+    result = measure_indexing(catalog, metadata, data_dir, DEFAULT_PRECISION, ray_address="local")
+    result["over_plain"] = round(result["images_per_s"] / plain["images_per_s"], 3)
+    print(f"bench: indexing on local Ray: {result['images_per_s']} images/s in {result['seconds']} s, "
+          f"{result['over_plain']}x the plain run's {plain['images_per_s']} images/s",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return result
 
 
 def measure_in_process(settings, data_dir: Path, photos: list[bytes]) -> dict:
@@ -338,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             if key == "engine":
                 print("bench: Keras per-image predict (the seed's way) ...", file=sys.stderr, flush=True)
                 results["seed_baseline"] = {"images_per_s": round(references["fp32"].keras_rate(), 1)}
+            if key == "indexing":
+                print(f"bench: python -m indexer index with RAY_ADDRESS=local, {DEFAULT_PRECISION} ...",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                per[DEFAULT_PRECISION]["indexing_ray_local"] = measure_ray_indexing(
+                    catalog, metadata, Path(tmp) / "ray-local", per[DEFAULT_PRECISION]["indexing"]
+                )
         for precision, data_dir in data_dirs.items():
             # The base segment a server maps: the vectors, ids, categories, prices and any FAISS structure.
             base = data_dir / "index" / json.loads((data_dir / "index" / "manifest.json").read_text())["base"]
@@ -348,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     results["int8_over_fp32"] = comparison(per["fp32"], per["int8"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     chart(results, out / "results.png")
+    ray_local = per[DEFAULT_PRECISION]["indexing_ray_local"]
     print(json.dumps({"int8_over_fp32": results["int8_over_fp32"],
-                      **{p: r["ratios"] for p, r in per.items()}}, indent=2))  # fmt: skip
+                      **{p: r["ratios"] for p, r in per.items()},
+                      f"{DEFAULT_PRECISION}_indexing_ray_local": {k: ray_local[k] for k in
+                                                                  ("seconds", "images_per_s", "over_plain")}},
+                     indent=2))  # fmt: skip
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}", file=sys.stderr)
     return 0
 

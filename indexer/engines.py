@@ -55,11 +55,12 @@ class LiteRTEngine:
 
     name = "litert"
 
-    def __init__(self, model_path: Path, threads: int, interpreters: int = 1):
+    def __init__(self, model_path: Path, threads: int, interpreters: int = 1, model_content: bytes | None = None):
+        # model_content: the .tflite bytes themselves (as a Ray actor gets them), model_path then only names it.
         self.model_path = Path(model_path)
         self.threads = max(1, threads)
         self.interpreters = max(1, interpreters)
-        self._model = self.model_path.read_bytes()
+        self.model_content = self.model_path.read_bytes() if model_content is None else model_content
         self._idle: queue.LifoQueue = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(self.interpreters)
         self.features(np.zeros((1, *self._input_shape()[1:]), np.uint8))  # fail early on a bad file
@@ -67,7 +68,7 @@ class LiteRTEngine:
     def _new_interpreter(self):
         from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_content=self._model, num_threads=self.threads)
+        interpreter = Interpreter(model_content=self.model_content, num_threads=self.threads)
         interpreter.allocate_tensors()
         return interpreter
 

@@ -13,8 +13,9 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -102,12 +103,26 @@ class CheckedBatch:
     failures: list[tuple[CatalogImage, str]]
 
 
-def _check_and_embed(images: list[CatalogImage], known: Known, embedder: Embedder) -> CheckedBatch:
-    """One worker's unit of work: stat each photo; read and hash only those whose size or mtime changed
-    (as rsync and git do), and decode and embed (with this thread's interpreter) only those whose bytes or
-    model changed since the last run."""
-    model_key, size = embedder.identity.key, embedder.input_size
-    embedded, pixels, digests, stats, unchanged, restated, failures = [], [], {}, {}, 0, [], []
+@dataclass
+class CheckedFiles:
+    """A batch after stat, read and hash: the photos to embed (with their bytes), and the rest as in
+    CheckedBatch. The driver's part of the work, wherever decoding and embedding then run."""
+
+    to_embed: list[tuple[CatalogImage, bytes]]
+    digests: dict[str, str]
+    stats: dict[str, tuple[int, int]]
+    unchanged: int
+    restated: list[tuple[str, int, int]]
+    failures: list[tuple[CatalogImage, str]]
+
+    def embedded(self, embedded: list[CatalogImage], vectors: np.ndarray) -> CheckedBatch:
+        return CheckedBatch(embedded, vectors, self.digests, self.stats, self.unchanged, self.restated, self.failures)
+
+
+def check_files(images: list[CatalogImage], known: Known, model_key: str) -> CheckedFiles:
+    """Stat each photo; read and hash only those whose size or mtime changed (as rsync and git do); keep
+    the bytes of those whose bytes or model changed since the last run, to be decoded and embedded."""
+    checked = CheckedFiles([], {}, {}, 0, [], [])
     for image in images:
         stored = known.get(image.rel_path)
         try:
@@ -121,27 +136,39 @@ def _check_and_embed(images: list[CatalogImage], known: Known, embedder: Embedde
                     stat.st_mtime_ns,
                 )
             ):
-                unchanged += 1
+                checked.unchanged += 1
                 continue
             data = image.path.read_bytes()
         except OSError as exc:
-            failures.append((image, f"cannot be read ({exc.strerror or exc})"))
+            checked.failures.append((image, f"cannot be read ({exc.strerror or exc})"))
             continue
         digest = sha256_bytes(data)
         if stored is not None and (stored.sha256, stored.model_key) == (digest, model_key):
-            unchanged += 1
-            restated.append((image.rel_path, stat.st_size, stat.st_mtime_ns))
+            checked.unchanged += 1
+            checked.restated.append((image.rel_path, stat.st_size, stat.st_mtime_ns))
             continue
+        checked.to_embed.append((image, data))
+        checked.digests[image.rel_path] = digest
+        checked.stats[image.rel_path] = (stat.st_size, stat.st_mtime_ns)
+    return checked
+
+
+def _check_and_embed(images: list[CatalogImage], known: Known, embedder: Embedder) -> CheckedBatch:
+    """One worker's unit of work: check_files, then decode and embed (with this thread's interpreter)
+    the photos whose bytes or model changed since the last run."""
+    checked = check_files(images, known, embedder.identity.key)
+    size = embedder.input_size
+    embedded, pixels = [], []
+    for image, data in checked.to_embed:
         try:
             pixels.append(load_pixels(data, size))
         except ImageError as exc:
-            failures.append((image, str(exc)))
+            checked.failures.append((image, str(exc)))
             continue
         embedded.append(image)
-        digests[image.rel_path] = digest
-        stats[image.rel_path] = (stat.st_size, stat.st_mtime_ns)
+    checked.to_embed = []  # the bytes are decoded: let them go before the batch is embedded
     batch = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return CheckedBatch(embedded, embedder.embed_pixels(batch), digests, stats, unchanged, restated, failures)
+    return checked.embedded(embedded, embedder.embed_pixels(batch))
 
 
 def checked_batches(
@@ -169,6 +196,19 @@ def checked_batches(
     return in_order()
 
 
+@contextmanager
+def embedding_stage(settings: Settings, embedder: Embedder) -> Iterator[Callable[..., Iterator[CheckedBatch]]]:
+    """checked_batches on this machine's threads; or, with RAY_ADDRESS set (Ray's own variable; `local`
+    starts a local cluster), decoding and embedding on a Ray cluster's actors. Ray is imported only then."""
+    if not os.environ.get("RAY_ADDRESS"):
+        yield checked_batches
+        return
+    from indexer.ray_embedding import ray_embedding
+
+    with ray_embedding(settings, embedder) as stage:
+        yield stage
+
+
 def index_catalog(
     settings: Settings,
     embedder: Embedder,
@@ -194,9 +234,12 @@ def index_catalog(
 
     known = store.known_files()
     failed: set[str] = set()
-    with ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool,
+        embedding_stage(settings, embedder) as stage,
+    ):
         embed_started = time.perf_counter()
-        results = checked_batches(scan.images, known, embedder, settings.batch_size, pool, settings.embed_workers)
+        results = stage(scan.images, known, embedder, settings.batch_size, pool, settings.embed_workers)
         # While the first batches are embedded: every product's metadata, which the embeddings' rows
         # point to. Products whose photos all fail are removed again by reconcile_catalog.
         with write_lock(settings.data_dir, store):

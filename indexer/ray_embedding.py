@@ -1,0 +1,153 @@
+"""The indexing job's decoding and embedding on a Ray cluster (RAY_ADDRESS set; `local` starts one here).
+
+The driver (`make index`) still stats, reads and hashes the photos, since it has the files, and writes the
+store; it ships the bytes of the photos that need embedding to a pool of Ray actors, each holding one LiteRT
+interpreter (one thread) made from the model bytes put once into the object store, so the cluster's machines
+need the Python environment but neither the photos nor the models folder. Actors decode with the project's
+one preprocessing path (indexer.images.load_pixels), so rows and vectors are those of a plain run.
+Imported only when RAY_ADDRESS is set: a plain run never imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from indexer.catalog import CatalogImage
+from indexer.config import REPO_ROOT, ConfigError, Settings
+from indexer.engines import LiteRTEngine
+from indexer.indexing import CheckedBatch, CheckedFiles, Known, check_files
+from indexer.model import Embedder
+
+# A local cluster's object store: enough for a few batches of photo bytes in flight, small enough for a laptop.
+LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
+
+
+class EmbedActor:
+    """One LiteRT interpreter (one thread) on a cluster CPU: photo bytes -> unit vectors."""
+
+    def __init__(self, model: bytes, input_size: int):
+        self.engine = LiteRTEngine(Path("ray-shipped.tflite"), threads=1, model_content=model)
+        self.input_size = input_size
+
+    def embed(self, photos: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
+        """The vectors of the photos that decode, in order, and {index: problem} for those that do not."""
+        from indexer.images import ImageError, load_pixels
+        from indexer.model import l2_normalize
+
+        pixels, problems = [], {}
+        for i, data in enumerate(photos):
+            try:
+                pixels.append(load_pixels(data, self.input_size))
+            except ImageError as exc:
+                problems[i] = str(exc)
+        if not pixels:
+            return np.zeros((0, 0), np.float32), problems
+        return l2_normalize(self.engine.features(np.stack(pixels))), problems
+
+
+def _init(address: str) -> None:
+    if address == "local":
+        # A cluster in this process's care, its workers importing this checkout; ray.shutdown() ends it.
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(
+            address=None,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+@contextmanager
+def ray_embedding(settings: Settings, embedder: Embedder) -> Iterator[Callable[..., Iterator[CheckedBatch]]]:
+    """Connect to RAY_ADDRESS (or start a local cluster), start the actors, and yield a stage with
+    checked_batches' signature; disconnect (and stop a local cluster) at the end."""
+    if not isinstance(embedder.engine, LiteRTEngine):
+        raise ConfigError('indexing on Ray (RAY_ADDRESS) needs the LiteRT engine (model.engine = "litert")')
+    _init(os.environ["RAY_ADDRESS"])
+    try:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        count = settings.index_workers or max(1, int(cpus))
+        # More actors than CPUs (index.workers) share them, rather than waiting for CPUs that never come.
+        remote = ray.remote(num_cpus=min(1.0, cpus / count))(EmbedActor)
+        model = ray.put(embedder.engine.model_content)
+        actors = [remote.remote(model, embedder.input_size) for _ in range(count)]
+
+        def stage(
+            images: list[CatalogImage],
+            known: Known,
+            embedder: Embedder,
+            batch_size: int,
+            pool: ThreadPoolExecutor,
+            workers: int,
+        ) -> Iterator[CheckedBatch]:
+            return ray_checked_batches(images, known, embedder, batch_size, pool, actors)
+
+        yield stage
+    finally:
+        ray.shutdown()
+
+
+def ray_checked_batches(
+    images: list[CatalogImage],
+    known: Known,
+    embedder: Embedder,
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    actors: list,
+) -> Iterator[CheckedBatch]:
+    """checked_batches with decoding and embedding on the actors: batches are checked on the driver's
+    threads, then sent to the actors in turn; results come back in order; at most 2 batches per actor are
+    being embedded and as many more being checked, so memory stays bounded for any catalog size."""
+    model_key, ahead = embedder.identity.key, 2 * len(actors)
+    batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    checking = deque(pool.submit(check_files, batch, known, model_key) for batch in islice(batches, ahead))
+    embedding: deque[tuple[CheckedFiles, object]] = deque()
+    sent = 0
+
+    def send_next() -> None:
+        nonlocal sent
+        checked = checking.popleft().result()
+        if (batch := next(batches, None)) is not None:
+            checking.append(pool.submit(check_files, batch, known, model_key))
+        photos = [data for _, data in checked.to_embed]
+        ref = actors[sent % len(actors)].embed.remote(photos) if photos else None
+        sent += 1 if photos else 0
+        embedding.append((checked, ref))
+
+    while checking and len(embedding) < ahead:
+        send_next()
+
+    def in_order() -> Iterator[CheckedBatch]:
+        while embedding:
+            checked, ref = embedding.popleft()
+            if checking:
+                send_next()
+            yield _assemble(checked, ref, embedder.identity.dim)
+
+    return in_order()
+
+
+def _assemble(checked: CheckedFiles, ref, dim: int) -> CheckedBatch:
+    vectors, problems = ray.get(ref) if ref is not None else (np.zeros((0, dim), np.float32), {})
+    embedded = []
+    for i, (image, _) in enumerate(checked.to_embed):
+        if i in problems:
+            checked.failures.append((image, problems[i]))
+        else:
+            embedded.append(image)
+    checked.to_embed = []
+    if not embedded:
+        vectors = np.zeros((0, dim), np.float32)
+    return checked.embedded(embedded, vectors)
