@@ -48,12 +48,11 @@ def search_bodies(photos: list[bytes], fields: dict[str, str], raw: bool = False
     Yields the folder and the content type."""
     boundary = uuid.uuid4().hex
     content_type = f"multipart/form-data; boundary={boundary}"
+    if raw:  # wrk.lua sends one content type for all: the photos must share a format
+        (content_type,) = {Image.open(io.BytesIO(photo)).get_format_mimetype() for photo in photos}
     with tempfile.TemporaryDirectory(prefix="bench-bodies-") as folder:
         for number, photo in enumerate(photos):
-            if raw:
-                body, content_type = photo, Image.open(io.BytesIO(photo)).get_format_mimetype()
-            else:
-                body, _ = multipart_body(photo, fields, boundary)
+            body = photo if raw else multipart_body(photo, fields, boundary)[0]
             (Path(folder) / f"{number:05d}.body").write_bytes(body)
         yield Path(folder), content_type
 

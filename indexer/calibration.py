@@ -38,11 +38,9 @@ class Calibration:
         return {"source": str(self.source), "photos": len(self.pixels), "seed": CALIBRATION_SEED}
 
 
-def calibration_catalog(settings: Settings, catalog: Path | None) -> tuple[Path, Path | None]:
-    """Where the calibration photos come from: the catalog being indexed or fine-tuned, else the configured
+def fallback_catalog(settings: Settings) -> tuple[Path, Path | None]:
+    """Where calibration photos come from when no catalog is being indexed or fine-tuned: the configured
     catalog folder, else the demo catalog. Returns the folder and its metadata file (None: its folders)."""
-    if catalog is not None:
-        return Path(catalog), None
     for folder, metadata in ((settings.catalog_dir, settings.metadata_path), (DEMO_CATALOG, None)):
         if folder.is_dir() and any(folder.iterdir()):
             return folder, metadata

@@ -115,8 +115,29 @@ class CheckedFiles:
     restated: list[tuple[str, int, int]]
     failures: list[tuple[CatalogImage, str]]
 
-    def embedded(self, embedded: list[CatalogImage], vectors: np.ndarray) -> CheckedBatch:
+    def decoded(self, problems: dict[int, str], vectors: np.ndarray) -> CheckedBatch:
+        """The batch once its photos are decoded and embedded: vectors of those that decoded, in order; the
+        others (problems: position in to_embed -> why) become failures."""
+        embedded = []
+        for position, (image, _) in enumerate(self.to_embed):
+            if position in problems:
+                self.failures.append((image, problems[position]))
+            else:
+                embedded.append(image)
+        self.to_embed = []
         return CheckedBatch(embedded, vectors, self.digests, self.stats, self.unchanged, self.restated, self.failures)
+
+
+def decode_photos(photos: list[bytes], size: int) -> tuple[np.ndarray, dict[int, str]]:
+    """The photos decoded and resized by the one preprocessing path, stacked as (N, size, size, 3) uint8, and
+    {position: problem} for those that do not decode."""
+    pixels, problems = [], {}
+    for position, data in enumerate(photos):
+        try:
+            pixels.append(load_pixels(data, size))
+        except ImageError as exc:
+            problems[position] = str(exc)
+    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), problems
 
 
 def check_files(images: list[CatalogImage], known: Known, model_key: str) -> CheckedFiles:
@@ -157,18 +178,8 @@ def _check_and_embed(images: list[CatalogImage], known: Known, embedder: Embedde
     """One worker's unit of work: check_files, then decode and embed (with this thread's interpreter)
     the photos whose bytes or model changed since the last run."""
     checked = check_files(images, known, embedder.identity.key)
-    size = embedder.input_size
-    embedded, pixels = [], []
-    for image, data in checked.to_embed:
-        try:
-            pixels.append(load_pixels(data, size))
-        except ImageError as exc:
-            checked.failures.append((image, str(exc)))
-            continue
-        embedded.append(image)
-    checked.to_embed = []  # the bytes are decoded: let them go before the batch is embedded
-    batch = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return checked.embedded(embedded, embedder.embed_pixels(batch))
+    pixels, problems = decode_photos([data for _, data in checked.to_embed], embedder.input_size)
+    return checked.decoded(problems, embedder.embed_pixels(pixels))
 
 
 def checked_batches(

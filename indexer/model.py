@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.calibration import calibration_catalog, calibration_sample
+from indexer.calibration import calibration_sample, fallback_catalog
 from indexer.config import PYPI_WEIGHTS, ConfigError, Settings
 from indexer.engines import (
     INT8_RECIPE,
@@ -267,7 +267,7 @@ def ensure_int8_export(
         )
     origin = "catalog" if catalog is not None else "fallback"
     if catalog is None:
-        catalog, metadata = calibration_catalog(settings, None)
+        catalog, metadata = fallback_catalog(settings)
     sample = calibration_sample(catalog, metadata, INPUT_SIZE)
     path = export_path(settings.models_dir, settings.model_name, key, calibration=sample.fingerprint)
     export = read_export(path)

@@ -24,7 +24,7 @@ import ray
 from indexer.catalog import CatalogImage
 from indexer.config import REPO_ROOT, ConfigError, Settings
 from indexer.engines import LiteRTEngine
-from indexer.indexing import CheckedBatch, CheckedFiles, Known, check_files
+from indexer.indexing import CheckedBatch, CheckedFiles, Known, check_files, decode_photos
 from indexer.model import Embedder
 
 # A local cluster's object store: enough for a few batches of photo bytes in flight, small enough for a laptop.
@@ -39,19 +39,13 @@ class EmbedActor:
         self.input_size = input_size
 
     def embed(self, photos: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
-        """The vectors of the photos that decode, in order, and {index: problem} for those that do not."""
-        from indexer.images import ImageError, load_pixels
+        """The vectors of the photos that decode, in order, and {position: problem} for those that do not."""
         from indexer.model import l2_normalize
 
-        pixels, problems = [], {}
-        for i, data in enumerate(photos):
-            try:
-                pixels.append(load_pixels(data, self.input_size))
-            except ImageError as exc:
-                problems[i] = str(exc)
-        if not pixels:
+        pixels, problems = decode_photos(photos, self.input_size)
+        if not len(pixels):
             return np.zeros((0, 0), np.float32), problems
-        return l2_normalize(self.engine.features(np.stack(pixels))), problems
+        return l2_normalize(self.engine.features(pixels)), problems
 
 
 def _init(address: str) -> None:
@@ -84,17 +78,10 @@ def ray_embedding(settings: Settings, embedder: Embedder) -> Iterator[Callable[.
         model = ray.put(embedder.engine.model_content)
         actors = [remote.remote(model, embedder.input_size) for _ in range(count)]
 
-        def stage(
-            images: list[CatalogImage],
-            known: Known,
-            embedder: Embedder,
-            batch_size: int,
-            pool: ThreadPoolExecutor,
-            workers: int,
-        ) -> Iterator[CheckedBatch]:
-            return ray_checked_batches(images, known, embedder, batch_size, pool, actors)
-
-        yield stage
+        # checked_batches' signature; the actors, not `workers` threads, embed.
+        yield lambda images, known, embedder, batch_size, pool, workers: ray_checked_batches(
+            images, known, embedder, batch_size, pool, actors
+        )
     finally:
         ray.shutdown()
 
@@ -141,13 +128,4 @@ def ray_checked_batches(
 
 def _assemble(checked: CheckedFiles, ref, dim: int) -> CheckedBatch:
     vectors, problems = ray.get(ref) if ref is not None else (np.zeros((0, dim), np.float32), {})
-    embedded = []
-    for i, (image, _) in enumerate(checked.to_embed):
-        if i in problems:
-            checked.failures.append((image, problems[i]))
-        else:
-            embedded.append(image)
-    checked.to_embed = []
-    if not embedded:
-        vectors = np.zeros((0, dim), np.float32)
-    return checked.embedded(embedded, vectors)
+    return checked.decoded(problems, vectors if len(vectors) else np.zeros((0, dim), np.float32))

@@ -138,16 +138,20 @@ def _multipart(properties: Schema, description: str, *, required: bool = True, e
     }
 
 
+# The shown fields of a product (indexer.catalog.ProductFields), in results and on their own.
+PRODUCT_FIELDS: Schema = {
+    "sku": {"type": "string"},
+    "title": {"type": "string"},
+    "category": _nullable("string"),
+    "price": _nullable("number"),
+    "url": _nullable("string"),
+}
 RESULT: Schema = {
     "type": "object",
-    "required": ["sku", "title", "category", "price", "url", "score", "image_url", "product_url"],
+    "required": [*PRODUCT_FIELDS, "score", "image_url", "product_url"],
     "additionalProperties": False,
     "properties": {
-        "sku": {"type": "string"},
-        "title": {"type": "string"},
-        "category": _nullable("string"),
-        "price": _nullable("number"),
-        "url": _nullable("string"),
+        **PRODUCT_FIELDS,
         "score": {"type": "number", "description": "Cosine similarity to the query (higher is closer)."},
         "image_url": {"type": "string", "description": "The product's photo (GET /images/{sku})."},
         "product_url": {"type": "string", "description": "The product's page (GET /products/{sku})."},
@@ -195,14 +199,10 @@ SIMILAR_RESULTS: Schema = {
 }
 PRODUCT: Schema = {
     "type": "object",
-    "required": ["sku", "title", "category", "price", "url", "attributes", "image_url"],
+    "required": [*PRODUCT_FIELDS, "attributes", "image_url"],
     "additionalProperties": False,
     "properties": {
-        "sku": {"type": "string"},
-        "title": {"type": "string"},
-        "category": _nullable("string"),
-        "price": _nullable("number"),
-        "url": _nullable("string"),
+        **PRODUCT_FIELDS,
         "attributes": {"type": "object", "additionalProperties": {"type": "string"}},
         "image_url": {"type": "string"},
     },
