@@ -3,11 +3,12 @@
 #
 #   make demo                                   build, index and serve the Fashion-MNIST demo
 #   make test                                   run the test suite
-#   make index CATALOG=<folder> [METADATA=<csv or jsonl>] [ADD=1 | PRUNE=1]
+#   make index CATALOG=<folder> [METADATA=<csv or jsonl>] [ADD=1 | PRUNE=1] [REFIT=1]
 #   make serve [PORT=8000]
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
 #   make bench-scale [N=1000000]                  N synthetic products beside 10,000 at scale, to bench/
 #   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
+#   make soak SERVERS=2 [DATABASE_URL=postgresql+psycopg://...]  the same on two servers over one database
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] adapt the model to the catalog (then make index)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
@@ -56,7 +57,7 @@ migrate: venv
 index: weights migrate
 	@test -n "$(CATALOG)" || { echo "usage: make index CATALOG=<folder of product photos> [METADATA=<csv or jsonl>]"; exit 2; }
 	$(PY) -m indexer index --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
-	  $(if $(ADD),--add) $(if $(PRUNE),--prune)
+	  $(if $(ADD),--add) $(if $(PRUNE),--prune) $(if $(REFIT),--refit)
 
 serve: weights migrate
 	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
@@ -89,7 +90,7 @@ demo: demo-catalog weights migrate
 # wrk is the benchmark's load generator; one test runs it against the real server. Debian's chromium is
 # the browser that Playwright drives in tests/test_browser.py (Playwright's own browser download is not used).
 # Debian's postgresql gives the server binaries (initdb, postgres) of the cluster that the tests start themselves
-# in a temporary folder (tests/postgres.py; PG_BINDIR names another folder of them).
+# in a temporary folder (bench/postgres.py; PG_BINDIR names another folder of them).
 test: weights dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk; its test will be skipped"
 	@test -x /usr/bin/chromium || $(call apt_install,chromium) \
@@ -112,16 +113,30 @@ bench-scale: weights migrate dev
 
 # Searches under concurrent re-indexing, API writes and a compaction, over PRODUCTS products (real photos
 # plus synthetic vectors): 0 errors and 0 wrong results, to bench/soak.json.
-PRODUCTS ?= 100000
+# SERVERS=2: two servers over one PostgreSQL database (DATABASE_URL, else a throwaway cluster of Debian's
+# postgresql, installed here when missing) and one DATA_DIR; 100 writes through one, each timed until the other
+# shows it; searches on both; a compaction. 600 real products unless PRODUCTS says; to bench/soak-two-servers.json.
 soak: weights migrate dev
-	$(PY) -m bench.soak --products $(PRODUCTS) $(if $(CATALOG),--catalog "$(CATALOG)") \
+ifeq ($(SERVERS),2)
+	@test -n "$$DATABASE_URL" -o -n "$$PG_BINDIR" || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || $(call apt_install,postgresql) || echo "apt-get could not install postgresql"
+endif
+	$(PY) -m bench.soak --products $(or $(PRODUCTS),$(if $(filter 2,$(SERVERS)),0,100000)) \
+	  $(if $(SERVERS),--servers $(SERVERS)) $(if $(CATALOG),--catalog "$(CATALOG)") \
 	  $(if $(METADATA),--metadata "$(METADATA)")
 
 # Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
+# COMPARE=1: every configuration (plain / fine-tuned, without / with whitening) side by side, each indexed
+# anew, with COARSE=<second label column> and query latency, to eval/configurations.json.
 eval: weights migrate
-	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category]"; exit 2; }
+	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category] [COMPARE=1 [COARSE=coarse_category]]"; exit 2; }
+ifdef COMPARE
+	$(PY) -m eval.compare --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
+	  --queries "$(QUERIES)" $(if $(COARSE),--coarse-label "$(COARSE)")
+else
 	$(PY) -m eval --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
 	  $(if $(QUERIES),--queries "$(QUERIES)") $(if $(LABEL),--label "$(LABEL)")
+endif
 
 # Transfer learning on the catalog's categories; the new model version becomes the active one.
 finetune: weights migrate

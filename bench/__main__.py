@@ -118,7 +118,12 @@ def measure_engine(reference: Reference) -> dict:
 
 
 def measure_indexing(
-    catalog: Path, metadata: Path | None, data_dir: Path, precision: str, ray_address: str | None = None
+    catalog: Path,
+    metadata: Path | None,
+    data_dir: Path,
+    precision: str,
+    ray_address: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
     """`python -m indexer index` from files into an empty data folder, as a separate process; with
     ray_address, decoding and embedding on that Ray cluster (`local`: one started by the indexer)."""
@@ -127,6 +132,7 @@ def measure_indexing(
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"DATA_DIR": str(data_dir), "PRECISION": precision, **({"RAY_ADDRESS": ray_address} if ray_address else {})}
+    env |= extra_env or {}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     output, errors = process.communicate()
@@ -148,6 +154,31 @@ def measure_ray_indexing(catalog: Path, metadata: Path | None, data_dir: Path, p
     print(f"bench: indexing on local Ray: {result['images_per_s']} images/s in {result['seconds']} s, "
           f"{result['over_plain']}x the plain run's {plain['images_per_s']} images/s",
           file=sys.stderr, flush=True)  # fmt: skip
+    return result
+
+
+def measure_whitening(settings, catalog: Path, metadata: Path | None, work: Path, photos: list[bytes]) -> dict:
+    """The catalog's whitening against none, at the default precision: `make index` (with whitening, into a
+    models folder of its own, so that the run fits it: the slowest case) and in-process query latency."""
+    models = work / "models"
+    models.mkdir(parents=True)
+    for name in ("litert", *(p.name for p in settings.models_dir.iterdir() if p.is_file())):
+        (models / name).symlink_to(settings.models_dir / name)
+    runs = {"off": {"WHITENING": "off"}, "on": {"WHITENING": "on", "MODELS_DIR": str(models)}}
+    result = {
+        name: {"indexing": measure_indexing(catalog, metadata, work / name, DEFAULT_PRECISION, extra_env=env)}
+        for name, env in runs.items()
+    }
+    for name in runs:  # each with the model (and whitening) that its index was built with
+        configured = settings.with_overrides(precision=DEFAULT_PRECISION, whitening=name == "on",
+                                             models_dir=models if name == "on" else settings.models_dir)  # fmt: skip
+        result[name]["in_process"] = measure_in_process(configured, work / name, photos)
+    result["on_over_off"] = {
+        "index_seconds": round(result["on"]["indexing"]["seconds"] / result["off"]["indexing"]["seconds"], 3),
+        "query_p50": round(result["on"]["in_process"]["p50_ms"] / result["off"]["in_process"]["p50_ms"], 3),
+    }
+    print(f"bench: whitening on / off: make index {result['on_over_off']['index_seconds']}x, "
+          f"in-process query p50 {result['on_over_off']['query_p50']}x", file=sys.stderr, flush=True)  # fmt: skip
     return result
 
 
@@ -362,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                 per[DEFAULT_PRECISION]["indexing_ray_local"] = measure_ray_indexing(
                     catalog, metadata, Path(tmp) / "ray-local", per[DEFAULT_PRECISION]["indexing"]
                 )
+        print("bench: whitening on and off (make index, in-process latency) ...", file=sys.stderr, flush=True)
+        results["whitening"] = measure_whitening(settings, catalog, metadata, Path(tmp) / "whitening", photos)
         for precision, data_dir in data_dirs.items():
             # The base segment a server maps: the vectors, ids, categories, prices and any FAISS structure.
             base = data_dir / "index" / json.loads((data_dir / "index" / "manifest.json").read_text())["base"]
@@ -373,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     chart(results, out / "results.png")
     ray_local = per[DEFAULT_PRECISION]["indexing_ray_local"]
-    print(json.dumps({"int8_over_fp32": results["int8_over_fp32"],
+    print(json.dumps({"int8_over_fp32": results["int8_over_fp32"], "whitening": results["whitening"]["on_over_off"],
                       **{p: r["ratios"] for p, r in per.items()},
                       f"{DEFAULT_PRECISION}_indexing_ray_local": {k: ray_local[k] for k in
                                                                   ("seconds", "images_per_s", "over_plain")}},

@@ -64,11 +64,11 @@ def log(message: str) -> None:
 class Client:
     """One keep-alive connection to the server on loopback; each call returns (status, JSON or None, ms)."""
 
-    def __init__(self, url: str, timeout: float = 120):
+    def __init__(self, url: str, timeout: float = 120, key: str = KEY):
         parts = urlsplit(url)
         if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the benchmark only talks to this machine (loopback)")
-        self.host, self.port, self.timeout = parts.hostname, parts.port, timeout
+        self.host, self.port, self.timeout, self.key = parts.hostname, parts.port, timeout, key
         self.connection: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
@@ -116,11 +116,12 @@ class Client:
 
     def put(self, sku: str, photo: bytes, fields: dict[str, str]) -> tuple[int, dict | None, float]:
         body, content_type = multipart_body(photo, fields)
-        headers = {"Content-Type": content_type, "Authorization": f"Bearer {KEY}"}
+        headers = {"Content-Type": content_type, "Authorization": f"Bearer {self.key}"}
         return self.call("PUT", f"/api/products/{quote(sku, safe='/')}", body, headers)
 
     def delete(self, sku: str) -> tuple[int, dict | None, float]:
-        return self.call("DELETE", f"/api/products/{quote(sku, safe='/')}", None, {"Authorization": f"Bearer {KEY}"})
+        headers = {"Authorization": f"Bearer {self.key}"}
+        return self.call("DELETE", f"/api/products/{quote(sku, safe='/')}", None, headers)
 
     def product_status(self, sku: str) -> int:
         return self.call("GET", f"/api/products/{quote(sku, safe='/')}")[0]

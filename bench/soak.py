@@ -4,16 +4,26 @@ wrong results.
 
     python -m bench.soak --catalog ../shared/datasets/grocery-store --metadata catalog.csv
     python -m bench.soak --products 100000     # the same, over 100,000 products (synthetic vectors)
+    python -m bench.soak --servers 2           # two servers over one PostgreSQL database and one index folder
 
 Loopback only, bounded in time and requests. A result is wrong when its sku was never in the
 catalog nor written, was deleted through the API before the search was sent, or left the
 catalog in a re-index that had finished publishing before the search was sent.
 Writes bench/soak.json.
+
+With --servers 2: two gunicorn servers on two ports share one DATA_DIR and one PostgreSQL database
+(DATABASE_URL when it names one, else a database in a throwaway cluster, bench/postgres.py). Writes
+go through server A, each timed from its request until a photo search on server B shows it (a
+DELETE: until B's GET answers 404 and the search no longer shows it); the clients search A and B in
+turn, judged as above; a compaction runs a quarter of the way through the writes; afterwards both
+servers must be on the compacted base and answer alike, with every write in place. No re-index.
+Writes bench/soak-two-servers.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import http.client
 import json
@@ -23,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +45,7 @@ from bench.server import running_server
 from indexer.config import REPO_ROOT
 
 KEY = "soak-test-key"
+VISIBLE_WITHIN_MS = 1000  # --servers 2: the p95 bound on a write through A reaching B
 
 
 def write_catalog(rows: list[dict], path: Path) -> None:
@@ -73,22 +86,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catalog", default=str(REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"))
     parser.add_argument("--metadata", default="catalog.csv")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--writes", type=int, default=120)
+    parser.add_argument("--writes", type=int, help="default 120; with --servers 2, 100")
     parser.add_argument("--seconds", type=float, default=60.0, help="upper bound on the search load's duration")
     parser.add_argument("--products", type=int, default=0,
                         help="bring the catalog up to this many products with synthetic vectors around the "
                              "photos' embeddings (bench.synthetic), imported with import-vectors")  # fmt: skip
-    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "soak.json"))
+    parser.add_argument("--servers", type=int, choices=(1, 2), default=1,
+                        help="2: two servers over one PostgreSQL database and one shared DATA_DIR")  # fmt: skip
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
+                        help="--servers 2: a PostgreSQL database the soak may fill (default: DATABASE_URL; "
+                             "without either, a throwaway cluster)")  # fmt: skip
+    parser.add_argument("--out", help="default bench/soak.json, with --servers 2 bench/soak-two-servers.json")
     args = parser.parse_args(argv)
+    if args.writes is None:
+        args.writes = 120 if args.servers == 1 else 100
+    if args.out is None:
+        args.out = str(REPO_ROOT / "bench" / ("soak.json" if args.servers == 1 else "soak-two-servers.json"))
     catalog = Path(args.catalog)
     with open(catalog / args.metadata, newline="") as handle:
         rows = list(csv.DictReader(handle))[::4][:700]
     first, second = rows[:600], rows[100:700]  # the re-index drops 100 products and adds 100
     photos = [(catalog / row["image"]).read_bytes() for row in rows[::7]]
 
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         env = {**os.environ, "DATA_DIR": str(tmp / "data"), "API_KEY": KEY}
+        if args.servers == 2:
+            env["DATABASE_URL"], database = stack.enter_context(postgresql_database(args.database_url))
         write_catalog(first, tmp / "first.csv")
         write_catalog(second, tmp / "second.csv")
         index(catalog, tmp / "first.csv", env)
@@ -97,42 +121,110 @@ def main(argv: list[str] | None = None) -> int:
                                            tmp / "synthetic")  # fmt: skip
             indexer_command(["import-vectors", "--vectors", str(synthetic.vectors), "--products",
                              str(synthetic.products), "--quiet"], env)  # fmt: skip
-        with running_server(env, timeout=300) as server:
-            report = soak(server.url, catalog, tmp, env, photos, first, second, args)
+        if args.servers == 2:
+            urls = []
+            for host in "ab":  # as two hosts: the same shared folder and database, a temporary folder each
+                (tmp / f"host-{host}").mkdir()
+                server = stack.enter_context(running_server({**env, "TMPDIR": str(tmp / f"host-{host}")}, timeout=300))
+                urls.append(server.url)
+            report = {"servers": 2, "database": database, **soak_two_servers(urls, env, photos, first, args)}
+        else:
+            with running_server(env, timeout=300) as server:
+                report = soak(server.url, catalog, tmp, env, photos, first, second, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "wrong_examples"}, indent=2))
+    if args.servers == 2:
+        return 0 if report["passed"] else 1
     return 0 if report["errors"] == 0 and report["wrong_results"] == 0 else 1
+
+
+@contextlib.contextmanager
+def postgresql_database(url: str | None) -> Iterator[tuple[str, str]]:
+    """(DATABASE_URL, where it is from): the given URL, which must name PostgreSQL; without one, a database in a
+    throwaway cluster (bench/postgres.py), stopped and removed afterwards."""
+    if url:
+        from sqlalchemy import make_url
+
+        if make_url(url).get_backend_name() != "postgresql":
+            raise SystemExit(f"--servers 2 shares one PostgreSQL database; DATABASE_URL is {make_url(url).drivername}")
+        yield url, "PostgreSQL (DATABASE_URL)"
+        return
+    from bench.postgres import PostgresCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit(
+            "--servers 2 without DATABASE_URL starts a throwaway PostgreSQL cluster, but initdb and postgres are not "
+            "installed (Debian's postgresql package; PG_BINDIR names another folder of them)"
+        )
+    cluster = PostgresCluster(bindir)
+    try:
+        cluster.start()
+        yield cluster.url(cluster.create_database(prefix="soak")), "PostgreSQL (throwaway cluster)"
+    finally:
+        cluster.stop()
+
+
+def search_client(urls: list[str], offset: int, clients: int, bodies: list, stop: threading.Event, record) -> None:
+    """Photo searches until stop is set, each to the next of urls in turn (one keep-alive connection each);
+    record(sent, latency, status, skus, server) for each, server "a" or "b" when there are two, else None."""
+    connections: list[http.client.HTTPConnection | None] = [None] * len(urls)
+    number, turn = offset, offset
+    while not stop.is_set():
+        body, content_type = bodies[number % len(bodies)]
+        number += clients
+        server, turn = turn % len(urls), turn + 1
+        if connections[server] is None:
+            connections[server] = http.client.HTTPConnection("127.0.0.1", int(urls[server].rsplit(":", 1)[1]),
+                                                             timeout=30)  # fmt: skip
+        connection = connections[server]
+        sent = time.monotonic()
+        try:
+            connection.request("POST", "/api/search", body=body, headers={"Content-Type": content_type})
+            response = connection.getresponse()
+            payload = response.read()
+            status = response.status
+            skus = [r["sku"] for r in json.loads(payload)["results"]] if status == 200 else []
+        except (OSError, http.client.HTTPException, ValueError):
+            status, skus = 0, []
+            connection.close()
+            connections[server] = None
+        record(sent, time.monotonic() - sent, status, skus, "ab"[server] if len(urls) > 1 else None)
+    for connection in connections:
+        if connection is not None:
+            connection.close()
+
+
+def wrong_results(searches: list[tuple], events: dict, first: list[dict], second: list[dict], synthetic: bool,
+                  started: float) -> list[dict]:  # fmt: skip
+    """The results no search should have returned (the rules of the module's docstring)."""
+    known = {row["sku"] for row in first} | {row["sku"] for row in second} | set(events["written"])
+    removed = {row["sku"] for row in first} - {row["sku"] for row in second}
+    wrong = []
+    for sent, _, _, skus, server in searches:
+        for sku in skus:
+            deleted_at = events["deleted"].get(sku)
+            if (
+                (sku not in known and not (synthetic and sku.startswith("syn-")))
+                or (deleted_at is not None and deleted_at < sent)
+                or (sku in removed and events["reindexed_at"] is not None and events["reindexed_at"] < sent)
+            ):
+                wrong.append({"sku": sku, "sent": round(sent - started, 3), **({"server": server} if server else {})})
+    return wrong
 
 
 def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
     lock = threading.Lock()
     # sku -> time the change had finished
     events = {"written": {}, "deleted": {}, "reindexed_at": None, "compacted_at": None}
-    searches: list[tuple[float, float, int, list[str]]] = []  # (sent, latency, status, skus)
+    searches: list[tuple[float, float, int, list[str], str | None]] = []  # (sent, latency, status, skus, server)
     stop = threading.Event()
     bodies = [multipart_body(photo, {"k": "10"}) for photo in photos]
 
-    def search_client(offset: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
-        number = offset
-        while not stop.is_set():
-            body, content_type = bodies[number % len(bodies)]
-            number += args.clients
-            sent = time.monotonic()
-            try:
-                connection.request("POST", "/api/search", body=body, headers={"Content-Type": content_type})
-                response = connection.getresponse()
-                payload = response.read()
-                status = response.status
-                skus = [r["sku"] for r in json.loads(payload)["results"]] if status == 200 else []
-            except (OSError, http.client.HTTPException, ValueError):
-                status, skus = 0, []
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
-            with lock:
-                searches.append((sent, time.monotonic() - sent, status, skus))
-        connection.close()
+    def record(*search: object) -> None:
+        with lock:
+            searches.append(search)
 
     write_statuses: list[int] = []
 
@@ -174,7 +266,8 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         except RuntimeError as exc:
             events["compaction_error"] = str(exc)
 
-    threads = [threading.Thread(target=search_client, args=(i,)) for i in range(args.clients)]
+    threads = [threading.Thread(target=search_client, args=([url], i, args.clients, bodies, stop, record))
+               for i in range(args.clients)]  # fmt: skip
     threads += [threading.Thread(target=t) for t in (writer, reindexer, compactor)]
     started = time.monotonic()
     for thread in threads:
@@ -187,20 +280,9 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         thread.join()
     seconds = time.monotonic() - started
 
-    known = {row["sku"] for row in first} | {row["sku"] for row in second} | set(events["written"])
     synthetic = args.products > len(first)  # synthetic skus (syn-0000001) stay in the catalog throughout
-    removed = {row["sku"] for row in first} - {row["sku"] for row in second}
-    wrong = []
-    for sent, _, _, skus in searches:
-        for sku in skus:
-            deleted_at = events["deleted"].get(sku)
-            if (
-                (sku not in known and not (synthetic and sku.startswith("syn-")))
-                or (deleted_at is not None and deleted_at < sent)
-                or (sku in removed and events["reindexed_at"] is not None and events["reindexed_at"] < sent)
-            ):
-                wrong.append({"sku": sku, "sent": round(sent - started, 3)})  # fmt: skip
-    latencies = [latency * 1000 for _, latency, status, _ in searches if status == 200]
+    wrong = wrong_results(searches, events, first, second, synthetic, started)
+    latencies = [latency * 1000 for _, latency, status, _, _ in searches if status == 200]
     return {
         "products": max(args.products, len(first)),
         "clients": args.clients,
@@ -209,7 +291,7 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         "requests_per_s": round(len(searches) / seconds, 1),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
         "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
-        "errors": sum(1 for _, _, status, _ in searches if status != 200),
+        "errors": sum(1 for _, _, status, _, _ in searches if status != 200),
         "wrong_results": len(wrong),
         "wrong_examples": wrong[:20],
         "writes": len(write_statuses),
@@ -219,6 +301,171 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         "compacted": events["compacted_at"] is not None,
         "compaction_error": events.get("compaction_error"),
     }
+
+
+def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: list[dict], args) -> dict:
+    """--servers 2: writes through A, each until B shows it; searches on both meanwhile; a compaction."""
+    from bench.scale import Client, _until_seen, result_skus
+    from indexer.segments import read_manifest
+
+    index_dir = Path(env["DATA_DIR"]) / "index"
+    base_before = read_manifest(index_dir)["version"]
+    lock = threading.Lock()
+    events = {"written": {}, "deleted": {}, "reindexed_at": None, "compacted_at": None}
+    searches: list[tuple[float, float, int, list[str], str | None]] = []  # (sent, latency, status, skus, server)
+    stop, compact_now = threading.Event(), threading.Event()
+    bodies = [multipart_body(photo, {"k": "10"}) for photo in photos]
+
+    def record(*search: object) -> None:
+        with lock:
+            searches.append(search)
+
+    # Four new products, then the deletion of the fourth, and so on; a photo each (none used twice).
+    writes: list[tuple[str, str, bytes]] = []
+    for i in range(args.writes):
+        writes.append(("delete", *writes[-1][1:]) if i % 5 == 4 else ("put", f"two-{i}", photos[i % len(photos)]))
+    on_a, on_b = Client(urls[0], key=KEY), Client(urls[1], key=KEY)
+    statuses: list[int] = []
+    sent_at: dict[int, float] = {}
+    visible_ms: list[float] = []
+    outcome: dict = {}
+
+    def send(item: tuple[str, str, bytes]) -> tuple[int, object, float]:
+        kind, sku, photo = item
+        if len(statuses) == len(writes) // 4:
+            compact_now.set()
+        sent_at[id(item)] = time.perf_counter()
+        if kind == "put":
+            status, data, ms = on_a.put(sku, photo, {"title": f"Two-server product {len(statuses)}", "category": "api"})
+        else:
+            status, data, ms = on_a.delete(sku)
+        statuses.append(status)
+        if status in (200, 201):
+            if kind == "put":
+                events["written"][sku] = time.monotonic()
+                events["deleted"].pop(sku, None)
+            else:
+                events["deleted"][sku] = time.monotonic()
+        return status, data, ms
+
+    def seen_on_b(item: tuple[str, str, bytes]) -> bool:
+        kind, sku, photo = item
+        status, data, _ = on_b.search(photo)
+        if status != 200:
+            return False
+        if kind == "put":
+            shown = sku in result_skus(data)
+        else:
+            shown = sku not in result_skus(data) and on_b.product_status(sku) == 404
+        if shown:
+            visible_ms.append((time.perf_counter() - sent_at[id(item)]) * 1000)
+        return shown
+
+    def writer() -> None:
+        try:
+            outcome["visible"] = _until_seen("writes on A until visible on B", writes, send, seen_on_b,
+                                             "not_visible_within_s")  # fmt: skip
+        except Exception as exc:  # reported, and the run fails
+            outcome["writer_error"] = repr(exc)
+        finally:
+            compact_now.set()
+            events["writes_done_at"] = time.monotonic()
+
+    def compactor() -> None:
+        compact_now.wait()  # a quarter of the way through the writes: both servers switch base and replay the rest
+        try:
+            indexer_command(["compact", "--quiet"], env)
+            events["compacted_at"] = time.monotonic()
+        except RuntimeError as exc:
+            events["compaction_error"] = str(exc)
+
+    threads = [threading.Thread(target=search_client, args=(urls, i, args.clients, bodies, stop, record))
+               for i in range(args.clients)]  # fmt: skip
+    threads += [threading.Thread(target=t) for t in (writer, compactor)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads[args.clients :]:
+        thread.join()
+    time.sleep(2)  # a little more load on the final state
+    stop.set()
+    for thread in threads[: args.clients]:
+        thread.join()
+    seconds = time.monotonic() - started
+
+    # Afterwards: both servers on the compacted base, giving the same answers, every write in place.
+    base_after = read_manifest(index_dir)["version"]
+    after: dict = {"index_versions": {}, "disagreements": 0, "missing": 0, "resurrected": 0}
+    answers: dict[str, list[list[str]]] = {}
+    for name, client in (("a", on_a), ("b", on_b)):
+        status, data, _ = client.call("GET", "/readyz")
+        after["index_versions"][name] = (data or {}).get("index_version", f"/readyz answered {status}")
+        model = (data or {}).get("model", {})
+        answers[name] = []
+        for kind, _, photo in writes:
+            if kind == "put":
+                status, data, _ = client.search(photo)
+                answers[name].append(result_skus(data))
+                if status != 200:
+                    after.setdefault("errors", []).append(f"{name}: {status} {str(data)[:200]}")
+    after["both_on_compacted_base"] = all(v.startswith(f"{base_after}+") for v in after["index_versions"].values())
+    puts = [sku for kind, sku, _ in writes if kind == "put"]
+    for number, sku in enumerate(puts):
+        found = [sku in answers[name][number] for name in "ab"]
+        after["disagreements"] += answers["a"][number] != answers["b"][number]
+        if sku in events["deleted"]:
+            after["resurrected"] += sum(found)
+        else:
+            after["missing"] += found.count(False)
+    on_a.close()
+    on_b.close()
+
+    wrong = wrong_results(searches, events, first, first, args.products > len(first), started)
+    latencies = [latency * 1000 for _, latency, status, _, _ in searches if status == 200]
+    visible = outcome.get("visible", {})
+    report = {
+        "products": max(args.products, len(first)),
+        "model": {name: model.get(name) for name in ("model", "dim", "precision", "whitening")},
+        "clients": args.clients,
+        "seconds": round(seconds, 1),
+        "searches": len(searches),
+        "searches_by_server": {name: sum(1 for *_, server in searches if server == name) for name in "ab"},
+        "requests_per_s": round(len(searches) / seconds, 1),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+        "errors": sum(1 for _, _, status, _, _ in searches if status != 200),
+        "error_statuses": dict(Counter(str(status) for _, _, status, _, _ in searches if status != 200)),
+        "wrong_results": len(wrong),
+        "wrong_examples": wrong[:20],
+        "writes": len(statuses),
+        "write_errors": sum(1 for status in statuses if status not in (200, 201)),
+        "writer_error": outcome.get("writer_error"),
+        "visible_on_b": {
+            **visible,
+            "max_ms": round(max(visible_ms), 2) if visible_ms else None,
+            f"over_{VISIBLE_WITHIN_MS}_ms": sum(ms > VISIBLE_WITHIN_MS for ms in visible_ms),
+        },
+        "compacted": events["compacted_at"] is not None,
+        "compaction_error": events.get("compaction_error"),
+        "compacted_during_writes": events["compacted_at"] is not None
+        and events["compacted_at"] < events["writes_done_at"],
+        "base_before": base_before,
+        "base_after": base_after,
+        "after": after,
+    }
+    report["passed"] = bool(
+        report["errors"] == 0
+        and report["wrong_results"] == 0
+        and report["writes"] == args.writes
+        and report["write_errors"] == 0
+        and visible.get("not_visible_within_s") == 0
+        and (visible.get("p95_ms") or 0) <= VISIBLE_WITHIN_MS
+        and report["compacted"]
+        and base_after != base_before
+        and after["both_on_compacted_base"]
+        and after["disagreements"] == after["missing"] == after["resurrected"] == 0
+    )
+    return report
 
 
 if __name__ == "__main__":

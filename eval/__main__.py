@@ -10,63 +10,19 @@ shoppers get. Writes eval/results.json and eval/hardest.png.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from eval.metrics import hit_matrix, per_label, summarise
+from eval.protocols import K, product_labels, read_queries, run_queries
 from indexer.catalog import in_catalog
-from indexer.config import REPO_ROOT, cpu_count, load_settings
+from indexer.config import REPO_ROOT, load_settings
 from indexer.segments import read_manifest
 from indexer.store import Store
 
 OUT_DIR = REPO_ROOT / "eval"
-K = 10
-
-
-def product_labels(app, label: str) -> dict[str, str | None]:
-    """sku -> the product's label: its category, or another metadata column (an attribute)."""
-    return app.extensions["catalog_search"].store.product_labels(label)
-
-
-def read_queries(path: Path, catalog: Path, label: str) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "image" not in rows[0] or label not in rows[0]:
-        raise SystemExit(f"error: {path} needs an 'image' and a '{label}' column")
-    for row in rows:  # like metadata, image paths are relative to the catalog folder
-        row["path"] = str(catalog / row["image"])
-    return rows
-
-
-def run_queries(app, queries: list[dict[str, str]] | None, skus: list[str]) -> list[list[dict]]:
-    """Result lists from the API, one per query photo (or per catalog sku for leave-one-out)."""
-
-    def by_photo(query: dict[str, str]) -> list[dict]:
-        photo = Path(query["path"]).read_bytes()
-        response = app.test_client().post(
-            "/api/search", data={"image": (io.BytesIO(photo), "query.jpg"), "k": str(K)},
-            content_type="multipart/form-data",
-        )  # fmt: skip
-        if response.status_code != 200:
-            raise SystemExit(f"error: {query['image']}: {response.status_code} {response.get_json()}")
-        return response.get_json()["results"]
-
-    def by_sku(sku: str) -> list[dict]:
-        response = app.test_client().get(f"/api/products/{sku}/similar", query_string={"k": K})
-        if response.status_code != 200:
-            raise SystemExit(f"error: {sku}: {response.status_code} {response.get_json()}")
-        return response.get_json()["results"]
-
-    from tqdm import tqdm
-
-    work, items = (by_photo, queries) if queries is not None else (by_sku, skus)
-    with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
-        return list(tqdm(pool.map(work, items), total=len(items), desc="Searching", unit="query"))
 
 
 def hardest_figure(rows: list[dict], app, path: Path, count: int) -> None:
@@ -100,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings()
     catalog = Path(args.catalog).resolve()
-    manifest = read_manifest(settings.index_dir)
+    # A FAISS index has a base segment on disk; a Milvus collection is checked when the service loads it.
+    manifest = read_manifest(settings.index_dir) if settings.index_backend == "faiss" else {}
     if manifest is None or not Store.open(settings).holds_catalog(str(catalog)):
         print(f"error: the index in {settings.data_dir} is missing or not of {catalog};"
               f" run `make index CATALOG={args.catalog}` first (same DATA_DIR)", file=sys.stderr)  # fmt: skip
         return 2
     app = create_app(settings)
+    manifest = app.extensions["catalog_search"].current().manifest
     labels = product_labels(app, args.label)
     queries = None
     if args.queries:

@@ -1,6 +1,7 @@
 """Command line: `python -m indexer COMMAND`, one command per job.
 
 python -m indexer index --catalog ../shared/datasets/grocery-store --metadata catalog.csv
+python -m indexer index --catalog ../shared/datasets/grocery-store --metadata catalog.csv --refit
 python -m indexer compact
 python -m indexer import-vectors --vectors vectors.npy --products products.csv
 python -m indexer weights
@@ -35,7 +36,14 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
     embedder = load_embedder(settings, concurrency=settings.embed_workers, catalog=catalog, metadata=metadata)
     try:
         report = index_catalog(
-            settings, embedder, catalog, metadata, progress=not args.quiet, add_only=args.add, prune=args.prune
+            settings,
+            embedder,
+            catalog,
+            metadata,
+            progress=not args.quiet,
+            add_only=args.add,
+            prune=args.prune,
+            refit=args.refit,
         )
     except PruneNeeded as exc:
         print(f"stopped: {exc}", file=sys.stderr)
@@ -48,13 +56,21 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.compaction import compact, compaction_due
+    from indexer.compaction import compact, compaction_due, follow_catalog_whitening
     from indexer.model import load_embedder
     from indexer.segments import read_manifest
     from indexer.store import Store
 
     embedder = load_embedder(settings)
     store = Store.open(settings)
+    follow_catalog_whitening(settings, store, embedder)
+    if settings.index_backend == "milvus":
+        from indexer.milvus_store import sync_locked
+
+        # Milvus compacts its own segments; this brings its collection up to the store's head (loading every
+        # vector into a new one) and purges the database's old tombstones.
+        print(sync_locked(settings, store, embedder.identity, purge=True).summary())
+        return 0
     if_base = args.if_base
     if args.if_due:
         # The base it is due for: a compaction elsewhere (another server, another host) may replace it first.
@@ -160,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--add", action="store_true", help="add and update only: remove nothing (new photos)")
     index.add_argument(
         "--prune", action="store_true", help="remove the folder's products whose photos are gone, however many"
+    )
+    index.add_argument(
+        "--refit", action="store_true", help="fit the catalog's whitening again (every photo is embedded again)"
     )
     index.add_argument("--quiet", action="store_true", help="no progress bars")
     index.set_defaults(run=cmd_index)

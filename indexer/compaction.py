@@ -21,7 +21,7 @@ from tqdm import tqdm
 from indexer.ann import build_ann, resolve_factory, tune
 from indexer.config import Settings
 from indexer.locking import compaction_lock, write_lock
-from indexer.model import Embedder
+from indexer.model import Embedder, ModelIdentity
 from indexer.segments import (
     NO_CATEGORY,
     new_version,
@@ -33,6 +33,7 @@ from indexer.segments import (
     write_arrays,
 )
 from indexer.store import Store
+from indexer.whitening import by_sha256, in_use
 
 log = logging.getLogger(__name__)
 # Tombstoned rows are deleted once a base without them has been the current one this long: by then every server,
@@ -70,6 +71,17 @@ def manifest_identity(embedder: Embedder) -> dict:
         "engine": embedder.engine.name,
         "tflite_sha256": embedder.tflite_sha256,
     }
+
+
+def follow_catalog_whitening(settings: Settings, store: Store, embedder: Embedder) -> None:
+    """Give a freshly loaded embedder the whitening the catalog's vectors carry: the current base's when it is of
+    this network (what a server-started compaction must rebuild), else the one `make index` uses."""
+    built = read_manifest(settings.index_dir) or {}
+    if "model" in built and ModelIdentity.from_dict(built).network_key == embedder.network.key:
+        sha256 = built.get("whitening_sha256")
+        embedder.use_whitening(by_sha256(store, sha256) if sha256 else None)
+    else:
+        embedder.use_whitening(in_use(store, embedder.network.key) if settings.whitening else None)
 
 
 def compaction_due(settings: Settings, store: Store, embedder: Embedder) -> str | None:

@@ -1,9 +1,10 @@
 """Settings for the indexer and the service, read once from config.toml.
 
 Environment variables override the paths so one checkout can serve several
-catalogs: DATA_DIR, CATALOG, METADATA, MODELS_DIR, DATABASE_URL, and
+catalogs: DATA_DIR, CATALOG, METADATA, MODELS_DIR, DATABASE_URL (PRECISION and WHITENING for the model), and
 SEARCH_CONFIG to point at another config file (and API_KEY, MEMORY_BUDGET_MB,
-FETCH_ALLOW_PRIVATE, CORS_ORIGINS for the service).
+FETCH_ALLOW_PRIVATE, CORS_ORIGINS for the service; VECTOR_STORE, MILVUS_URI and MILVUS_TOKEN for the
+vector store).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ PRECISIONS = ("fp32", "int8")
 PYPI_WEIGHTS = "pypi-mobilenet-v1"
 # Written by `make finetune` in models_dir: the fine-tuned model version in use.
 ACTIVE_MODEL_FILE = "active-model.json"
+BACKENDS = ("faiss", "milvus")
+MILVUS_URL = re.compile(r"(https?|tcp)://|unix:")
+MILVUS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,200}")
 # An origin as browsers send it: scheme://host[:port], the host a name or a bracketed IPv6 address, no path.
 ORIGIN = re.compile(
     r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(:\d{1,5})?"
@@ -45,6 +49,13 @@ class Settings:
     # "int8": the LiteRT model quantised to 8-bit integers, calibrated on catalog photos (as good as fp32 on
     # every protocol measured, 2.3x as fast: README "Precision"); or "fp32".
     precision: str = "int8"
+    # Whitening learned on the catalog (indexer/whitening.py), fitted by the first `make index` of a catalog;
+    # `whitening_dims` directions are kept. WHITENING overrides (on/off).
+    whitening: bool = True
+    whitening_dims: int = 96
+    # How the last feature map becomes one vector: "avg" (average pooling) or "gem" (generalised mean, with p).
+    pooling: str = "avg"
+    gem_p: float = 3.0
     # Weights of a fine-tuned version of this model (from models/active-model.json), if any.
     finetuned: Path | None = None
     # Inference threads per interpreter, and indexing threads (each decodes a batch and embeds it
@@ -54,6 +65,15 @@ class Settings:
     data_dir: Path = REPO_ROOT / "data"
     database_url: str = ""
     index_factory: str = "auto"
+    # Where vectors are searched: "faiss" (base segments in <data_dir>/index plus a delta in each server) or
+    # "milvus" (a Milvus collection holding the vectors, deletions, categories and prices). VECTOR_STORE overrides.
+    index_backend: str = "faiss"
+    # Milvus: a path ending in .db is Milvus Lite (embedded, one process at a time); http://host:19530 a Milvus
+    # server or cluster. Empty: Milvus Lite in <data_dir>/milvus.db. MILVUS_URI / MILVUS_TOKEN override.
+    milvus_uri: str = ""
+    milvus_token: str = ""
+    # Collections are named <milvus_collection>_<model>, one per model, so several catalogs can share a cluster.
+    milvus_collection: str = "visual_search"
     # Changed images the delta may hold before a compaction folds them into a new base.
     compact_after: int = 5_000
     models_dir: Path = REPO_ROOT / "models"
@@ -66,14 +86,28 @@ class Settings:
     fetch_timeout_s: float = 5.0
     # While off, image_url may only reach public addresses (no loopback, private, metadata...: request forgery).
     fetch_allow_private: bool = False
+    # gunicorn processes (0 = one per core) and threads per process (0 = two per core).
     workers: int = 1
     threads: int = 0
+    # Query photos (the `query` token of a search) are kept in <data_dir>/queries for this many seconds after
+    # their last use, for every worker and host; 0 keeps them in the memory of the process that got them.
+    query_ttl_s: float = 3600.0
     # The storefront write API (PUT/DELETE /api/products/<sku>) is off while this is empty.
     api_key: str = ""
     # A server refuses to load a base segment that would take its resident memory past this; 0 = no limit.
     memory_budget_mb: int = 0
     # Origins (scheme://host[:port]) whose pages may call the read API from a browser; empty = none.
     cors_origins: tuple[str, ...] = ()
+
+    @property
+    def pooling_name(self) -> str:
+        """ "avg", or "gem3" for GeM with p = 3: part of the model's identity."""
+        return "avg" if self.pooling == "avg" else f"gem{self.gem_p:g}"
+
+    @property
+    def network_name(self) -> str:
+        """The model's name with its pooling, as its converted files are named."""
+        return self.model_name if self.pooling == "avg" else f"{self.model_name}-{self.pooling_name}"
 
     @property
     def embed_workers(self) -> int:
@@ -91,6 +125,10 @@ class Settings:
         return replace(self, model_threads=max(1, cpu_count() // interpreters))
 
     @property
+    def server_workers(self) -> int:
+        return self.workers or cpu_count()
+
+    @property
     def server_threads(self) -> int:
         # Two per core: while one waits on the network or SQLite, the other runs its interpreter.
         return self.threads or 2 * cpu_count()
@@ -102,6 +140,11 @@ class Settings:
     @property
     def index_dir(self) -> Path:
         return self.data_dir / "index"
+
+    @property
+    def milvus_target(self) -> str:
+        """The Milvus URI to connect to: index.milvus_uri, or Milvus Lite in the data folder."""
+        return self.milvus_uri or str(self.data_dir / "milvus.db")
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)
@@ -130,6 +173,13 @@ def process_memory_mb(field: str = "VmRSS") -> float:
 def _path(base: Path, value: str | os.PathLike[str]) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
+
+
+def _uri(base: Path, value: str) -> str:
+    """index.milvus_uri: a URL as it is; a file path (Milvus Lite) relative to the config file's folder."""
+    if not value or "://" in value or value.startswith("unix:"):
+        return value
+    return str(_path(base, value))
 
 
 def _origins(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -164,11 +214,21 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         batch_size=int(model.get("batch_size", 32)),
         engine=env.get("ENGINE") or model.get("engine", "litert"),
         precision=env.get("PRECISION") or model.get("precision", Settings.precision),
+        whitening=_flag(
+            "model.whitening (or WHITENING)", env.get("WHITENING") or model.get("whitening", Settings.whitening)
+        ),
+        whitening_dims=int(model.get("whitening_dims", Settings.whitening_dims)),
+        pooling=model.get("pooling", Settings.pooling),
+        gem_p=float(model.get("gem_p", Settings.gem_p)),
         model_threads=int(model.get("threads", 0)),
         index_workers=int(index.get("workers", 0)),
         data_dir=_path(base, env.get("DATA_DIR") or index.get("data_dir", "data")),
         database_url=env.get("DATABASE_URL") or index.get("database_url", ""),
         index_factory=index.get("factory", "auto"),
+        index_backend=env.get("VECTOR_STORE") or index.get("backend", Settings.index_backend),
+        milvus_uri=_uri(base, env.get("MILVUS_URI") or index.get("milvus_uri", Settings.milvus_uri)),
+        milvus_token=env.get("MILVUS_TOKEN") or index.get("milvus_token", Settings.milvus_token),
+        milvus_collection=index.get("milvus_collection", Settings.milvus_collection),
         compact_after=int(index.get("compact_after", 5_000)),
         models_dir=_path(base, env.get("MODELS_DIR") or index.get("models_dir", "models")),
         host=service.get("host", "127.0.0.1"),
@@ -181,8 +241,9 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
             "service.fetch_allow_private (or FETCH_ALLOW_PRIVATE)",
             env.get("FETCH_ALLOW_PRIVATE") or service.get("fetch_allow_private", Settings.fetch_allow_private),
         ),
-        workers=int(service.get("workers", 1)),
-        threads=int(service.get("threads", 0)),
+        workers=int(service.get("workers", Settings.workers)),
+        threads=int(service.get("threads", Settings.threads)),
+        query_ttl_s=float(service.get("query_ttl_s", Settings.query_ttl_s)),
         api_key=env.get("API_KEY") or service.get("api_key", ""),
         memory_budget_mb=int(env.get("MEMORY_BUDGET_MB") or service.get("memory_budget_mb", 0)),
         cors_origins=_origins(env.get("CORS_ORIGINS") or service.get("cors_origins", ())),
@@ -234,12 +295,32 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f'model.precision (or PRECISION) = {settings.precision!r}: choose "fp32" or "int8"')
     if settings.precision == "int8" and settings.engine != "litert":
         raise ConfigError('model.precision = "int8" needs model.engine = "litert" (Keras runs the fp32 network)')
+    if settings.pooling not in ("avg", "gem"):
+        raise ConfigError(f'model.pooling = {settings.pooling!r}: choose "avg" or "gem"')
+    if not 1.0 <= settings.gem_p <= 16.0:
+        raise ConfigError("model.gem_p must be between 1 and 16")
+    if settings.whitening_dims < 8:
+        raise ConfigError("model.whitening_dims must be at least 8")
     if not 1 <= settings.default_k <= settings.max_k:
         raise ConfigError("service.default_k must be between 1 and service.max_k")
+    if settings.index_backend not in BACKENDS:
+        raise ConfigError(f'index.backend (or VECTOR_STORE) = {settings.index_backend!r}: choose "faiss" or "milvus"')
+    uri = settings.milvus_target
+    if settings.index_backend == "milvus" and not (MILVUS_URL.match(uri) or uri.endswith(".db")):
+        raise ConfigError(
+            f"index.milvus_uri (or MILVUS_URI) = {uri!r}: give a Milvus Lite file ending in .db, "
+            "or a server's address such as http://milvus-host:19530"
+        )
+    if not MILVUS_NAME.fullmatch(settings.milvus_collection):
+        raise ConfigError("index.milvus_collection: letters, digits and underscores, starting with a letter")
     if settings.compact_after < 1:
         raise ConfigError("index.compact_after must be at least 1")
     if settings.batch_size < 1:
         raise ConfigError("model.batch_size must be at least 1")
+    if settings.workers < 0 or settings.threads < 0:
+        raise ConfigError("service.workers and service.threads must be 0 (automatic) or more")
+    if not settings.query_ttl_s >= 0:
+        raise ConfigError("service.query_ttl_s must be 0 (memory only) or a positive number of seconds")
     if not settings.fetch_timeout_s > 0:
         raise ConfigError("service.fetch_timeout_s must be a positive number of seconds")
     for origin in settings.cors_origins:

@@ -65,7 +65,15 @@ def write_demo_catalog(out_dir: Path, per_category: int = 300, queries_per_categ
         writer.writerows(rows)
     queries = out_dir.with_name(out_dir.name + "-queries")
     queries.mkdir(exist_ok=True)
+    held_out = []
     for label, category in enumerate(CATEGORIES):
         for n, index in enumerate(np.flatnonzero(test_y == label)[:queries_per_category], start=1):
-            as_catalog_photo(test_x[index]).save(queries / f"{category.replace(' ', '-').lower()}-{n}.png")
+            name = f"{category.replace(' ', '-').lower()}-{n}.png"
+            as_catalog_photo(test_x[index]).save(queries / name)
+            held_out.append({"image": f"../{queries.name}/{name}", "category": category})
+    # `make eval CATALOG=<demo> QUERIES=<this file>`: image paths are relative to the catalog folder.
+    with open(queries / "queries.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "category"])
+        writer.writeheader()
+        writer.writerows(held_out)
     return out_dir

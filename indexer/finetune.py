@@ -43,6 +43,11 @@ class FinetuneOptions:
     margin: float = 0.15
     val_fraction: float = 0.1
     seed: int = 0
+    # "light": crops of 55-100 % of the photo, flips, brightness and contrast; "shop": also tighter crops,
+    # colour, blur, a small tilt and a covered patch, like a shopper's photo of a product in a hand or a bag.
+    augmentation: str = "light"
+    # The last frozen layer: the blocks after it are trained.
+    split_layer: str = SPLIT_LAYER
 
 
 def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,16 +62,20 @@ def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.
     return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
 
 
-def augmented_pixels(image: CatalogImage, view: int, size: int, seed: int) -> np.ndarray:
-    """View 0 is the photo as the indexer sees it; other views are random crops, flips and light changes."""
+def augmented_pixels(image: CatalogImage, view: int, size: int, seed: int, augmentation: str = "light") -> np.ndarray:
+    """View 0 is the photo as the indexer sees it; other views are random crops, flips and light changes
+    (and with "shop" augmentation colour, blur, tilt and a covered patch)."""
     if view == 0:
         return load_pixels(image.path, size)
-    from PIL import Image, ImageEnhance
+    from PIL import Image, ImageEnhance, ImageFilter
 
     rng = np.random.default_rng([seed, view, int(hashlib.sha1(image.rel_path.encode()).hexdigest()[:8], 16)])
+    shop = augmentation == "shop"
     photo = open_image(image.path, target_size=size)
+    if shop and rng.random() < 0.3:
+        photo = photo.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, fillcolor=(128, 128, 128))
     width, height = photo.size
-    area = width * height * rng.uniform(0.55, 1.0)
+    area = width * height * rng.uniform(0.3 if shop else 0.55, 1.0)
     ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
     crop_w = int(min(width, round(np.sqrt(area * ratio))))
     crop_h = int(min(height, round(np.sqrt(area / ratio))))
@@ -76,21 +85,30 @@ def augmented_pixels(image: CatalogImage, view: int, size: int, seed: int) -> np
         photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     photo = ImageEnhance.Brightness(photo).enhance(rng.uniform(0.8, 1.2))
     photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(0.8, 1.2))
-    return np.asarray(photo.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    if shop:
+        photo = ImageEnhance.Color(photo).enhance(rng.uniform(0.7, 1.3))
+        if rng.random() < 0.3:
+            photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0)))
+    pixels = np.array(photo.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    if shop and rng.random() < 0.3:  # a hand, a price label or a bag edge over part of the product
+        side_h, side_w = (int(size * rng.uniform(0.15, 0.4)) for _ in range(2))
+        top, left = rng.integers(0, size - side_h), rng.integers(0, size - side_w)
+        pixels[top : top + side_h, left : left + side_w] = rng.integers(0, 256, size=3)
+    return pixels
 
 
-def split_model(feature_model):
-    """(lower, upper): the frozen network up to SPLIT_LAYER, and the trainable rest that shares
+def split_model(feature_model, split_layer: str = SPLIT_LAYER):
+    """(lower, upper): the frozen network up to split_layer, and the trainable rest that shares
     its layers (and so its weights) with feature_model."""
     import keras
 
     backbone = feature_model.get_layer(BACKBONE)
     names = [layer.name for layer in backbone.layers]
-    split = names.index(SPLIT_LAYER)
+    split = names.index(split_layer)
     scale = feature_model.layers[1]  # pixels -> [-1, 1]
     pixels = keras.Input(shape=feature_model.input_shape[1:])
-    lower = keras.Model(pixels, keras.Model(backbone.input, backbone.get_layer(SPLIT_LAYER).output)(scale(pixels)))
-    maps = keras.Input(shape=backbone.get_layer(SPLIT_LAYER).output.shape[1:])
+    lower = keras.Model(pixels, keras.Model(backbone.input, backbone.get_layer(split_layer).output)(scale(pixels)))
+    maps = keras.Input(shape=backbone.get_layer(split_layer).output.shape[1:])
     x = maps
     for layer in backbone.layers[split + 1 :]:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -127,7 +145,8 @@ def fill_cache(cache: Path, lower, images: list[CatalogImage], options: Finetune
     chunk = 64
     work = [(v, s) for v in range(options.views) for s in range(0, len(images), chunk) if f"{v}:{s}" not in done]
     for view, start in tqdm(work, desc="Caching frozen features", unit="chunk", disable=not progress):
-        batch = np.stack([augmented_pixels(im, view, 224, options.seed) for im in images[start : start + chunk]])
+        photos = images[start : start + chunk]
+        batch = np.stack([augmented_pixels(im, view, 224, options.seed, options.augmentation) for im in photos])
         maps[view, start : start + len(batch)] = lower.predict(batch.astype(np.float32), batch_size=32, verbose=0)
         maps.flush()
         done.add(f"{view}:{start}")
@@ -167,12 +186,14 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
 
     plain = settings.with_overrides(finetuned=None)
     feature_model = build_feature_model(plain)
-    lower, upper = split_model(feature_model)
+    lower, upper = split_model(feature_model, options.split_layer)
     cache_key = [
         plain.model_name,
         plain.weights,
         options.views,
         options.seed,
+        options.augmentation,
+        options.split_layer,
         [(i.rel_path, i.category) for i in images],
     ]
     fingerprint = hashlib.sha256(json.dumps(cache_key).encode()).hexdigest()[:16]

@@ -21,10 +21,11 @@ from tqdm import tqdm
 from indexer.catalog import CatalogError, ProductFields, parse_price
 from indexer.compaction import CompactionReport
 from indexer.config import Settings
-from indexer.indexing import compact_if_due
+from indexer.indexing import compact_if_due, sync_vector_store
 from indexer.locking import write_lock
-from indexer.model import Embedder, l2_normalize
+from indexer.model import Embedder
 from indexer.store import IMPORT, ImageVector, Store
+from indexer.whitening import in_use
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")
@@ -66,7 +67,7 @@ def import_vectors(
         vectors = np.load(vectors_path, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise CatalogError(f"{vectors_path} is not a readable .npy file ({exc})") from None
-    dim = embedder.identity.dim
+    dim = embedder.network.dim
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise CatalogError(
             f"{vectors_path} holds vectors of shape {vectors.shape}, but the current model "
@@ -77,11 +78,13 @@ def import_vectors(
         raise CatalogError(f"{products_path} has {len(rows)} rows but {vectors_path} has {len(vectors)} vectors")
     report = ImportReport(rows=len(rows))
     store = Store.open(settings)
+    # The vectors are the network's; the catalog's whitening, when `make index` has fitted one, follows them.
+    embedder.use_whitening(in_use(store, embedder.network.key) if settings.whitening else None)
     known = store.known_files(IMPORT)
     model_key = embedder.identity.key
     for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):
         part = rows[start : start + BATCH]
-        batch = l2_normalize(np.asarray(vectors[start : start + BATCH], dtype=np.float32))
+        batch = embedder.finish(np.asarray(vectors[start : start + BATCH], dtype=np.float32))
         products, images = [], []
         for number, (row, vector) in enumerate(zip(part, batch, strict=True), start=start + 2):
             sku = row.get("sku", "")
@@ -111,7 +114,9 @@ def import_vectors(
                     model_key,
                     source=IMPORT,
                 )
+            sync_vector_store(settings, store, embedder)  # nothing with FAISS
         report.stored += len(images)
-    report.compaction, _ = compact_if_due(settings, store, embedder, progress=progress)
+    if settings.index_backend != "milvus":
+        report.compaction, _ = compact_if_due(settings, store, embedder, progress=progress)
     report.seconds = time.perf_counter() - started
     return report

@@ -31,6 +31,9 @@ from indexer.locking import write_lock
 from indexer.model import Embedder
 from indexer.segments import read_manifest
 from indexer.store import ImageVector, KnownFile, Store
+from indexer.whitening import MIN_FIT_PHOTOS, in_use
+from indexer.whitening import fit as whitening_fit
+from indexer.whitening import keep as keep_whitening
 
 # A run that would remove more than this fraction of its folder's images stops and asks for --prune.
 MOST_REMOVED = 0.2
@@ -54,6 +57,10 @@ class IndexReport:
     peak_memory_mb: float = 0.0
     compaction: CompactionReport | None = None
     pending: int = 0
+    # With index.backend = "milvus": what its collection holds after the run.
+    vector_store: str | None = None
+    # What this run did about the catalog's whitening, when it fitted one.
+    whitening: str | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -67,6 +74,10 @@ class IndexReport:
             f"unchanged {self.unchanged}, removed {self.removed}, skipped {len(self.problems)}, "
             f"in {self.seconds:.1f} s, peak memory {self.peak_memory_mb:.0f} MB",
         ]
+        if self.whitening is not None:
+            lines.append("  " + self.whitening)
+        if self.vector_store is not None:
+            lines.append("  " + self.vector_store)
         if self.compaction is not None:
             lines.append("  " + self.compaction.summary())
         elif self.pending:
@@ -230,17 +241,21 @@ def index_catalog(
     progress: bool = True,
     add_only: bool = False,
     prune: bool = False,
+    refit: bool = False,
 ) -> IndexReport:
     """Bring the store (and so every server) in line with the catalog folder; compact when due.
 
     Products belong to the folder they were indexed from: a run removes only products of its own folder
     whose photos are gone, none with `add_only`, and stops with PruneNeeded (having added and updated, but
-    removed nothing) when it would remove more than MOST_REMOVED of them, unless `prune`."""
+    removed nothing) when it would remove more than MOST_REMOVED of them, unless `prune`. With model.whitening,
+    the catalog's whitening follows the network (fitted by this run when there is none yet, or with `refit`)."""
     started = time.perf_counter()
     catalog_dir = Path(catalog_dir or settings.catalog_dir)
     scan: CatalogScan = scan_catalog(catalog_dir, metadata or settings.metadata_path)
     report = IndexReport(catalog=scan.root, scanned=len(scan.images), problems=list(scan.problems))
     store = store or Store.open(settings)
+    fitted = in_use(store, embedder.network.key) if settings.whitening and not refit else None
+    embedder.use_whitening(fitted)
     model_key = embedder.identity.key
 
     known = store.known_files()
@@ -263,6 +278,7 @@ def index_catalog(
             if batch.embedded:
                 with write_lock(settings.data_dir, store):
                     store.store_vectors(_image_vectors(batch, product_ids), model_key)
+                    sync_vector_store(settings, store, embedder)
             if batch.restated:
                 with write_lock(settings.data_dir, store):
                     store.record_file_stats(batch.restated)
@@ -290,11 +306,52 @@ def index_catalog(
             "(make index PRUNE=1); to only add new photos, use --add (make index ADD=1)."
         )
     report.removed = reconciled.removed
-    report.compaction, report.pending = compact_if_due(settings, store, embedder, progress=progress)
+    report.whitening = ensure_whitening(settings, store, embedder)
+    if settings.index_backend == "milvus":
+        from indexer.milvus_store import sync_locked
+
+        report.vector_store = sync_locked(settings, store, embedder.identity, purge=True).summary()
+    else:
+        report.compaction, report.pending = compact_if_due(settings, store, embedder, progress=progress)
     report.indexed, report.products = store.counts()
     report.seconds = time.perf_counter() - started
     report.peak_memory_mb = process_memory_mb("VmHWM")
     return report
+
+
+def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> str | None:
+    """With model.whitening and none in use: fit one on the vectors this run stored (the network's own), keep it
+    with the catalog, replace those vectors by their whitened ones (no photo is embedded again) and go on with it.
+    Returns what was done, if anything."""
+    if not settings.whitening or embedder.whitening is not None:
+        return None
+    network_key, dim = embedder.network.key, embedder.network.dim
+    whitening = whitening_fit(
+        ((vectors, categories) for _, vectors, categories in store.labelled_vectors(network_key, dim)),
+        settings.whitening_dims,
+    )
+    if whitening is None:
+        return f"whitening not fitted yet: it needs {MIN_FIT_PHOTOS} photos or more"
+    keep_whitening(store, network_key, whitening)
+    embedder.use_whitening(whitening)
+    with write_lock(settings.data_dir, store):
+        for ids, vectors, _ in store.labelled_vectors(network_key, dim):
+            store.replace_vectors(ids, whitening.apply(vectors), embedder.identity.key)
+    fitted = whitening.fitted_on
+    return (
+        f"fitted {whitening.name} whitening on {fitted['photos']} photos of {fitted['categories']} categories "
+        f"(kept with the catalog for later runs; --refit fits again)"
+    )
+
+
+def sync_vector_store(settings: Settings, store: Store, embedder: Embedder) -> None:
+    """With index.backend = "milvus": bring its collection up to the store's head (call it holding write_lock).
+    With FAISS, nothing: servers apply the changes to their deltas themselves, and compaction builds bases.
+    pymilvus is imported only for Milvus."""
+    if settings.index_backend == "milvus":
+        from indexer.milvus_store import sync
+
+        sync(settings, store, embedder.identity)
 
 
 def compact_if_due(

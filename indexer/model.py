@@ -31,6 +31,7 @@ from indexer.engines import (
 )
 from indexer.images import Box, load_pixels
 from indexer.weights import sha256_file
+from indexer.whitening import Whitening
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -47,6 +48,11 @@ class ModelIdentity:
     precision: str = "fp32"
     # The int8 model's own file: its calibration decides its vectors, so two calibrations are two models.
     quantized_sha256: str | None = None
+    # "avg", or "gem3" for generalised-mean pooling with p = 3 (model.pooling, model.gem_p).
+    pooling: str = "avg"
+    # The whitening fitted on the catalog (indexer/whitening.py), e.g. "learned-96", and its projection's sha256.
+    whitening: str | None = None
+    whitening_sha256: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         identity: dict[str, object] = {
@@ -54,6 +60,10 @@ class ModelIdentity:
         }  # fmt: skip
         if self.quantized_sha256:
             identity["quantized_sha256"] = self.quantized_sha256
+        if self.pooling != "avg":
+            identity["pooling"] = self.pooling
+        if self.whitening:
+            identity.update(whitening=self.whitening, whitening_sha256=self.whitening_sha256)
         return identity
 
     @classmethod
@@ -65,18 +75,34 @@ class ModelIdentity:
             dim=int(data["dim"]),
             precision=data.get("precision") or "fp32",
             quantized_sha256=data.get("quantized_sha256"),
+            pooling=data.get("pooling") or "avg",
+            whitening=data.get("whitening"),
+            whitening_sha256=data.get("whitening_sha256"),
         )
 
     @property
     def key(self) -> str:
         """Names the vectors in the database: an fp32 key is what it was before int8 existed."""
+        if self.whitening:
+            return f"{self.network_key}+{self.whitening}-{(self.whitening_sha256 or '')[:12]}"
+        return self.network_key
+
+    @property
+    def network_key(self) -> str:
+        """The network's part of the key: the same with or without a whitening after it."""
         key = f"{self.name}@{self.weights_sha256[:16]}"
+        if self.pooling != "avg":
+            key += f"+{self.pooling}"
         if self.precision != "fp32":
             key += f"+{self.precision}-{(self.quantized_sha256 or '')[:12]}"
         return key
 
     def quantized(self, flatbuffer_sha256: str) -> ModelIdentity:
         return replace(self, precision="int8", quantized_sha256=flatbuffer_sha256)
+
+    def whitened(self, whitening: Whitening) -> ModelIdentity:
+        """This network's identity followed by the whitening: the index's vectors."""
+        return replace(self, dim=whitening.dims, whitening=whitening.name, whitening_sha256=whitening.sha256)
 
 
 def _application(name: str):
@@ -127,7 +153,10 @@ def build_feature_model(settings: Settings):
         except ValueError:  # a weights file saved without the classifier
             base = build(input_shape=shape, weights=weights, include_top=False)
     features = _last_feature_map(base)
-    pooled = keras.layers.GlobalAveragePooling2D(name="embedding")(features)
+    if settings.pooling == "gem":
+        pooled = _gem_layer(settings.gem_p)(features)
+    else:
+        pooled = keras.layers.GlobalAveragePooling2D(name="embedding")(features)
     backbone = keras.Model(base.input, pooled, name=f"{settings.model_name}_features")
 
     pixels = keras.Input(shape=shape, name="pixels")
@@ -139,6 +168,24 @@ def build_feature_model(settings: Settings):
     if settings.finetuned is not None:
         model.load_weights(settings.finetuned)
     return model
+
+
+def _gem_layer(p: float):
+    """Generalised-mean pooling (Radenović et al.): (mean of x^p over the map)^(1/p); p = 1 is average pooling,
+    larger p leans towards the strongest responses. p is a weight: `make finetune` learns it."""
+    import keras
+    from keras import ops
+
+    class GeM(keras.layers.Layer):
+        def build(self, input_shape):
+            self.p = self.add_weight(shape=(), initializer=keras.initializers.Constant(p), name="p")
+
+        def call(self, features):
+            power = ops.maximum(self.p, 1.0)
+            pooled = ops.mean(ops.power(ops.maximum(features, 1e-6), power), axis=(1, 2))
+            return ops.power(pooled, 1.0 / power)
+
+    return GeM(name="embedding")
 
 
 def _last_feature_map(model):
@@ -166,23 +213,40 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 class Embedder:
-    """Embeds batches of pixels or single images into L2-normalised float32 vectors."""
+    """Embeds batches of pixels or single images into L2-normalised float32 vectors: the network's pooled
+    features, then the catalog's whitening when there is one."""
 
     def __init__(
-        self, engine: Engine, identity: ModelIdentity, tflite_sha256: str | None = None, version: str = "plain"
+        self,
+        engine: Engine,
+        identity: ModelIdentity,
+        tflite_sha256: str | None = None,
+        version: str = "plain",
+        whitening: Whitening | None = None,
     ):
         self.engine = engine
-        self.identity = identity
+        self.network = identity
+        self.use_whitening(whitening)
         self.tflite_sha256 = tflite_sha256
         # "plain" (ImageNet weights) or the name of a fine-tuned model version.
         self.version = version
         self.input_size = INPUT_SIZE
 
+    def use_whitening(self, whitening: Whitening | None) -> None:
+        """From now on, follow the network with this whitening (None: with none): the index's."""
+        self.whitening = whitening
+        self.identity = self.network if whitening is None else self.network.whitened(whitening)
+
+    def finish(self, features: np.ndarray) -> np.ndarray:
+        """The network's (N, features) output -> (N, dim) unit vectors: normalised, then whitened."""
+        vectors, whitening = l2_normalize(features), self.whitening  # read once: a server may switch it
+        return vectors if whitening is None else whitening.apply(vectors)
+
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 pixels -> (N, dim) unit vectors."""
         if len(pixels) == 0:
             return np.zeros((0, self.identity.dim), dtype=np.float32)
-        return l2_normalize(self.engine.features(pixels))
+        return self.finish(self.engine.features(pixels))
 
     def embed_image(self, source: bytes | str | Path, box: Box | None = None) -> np.ndarray:
         """One image file or upload (or the box's region of it) -> (dim,) unit vector; raises ImageError for bad
@@ -191,7 +255,12 @@ class Embedder:
 
 
 def identity_of(settings: Settings, feature_model) -> ModelIdentity:
-    return ModelIdentity(settings.model_name, weights_fingerprint(feature_model), int(feature_model.output_shape[-1]))
+    return ModelIdentity(
+        settings.model_name,
+        weights_fingerprint(feature_model),
+        int(feature_model.output_shape[-1]),
+        pooling=settings.pooling_name,
+    )
 
 
 def weights_key(settings: Settings, *, convert: bool = True) -> str:
@@ -225,7 +294,7 @@ def ensure_litert_export(
         return ensure_int8_export(
             settings, key, create=create, catalog=catalog, metadata=metadata, recalibrate=recalibrate
         )
-    path = export_path(settings.models_dir, settings.model_name, key)
+    path = export_path(settings.models_dir, settings.network_name, key)
     export = read_export(path)
     if export is None:
         if not create:
@@ -237,8 +306,8 @@ def ensure_litert_export(
 
 def int8_pointer(settings: Settings, key: str) -> Path:
     """Names the int8 model in use for these weights (several calibrations may lie beside each other)."""
-    return export_path(settings.models_dir, settings.model_name, key).with_name(
-        f"{settings.model_name}-{key[:16]}-{INT8_RECIPE}.active.json"
+    return export_path(settings.models_dir, settings.network_name, key).with_name(
+        f"{settings.network_name}-{key[:16]}-{INT8_RECIPE}.active.json"
     )
 
 
@@ -269,7 +338,7 @@ def ensure_int8_export(
     if catalog is None:
         catalog, metadata = fallback_catalog(settings)
     sample = calibration_sample(catalog, metadata, INPUT_SIZE)
-    path = export_path(settings.models_dir, settings.model_name, key, calibration=sample.fingerprint)
+    path = export_path(settings.models_dir, settings.network_name, key, calibration=sample.fingerprint)
     export = read_export(path)
     if export is None:
         feature_model = build_feature_model(settings)
@@ -310,11 +379,14 @@ def load_embedder(
     version = settings.finetuned.name.removesuffix(".weights.h5") if settings.finetuned else "plain"
     if engine == "keras":
         feature_model = build_feature_model(settings)
-        return Embedder(KerasEngine(feature_model), identity_of(settings, feature_model), version=version)
-    export = ensure_litert_export(settings, create=create_export, catalog=catalog, metadata=metadata)
-    return Embedder(
-        LiteRTEngine(export.model_path, settings.inference_threads, interpreters=concurrency),
-        ModelIdentity.from_dict(export.identity),
-        tflite_sha256=export.tflite_sha256,
-        version=version,
-    )
+        embedder = Embedder(KerasEngine(feature_model), identity_of(settings, feature_model), version=version)
+    else:
+        export = ensure_litert_export(settings, create=create_export, catalog=catalog, metadata=metadata)
+        embedder = Embedder(
+            LiteRTEngine(export.model_path, settings.inference_threads, interpreters=concurrency),
+            ModelIdentity.from_dict(export.identity),
+            tflite_sha256=export.tflite_sha256,
+            version=version,
+        )
+    # Without a whitening: `make index` adds the catalog's (indexing.adopt_whitening), a server its index's.
+    return embedder

@@ -32,20 +32,19 @@ LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
 
 
 class EmbedActor:
-    """One LiteRT interpreter (one thread) on a cluster CPU: photo bytes -> unit vectors."""
+    """One LiteRT interpreter (one thread) on a cluster CPU: photo bytes -> the network's features (the driver's
+    Embedder.finish makes them the index's vectors)."""
 
     def __init__(self, model: bytes, input_size: int):
         self.engine = LiteRTEngine(Path("ray-shipped.tflite"), threads=1, model_content=model)
         self.input_size = input_size
 
     def embed(self, photos: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
-        """The vectors of the photos that decode, in order, and {position: problem} for those that do not."""
-        from indexer.model import l2_normalize
-
+        """The features of the photos that decode, in order, and {position: problem} for those that do not."""
         pixels, problems = decode_photos(photos, self.input_size)
         if not len(pixels):
             return np.zeros((0, 0), np.float32), problems
-        return l2_normalize(self.engine.features(pixels)), problems
+        return self.engine.features(pixels), problems
 
 
 def _init(address: str) -> None:
@@ -121,11 +120,12 @@ def ray_checked_batches(
             checked, ref = embedding.popleft()
             if checking:
                 send_next()
-            yield _assemble(checked, ref, embedder.identity.dim)
+            yield _assemble(checked, ref, embedder)
 
     return in_order()
 
 
-def _assemble(checked: CheckedFiles, ref, dim: int) -> CheckedBatch:
-    vectors, problems = ray.get(ref) if ref is not None else (np.zeros((0, dim), np.float32), {})
-    return checked.decoded(problems, vectors if len(vectors) else np.zeros((0, dim), np.float32))
+def _assemble(checked: CheckedFiles, ref, embedder: Embedder) -> CheckedBatch:
+    features, problems = ray.get(ref) if ref is not None else (np.zeros((0, 0), np.float32), {})
+    empty = np.zeros((0, embedder.identity.dim), np.float32)
+    return checked.decoded(problems, embedder.finish(features) if len(features) else empty)

@@ -34,7 +34,7 @@ from indexer.config import REPO_ROOT
 from indexer.locking import MIGRATION_LOCK_KEY
 
 # The newest migration in migrations/versions (a test checks that it is Alembic's head).
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 
 # The types that differ between the two databases (the migrations spell out the same): JSON documents are
@@ -92,6 +92,18 @@ class ProductImage(Base):
     file_size: Mapped[int | None] = mapped_column(BigInteger)
     file_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     product: Mapped[Product] = relationship(back_populates="images")
+
+
+class WhiteningRow(Base):
+    """A whitening fitted on the catalog (indexer.whitening); the newest of a network's is the one in use."""
+
+    __tablename__ = "whitenings"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    network_key: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(TIMESTAMP, default=_now)
 
 
 class StoreState(Base):

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from indexer.catalog import ProductFields
 from indexer.config import Settings
-from indexer.schema import LIVE, Product, ProductImage, StoreState, make_engine, migrate, schema_behind
+from indexer.schema import LIVE, Product, ProductImage, StoreState, WhiteningRow, make_engine, migrate, schema_behind
 
 # Where an image row came from: the catalog folder (`make index`), the write API, or a vector import.
 CATALOG, API, IMPORT = "catalog", "api", "import"
@@ -227,6 +227,58 @@ class Store:
             for rows in result.partitions():
                 ids = np.array([r[0] for r in rows], dtype=np.int64)
                 yield ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+
+    def labelled_vectors(
+        self, model_key: str, dim: int, batch: int = 10_000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str | None]]]:
+        """(ids, vectors, their products' categories) of every live vector of the model, a batch at a time."""
+        with self.engine.connect() as connection:
+            result = connection.execution_options(yield_per=batch).execute(
+                select(ProductImage.id, ProductImage.embedding, Product.category)
+                .join(Product)
+                .where(LIVE, ProductImage.model_key == model_key)
+                .order_by(ProductImage.id)
+            )
+            for rows in result.partitions():
+                ids = np.array([r[0] for r in rows], dtype=np.int64)
+                vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+                yield ids, vectors, [r[2] for r in rows]
+
+    def replace_vectors(self, ids: np.ndarray, vectors: np.ndarray, model_key: str) -> int:
+        """New vectors (of another model: a whitened one) for existing rows, under one change number."""
+        with self.engine.begin() as connection:
+            change = self._next_change(connection)
+            now = datetime.now(UTC)
+            for part in _chunks(range(len(ids))):
+                connection.execute(
+                    update(ProductImage).where(ProductImage.id == bindparam("row_id")),
+                    [
+                        {"row_id": int(ids[i]), "model_key": model_key, "change": change, "updated_at": now,
+                         "embedding": np.asarray(vectors[i], dtype=np.float32).tobytes()}
+                        for i in part
+                    ],
+                )  # fmt: skip
+        return change
+
+    # --- the catalog's whitening ----------------------------------------------------------------
+
+    def save_whitening(self, network_key: str, sha256: str, name: str, data: bytes) -> None:
+        """Keep a fitted whitening; it becomes the one in use for this network (the newest)."""
+        with self.engine.begin() as connection:
+            connection.execute(delete(WhiteningRow).where(WhiteningRow.sha256 == sha256))
+            connection.execute(insert(WhiteningRow).values(
+                sha256=sha256, network_key=network_key, name=name, data=data, created_at=datetime.now(UTC)
+            ))  # fmt: skip
+
+    def whitening_data(self, *, sha256: str | None = None, network_key: str | None = None) -> bytes | None:
+        """A whitening by its sha256, or the one in use for a network (its newest); None when there is none."""
+        query = select(WhiteningRow.data)
+        if sha256 is not None:
+            query = query.where(WhiteningRow.sha256 == sha256)
+        else:
+            query = query.where(WhiteningRow.network_key == network_key).order_by(WhiteningRow.created_at.desc())
+        with self.engine.connect() as connection:
+            return connection.scalar(query.limit(1))
 
     # --- reads for the service -----------------------------------------------------------------
 

@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     from service.metrics import instrument
     from service.openapi import openapi
     from service.pages import pages
-    from service.queries import RecentQueries
+    from service.query_store import QueryFolder, RecentQueries
     from service.search import CatalogSearch
     from service.widget import widget
     from service.writes import writes
@@ -34,14 +34,17 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.json.sort_keys = False  # keep each result's fields in their documented order
     app.logger.setLevel(logging.INFO)
     if embedder is None:
-        # One single-threaded interpreter per core, lent to the request threads (two per core);
-        # each interpreter holds its own copy of the packed weights.
+        # Up to one interpreter per core, lent to the request threads, the cores divided among every worker
+        # process's interpreters (one thread each at one per core); each holds its own copy of the packed weights.
         interpreters = min(cpu_count(), settings.server_threads)
-        embedder = load_embedder(settings.sharing_cores(interpreters), create_export=False, concurrency=interpreters)
+        cores = settings.sharing_cores(interpreters * settings.server_workers)
+        embedder = load_embedder(cores, create_export=False, concurrency=interpreters)
     # `make serve` migrates first; a service never changes the schema under a running indexer.
     search = CatalogSearch(settings, embedder, Store.open(settings, upgrade=False))
     app.extensions["catalog_search"] = search
-    app.extensions["recent_queries"] = RecentQueries()
+    # Query photos by token, in memory and (query_ttl_s > 0) in the data folder that every worker and host shares.
+    folder = QueryFolder(settings.data_dir / "queries", settings.query_ttl_s) if settings.query_ttl_s > 0 else None
+    app.extensions["recent_queries"] = RecentQueries(folder)
     app.register_blueprint(api)
     app.register_blueprint(pages)
     app.register_blueprint(writes)

@@ -13,7 +13,7 @@ from indexer.config import load_settings
 
 _settings = load_settings()
 bind = f"{_settings.host}:{os.environ.get('PORT') or _settings.port}"
-workers = _settings.workers
+workers = _settings.server_workers  # 0: one per core
 threads = _settings.server_threads
 # The first request of a worker may wait for the model to load.
 timeout = 120

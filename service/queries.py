@@ -1,38 +1,19 @@
 """Reading a search request: the uploaded photo, k, and the category and price filters.
 
-Recent uploads are remembered (a small in-memory LRU keyed by the photo's
-sha256) so that a results page can link to its preview grid without the
-shopper uploading the photo again.
+Recent query photos are remembered by service/query_store.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from flask import Request
-from PIL import Image
 
-from indexer.images import ImageError, thumbnail
+from indexer.images import ImageError
 from indexer.live_index import Filters
 from indexer.model import Embedder
 from service.errors import BadRequest
-
-
-@dataclass(frozen=True)
-class Query:
-    token: str
-    photo: bytes
-    # The whole photo's vector; None while only regions of it were searched (each is embedded on its own).
-    vector: np.ndarray | None
-
-    def thumbnail(self) -> Image.Image:
-        """Made only when a page or preview shows the photo, not on every search."""
-        return thumbnail(self.photo)
 
 
 def read_upload(request: Request) -> bytes:
@@ -97,39 +78,3 @@ def embed_upload(data: bytes, embedder: Embedder) -> np.ndarray:
         return embedder.embed_image(data)
     except ImageError as exc:
         raise BadRequest(f"the upload is not a usable image: {exc}") from None
-
-
-class RecentQueries:
-    """The last few query photos with their vectors, by the sha256 of their bytes, so that a
-    results page can link to its preview. Bounded in count and in bytes held."""
-
-    def __init__(self, size: int = 64, max_bytes: int = 32_000_000):
-        self._size = size
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: OrderedDict[str, Query] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, data: bytes, embedder: Embedder | None) -> Query:
-        """Remember an uploaded photo, embedded whole once (with an embedder), or return it from the cache.
-        Without an embedder the photo is remembered unembedded: a region search needs only the region."""
-        token = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            known = self._items.get(token)
-            if known is not None:
-                self._items.move_to_end(token)
-                if known.vector is not None or embedder is None:
-                    return known
-        query = Query(token=token, photo=data, vector=None if embedder is None else embed_upload(data, embedder))
-        with self._lock:
-            if token not in self._items:
-                self._bytes += len(data)
-            self._items[token] = query
-            while self._items and (len(self._items) > self._size or self._bytes > self._max_bytes):
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= len(evicted.photo)
-        return query
-
-    def get(self, token: str) -> Query | None:
-        with self._lock:
-            return self._items.get(token)

@@ -3,6 +3,8 @@
 Each request checks two cheap things: whether a new base was published (a stat of the manifest) and whether
 the store's change number moved (one indexed read). New changes are applied before the search, so a write
 through any server, or a `make index`, is visible on every server without a restart or a reload.
+With index.backend = "milvus" the same view searches a Milvus collection instead (indexer.milvus_store), which
+the same change numbers keep up to date; pymilvus is imported only then.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from indexer.locking import compaction_running
 from indexer.model import Embedder, ModelIdentity
 from indexer.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
 from indexer.store import Store
+from indexer.whitening import by_sha256, in_use
 from service.product_rows import ProductRows
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ class Match:
 class IndexView:
     """What one request searches: the live index and its row cache, as they were when it started."""
 
-    live: LiveIndex
+    live: LiveIndex  # or, with index.backend = "milvus", indexer.milvus_store.MilvusIndex (the same interface)
     rows: ProductRows
 
     @property
@@ -94,6 +97,12 @@ def model_mismatch(manifest: dict, running: ModelIdentity) -> str | None:
             f"(model.precision / PRECISION); set PRECISION={built_with.precision} or re-run `make index` "
             f"with PRECISION={running.precision}"
         )
+    if built_with.network_key == running.network_key and built_with.whitening_sha256 != running.whitening_sha256:
+        return (
+            f"the index was built with the whitening {built_with.whitening} {built_with.whitening_sha256}, which the "
+            "catalog's database does not hold (a database of another catalog?): point DATABASE_URL at the index's "
+            "database, or re-run `make index`"
+        )
     return (
         f"the index was built with {built_with.as_dict()} but the service runs {running.as_dict()}; "
         "re-run `make index` with this model or configure the model the index was built with"
@@ -110,12 +119,18 @@ class CatalogSearch:
         self._stamp: tuple[int, int] | None = None
         self._problem: str | None = None
         self._compactor: subprocess.Popen | None = None
+        # Errors a request answers with 503 (try again) rather than 500: Milvus out of reach, when configured.
+        self._unavailable: tuple[type[Exception], ...] = ()
+        if settings.index_backend == "milvus":
+            from indexer.milvus_store import MilvusUnavailable
+
+            self._unavailable = (MilvusUnavailable,)
 
     # --- the live index ----------------------------------------------------------------------------
 
     def current(self) -> IndexView:
         """The newest base, with every committed change applied."""
-        stamp = manifest_stamp(self.settings.index_dir)
+        stamp = manifest_stamp(self.settings.index_dir) if self.settings.index_backend == "faiss" else None
         view = self._view
         if view is None or stamp != self._stamp:
             with self._lock:
@@ -125,7 +140,10 @@ class CatalogSearch:
             view = self._view
         if view is None:
             raise NotReady(self._problem or "not ready")
-        self._refresh(view)
+        try:
+            self._refresh(view)
+        except self._unavailable as exc:
+            raise NotReady(str(exc)) from None
         return view
 
     def _refresh(self, view: IndexView) -> None:
@@ -138,6 +156,8 @@ class CatalogSearch:
                 self._start_compaction(view)
 
     def _load(self) -> IndexView | None:
+        if self.settings.index_backend == "milvus":
+            return self._load_milvus()
         if refusal := self._over_budget():
             log.error(refusal)
             if self._view is not None:
@@ -154,12 +174,58 @@ class CatalogSearch:
             base.release()
             self._problem = problem  # e.g. new code started without `make migrate`
             return None
+        self._follow_whitening([base.manifest])
         if problem := model_mismatch(base.manifest, self.embedder.identity):
             base.release()
             self._problem = problem
             return None
         self._problem = None
         return IndexView(LiveIndex(base), ProductRows(self.store))
+
+    def _load_milvus(self) -> IndexView | None:
+        """The model's Milvus collection, brought up to the store's head; None (and the reason) when there is none."""
+        from indexer.milvus_store import MilvusIndex, MilvusUnavailable, built_identities
+
+        if problem := self.store.schema_problem():
+            self._problem = problem
+            return None
+        try:
+            self._follow_whitening(built_identities(self.settings))
+            about = {"engine": self.embedder.engine.name, "model_version": self.embedder.version}
+            live = MilvusIndex.open(self.settings, self.store, self.embedder.identity, about)
+            if live is None:
+                running = self.embedder.identity
+                others = [model_mismatch(identity, running) for identity in built_identities(self.settings)]
+                self._problem = next((o for o in others if o), None) or (
+                    f"no Milvus collection for this model at {self.settings.milvus_target} yet: run "
+                    "`make index CATALOG=<folder of product photos>` with the same VECTOR_STORE and MILVUS_URI"
+                )
+                return None
+        except MilvusUnavailable as exc:
+            log.error("%s", exc)
+            self._problem = str(exc)
+            return None
+        self._problem = None
+        return IndexView(live, ProductRows(self.store))
+
+    def _follow_whitening(self, built: list[dict]) -> None:
+        """Search with the whitening the index was built with (the catalog's database keeps each one): an index
+        of this network names it, and `make index` may have fitted it after this server started. Of several
+        (Milvus collections), the one `make index` uses now."""
+        network = self.embedder.network.key
+        candidates = [ModelIdentity.from_dict(b) for b in built]
+        candidates = [c for c in candidates if c.network_key == network]
+        if not candidates:
+            return  # another network: model_mismatch says so
+        current = in_use(self.store, network)
+        chosen = next((c for c in candidates if current and c.whitening_sha256 == current.sha256), candidates[0])
+        running = self.embedder.whitening
+        if chosen.whitening_sha256 == (running.sha256 if running else None):
+            return
+        whitening = None if chosen.whitening_sha256 is None else by_sha256(self.store, chosen.whitening_sha256)
+        if chosen.whitening_sha256 is None or whitening is not None:
+            log.info("searching with the index's whitening: %s", chosen.whitening or "none")
+            self.embedder.use_whitening(whitening)
 
     def _over_budget(self) -> str | None:
         """Why the current base must not be loaded (it would take this server past service.memory_budget_mb),
@@ -245,7 +311,10 @@ class CatalogSearch:
             # that the interpreters need.
             faiss.omp_set_num_threads(1)
             _faiss_threads.set = True
-        ids, scores = view.live.search(vector, (k + 1) * OVERFETCH, filters)
+        try:
+            ids, scores = view.live.search(vector, (k + 1) * OVERFETCH, filters)
+        except self._unavailable as exc:
+            raise NotReady(str(exc)) from None
         return self._matches(view, ids, scores, k, exclude_sku)
 
     def similar(self, sku: str, k: int, filters: Filters = NO_FILTERS, view: IndexView | None = None) -> list[Match]:

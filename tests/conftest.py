@@ -25,6 +25,8 @@ from tests.postgres import NO_BINARIES, PostgresCluster, find_bindir
 # catalog indexed, and the suite's tiny catalogs would leave that calibration in the repository's models/
 # folder for the shop's own catalog. tests/test_precision.py covers int8 with a models folder of its own.
 os.environ["PRECISION"] = "fp32"
+# Likewise the whitening, fitted on the first catalog indexed: tests/test_whitening.py has its own models folder.
+os.environ["WHITENING"] = "off"
 
 GROCERY = Path(os.environ.get("GROCERY_DIR", REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"))
 

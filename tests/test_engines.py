@@ -68,12 +68,12 @@ client = create_app().test_client()
 photo = open(sys.argv[1], "rb").read()
 response = client.post("/api/search", data={"image": (io.BytesIO(photo), "q.jpg")}, content_type="multipart/form-data")
 engine = client.application.extensions["catalog_search"].embedder.engine.name
-imported = sorted(m for m in ("tensorflow", "keras", "tf_keras") if m in sys.modules)
+imported = sorted(m for m in ("tensorflow", "keras", "tf_keras", "pymilvus", "milvus_lite") if m in sys.modules)
 print(json.dumps({"status": response.status_code, "engine": engine, "imported": imported}))
 """
 
 
-def test_service_with_litert_never_imports_tensorflow(settings, embedder, skimage_catalog):
+def test_a_litert_and_faiss_service_imports_neither_tensorflow_nor_pymilvus(settings, embedder, skimage_catalog):
     from indexer.indexing import index_catalog
 
     index_catalog(settings, embedder, skimage_catalog, progress=False)

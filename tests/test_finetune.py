@@ -37,6 +37,9 @@ def test_first_view_is_the_photo_as_indexed_and_others_are_repeatable_variations
     view = augmented_pixels(image, 1, 224, seed=0)
     assert view.shape == (224, 224, 3) and not np.array_equal(view, load_pixels(image.path, 224))
     np.testing.assert_array_equal(view, augmented_pixels(image, 1, 224, seed=0))
+    shop = [augmented_pixels(image, v, 224, seed=0, augmentation="shop") for v in range(1, 4)]
+    assert all(s.shape == (224, 224, 3) for s in shop) and not np.array_equal(shop[0], view)
+    np.testing.assert_array_equal(shop[2], augmented_pixels(image, 3, 224, seed=0, augmentation="shop"))
 
 
 def leave_one_out_recall(vectors: np.ndarray, labels: list[str]) -> float:

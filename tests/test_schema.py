@@ -120,7 +120,8 @@ def test_opening_a_current_database_leaves_alembic_out_and_an_old_one_is_migrate
     assert opened_with() == (True, uses_psycopg)  # a new database: migrated
     assert opened_with() == (False, uses_psycopg)  # at the newest revision: Alembic is not even imported
     with make_engine(settings.db_url).begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '0003'"))  # as 0004's downgrade
+        connection.execute(text("UPDATE alembic_version SET version_num = '0003'"))  # as 0005's, 0004's downgrades
+        connection.execute(text("DROP TABLE whitenings"))
         connection.execute(text("DROP TABLE store_state"))
         connection.execute(text("DROP INDEX ix_images_change"))
         for column in ("change", "file_size", "file_mtime_ns"):

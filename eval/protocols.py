@@ -1,0 +1,54 @@
+"""The evaluation's queries, through the service's own API: shop photos (POST /api/search) or leave-one-out
+(GET /api/products/<sku>/similar), so that what is measured is what shoppers get."""
+
+from __future__ import annotations
+
+import csv
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from indexer.config import cpu_count
+
+K = 10
+
+
+def product_labels(app, label: str) -> dict[str, str | None]:
+    """sku -> the product's label: its category, or another metadata column (an attribute)."""
+    return app.extensions["catalog_search"].store.product_labels(label)
+
+
+def read_queries(path: Path, catalog: Path, label: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "image" not in rows[0] or label not in rows[0]:
+        raise SystemExit(f"error: {path} needs an 'image' and a '{label}' column")
+    for row in rows:  # like metadata, image paths are relative to the catalog folder
+        row["path"] = str(catalog / row["image"])
+    return rows
+
+
+def run_queries(app, queries: list[dict[str, str]] | None, skus: list[str]) -> list[list[dict]]:
+    """Result lists from the API, one per query photo (or per catalog sku for leave-one-out)."""
+
+    def by_photo(query: dict[str, str]) -> list[dict]:
+        photo = Path(query["path"]).read_bytes()
+        response = app.test_client().post(
+            "/api/search", data={"image": (io.BytesIO(photo), "query.jpg"), "k": str(K)},
+            content_type="multipart/form-data",
+        )  # fmt: skip
+        if response.status_code != 200:
+            raise SystemExit(f"error: {query['image']}: {response.status_code} {response.get_json()}")
+        return response.get_json()["results"]
+
+    def by_sku(sku: str) -> list[dict]:
+        response = app.test_client().get(f"/api/products/{sku}/similar", query_string={"k": K})
+        if response.status_code != 200:
+            raise SystemExit(f"error: {sku}: {response.status_code} {response.get_json()}")
+        return response.get_json()["results"]
+
+    from tqdm import tqdm
+
+    work, items = (by_photo, queries) if queries is not None else (by_sku, skus)
+    with ThreadPoolExecutor(max_workers=cpu_count()) as pool:
+        return list(tqdm(pool.map(work, items), total=len(items), desc="Searching", unit="query"))

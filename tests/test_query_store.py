@@ -1,0 +1,218 @@
+"""Query tokens shared by every server process: the photo kept in the data folder (service/query_store.py), found
+by another app over the same DATA_DIR (another gunicorn worker, or another host), checked, written once, pruned
+when old, and a folder that cannot be written costing only the sharing."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from bench.procfs import process_tree
+from bench.server import running_server
+from indexer.config import REPO_ROOT
+from indexer.indexing import index_catalog
+from service import create_app
+from service.query_store import PRUNED_MARKER, QueryFolder
+from tests.conftest import served_catalog, skimage_photo, write_skimage_catalog
+
+
+def side_by_side(left: str, right: str, size: int = 320) -> bytes:
+    """Two catalog products in one photo: a region search by token finds either."""
+    canvas = Image.new("RGB", (2 * size, size), (255, 255, 255))
+    for column, name in enumerate((left, right)):
+        photo = skimage_photo(name)
+        photo.thumbnail((size, size))
+        canvas.paste(photo, (column * size + (size - photo.width) // 2, (size - photo.height) // 2))
+    buffer = io.BytesIO()
+    canvas.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def indexed(base_settings, embedder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("query-store")
+    settings = base_settings.with_overrides(data_dir=folder / "data", catalog_dir=folder / "catalog")
+    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
+    return settings
+
+
+@pytest.fixture
+def settings(indexed):
+    """The indexed catalog with an empty query folder for each test."""
+    folder = indexed.data_dir / "queries"
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.unlink(missing_ok=True)
+    return indexed
+
+
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    return side_by_side("chelsea", "rocket")
+
+
+def upload(client, photo: bytes, **fields):
+    data = {"image": (io.BytesIO(photo), "query.jpg"), **{key: str(value) for key, value in fields.items()}}
+    return client.post("/api/search", data=data, content_type="multipart/form-data")
+
+
+def kept_files(settings) -> list[Path]:
+    """The photos (and any temporary files) in the query folder's shards."""
+    return sorted(path for path in (settings.data_dir / "queries").glob("*/*") if path.is_file())
+
+
+def test_a_token_made_by_one_app_is_searched_previewed_and_shown_by_another(settings, embedder, photo):
+    first, second = create_app(settings, embedder).test_client(), create_app(settings, embedder).test_client()
+    searched = upload(first, photo, k=3)
+    token = searched.json["query"]
+    assert searched.status_code == 200 and kept_files(settings) == [settings.data_dir / "queries" / token[:2] / token]
+
+    again = second.post("/api/search", data={"query": token, "k": "3"})
+    assert again.status_code == 200 and again.json["query"] == token
+    assert [r["sku"] for r in again.json["results"]] == [r["sku"] for r in searched.json["results"]]
+    assert [r["score"] for r in again.json["results"]] == pytest.approx([r["score"] for r in searched.json["results"]])
+
+    right = second.post("/api/search", data={"query": token, "box": "0.5,0,1,1"})
+    assert right.status_code == 200 and right.json["results"][0]["sku"] == "space/rocket"
+    grid = second.get(f"/api/search/preview.png?query={token}&box=0,0,0.5,1&k=2")
+    assert grid.status_code == 200 and grid.mimetype == "image/png"
+
+    # The results page's region search: the token and a box, no upload, answered by a third app.
+    page = create_app(settings, embedder).test_client().post("/", data={"query": token, "box": "0,0,0.5,1", "k": "3"})
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and re.search(rf'name="query" value="{token}"', html)
+    assert re.search(r'href="/products/([^"]+)"', html).group(1) == "animals/chelsea"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "deadbeef",
+        "0" * 63,
+        "0" * 65,
+        "A" * 64,  # upper case: not a token the service makes
+        "../" * 21 + "x",
+        "../../../../etc/passwd",
+        "%2e%2e%2fcatalog.sqlite3",
+        "/" + "0" * 63,
+        "0" * 62 + "/.",
+    ],
+)
+def test_malformed_tokens_are_a_404_and_reach_no_file(settings, embedder, token):
+    client = create_app(settings, embedder).test_client()
+    assert client.post("/api/search", data={"query": token}).status_code == 404
+    assert client.get("/api/search/preview.png", query_string={"query": token}).status_code == 404
+    assert client.post("/", data={"query": token}).status_code == 404
+    assert QueryFolder(settings.data_dir / "queries", 3600).path(token) is None
+
+
+def test_a_file_that_does_not_hash_to_its_token_is_refused(settings, embedder, photo):
+    first, second = create_app(settings, embedder).test_client(), create_app(settings, embedder).test_client()
+    token = upload(first, photo).json["query"]
+    (kept,) = kept_files(settings)
+    other = side_by_side("rocket", "chelsea")
+    kept.write_bytes(other)  # someone swapped the photo behind the token
+    assert second.post("/api/search", data={"query": token}).status_code == 404
+    assert second.get(f"/api/search/preview.png?query={token}").status_code == 404
+    # The app that made it still has the photo in memory.
+    assert first.post("/api/search", data={"query": token}).status_code == 200
+
+
+def test_the_same_photo_is_written_once_whichever_app_receives_it(settings, embedder, photo):
+    first, second = create_app(settings, embedder).test_client(), create_app(settings, embedder).test_client()
+    token = upload(first, photo).json["query"]
+    (kept,) = kept_files(settings)
+    written = kept.stat()
+    os.utime(kept, (written.st_atime - 600, written.st_mtime - 600))
+    for client in (first, second, second):
+        assert upload(client, photo).json["query"] == token
+    assert kept_files(settings) == [kept] and kept.read_bytes() == photo
+    now = kept.stat()
+    assert now.st_ino == written.st_ino  # never replaced by a new file
+    assert now.st_mtime > written.st_mtime - 600  # brought forward by the other app: it is in use
+
+
+def test_photos_older_than_the_ttl_are_pruned_at_most_once_a_minute(settings, embedder, photo):
+    folder = settings.data_dir / "queries"
+    stale, fresh = folder / "ab" / ("ab" + "1" * 62), folder / "cd" / ("cd" + "2" * 62)
+    crashed = folder / "ab" / (".ab" + "3" * 62 + ".0123456789ab.tmp")  # a write cut short by a crash
+    for path in (stale, fresh, crashed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"photo")
+    hour_ago = time.time() - 3601
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(crashed, (hour_ago, hour_ago))
+    client = create_app(settings.with_overrides(query_ttl_s=3600), embedder).test_client()
+    token = upload(client, photo).json["query"]
+    assert set(kept_files(settings)) == {fresh, folder / token[:2] / token}
+    assert (folder / PRUNED_MARKER).exists()
+
+    # Within the minute, neither this process nor another (the marker says a prune just ran) scans again.
+    stale.write_bytes(b"photo")
+    os.utime(stale, (hour_ago, hour_ago))
+    other = create_app(settings.with_overrides(query_ttl_s=3600), embedder).test_client()
+    upload(client, side_by_side("coffee", "rocket"))
+    upload(other, side_by_side("camera", "rocket"))
+    assert stale.exists()
+    # Once the last prune is a minute old, whoever writes next prunes.
+    os.utime(folder / PRUNED_MARKER, (time.time() - 61, time.time() - 61))
+    latest = create_app(settings.with_overrides(query_ttl_s=3600), embedder).test_client()
+    upload(latest, side_by_side("astronaut", "rocket"))
+    assert not stale.exists() and fresh.exists()
+
+
+def test_pruning_by_several_processes_at_once_is_harmless(tmp_path):
+    folders = [QueryFolder(tmp_path / "queries", ttl_s=10) for _ in range(3)]
+    for number in range(50):
+        token = f"{number:064x}"
+        path = folders[0].path(token)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    removed = [folder.prune() for folder in folders]
+    assert sum(removed) == 50 and not [path for path in (tmp_path / "queries").rglob("*") if path.is_file()]
+
+
+def test_a_folder_that_cannot_be_written_costs_only_the_sharing(settings, embedder, photo, caplog):
+    settings.data_dir.joinpath("queries").write_bytes(b"")  # a file where the folder should be: every write fails
+    client = create_app(settings, embedder).test_client()
+    with caplog.at_level(logging.WARNING, logger="service.query_store"):
+        token = upload(client, photo).json["query"]
+        assert upload(client, side_by_side("coffee", "rocket")).status_code == 200
+        assert client.get(f"/api/search/preview.png?query={token}").status_code == 200  # from memory
+    warnings = [r for r in caplog.records if r.name == "service.query_store" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "tokens stay in this process only" in warnings[0].getMessage()
+
+
+def test_a_ttl_of_zero_keeps_query_photos_in_memory_only(settings, embedder, photo):
+    client = create_app(settings.with_overrides(query_ttl_s=0), embedder).test_client()
+    token = upload(client, photo).json["query"]
+    assert client.post("/api/search", data={"query": token}).status_code == 200
+    assert not (settings.data_dir / "queries").exists()
+
+
+@pytest.mark.slow
+def test_two_single_threaded_gunicorn_workers_both_know_every_token(base_settings, embedder, tmp_path):
+    """`make serve` with two sync workers: each request, on a new connection, may reach either worker."""
+    service = (REPO_ROOT / "config.toml").read_text().split("[service]")[1]
+    processes = re.search(r"^workers = .*\nthreads = .*$", service, re.MULTILINE).group(0)
+    env, _ = served_catalog(base_settings, embedder, tmp_path, config_changes={processes: "workers = 2\nthreads = 1"})
+    with running_server(env, timeout=120) as server:
+        assert len(process_tree(server.process.pid)) == 3  # the master and two workers
+        for name in ("chelsea", "coffee", "astronaut"):
+            posted = requests.post(f"{server.url}/api/search", files={"image": ("q.jpg", side_by_side(name, "rocket"))})
+            token = posted.json()["query"]
+            for _ in range(4):
+                by_token = requests.post(f"{server.url}/api/search", data={"query": token, "box": "0.5,0,1,1"})
+                assert by_token.status_code == 200 and by_token.json()["results"][0]["sku"] == "space/rocket"
+                grid = requests.get(f"{server.url}/api/search/preview.png", params={"query": token, "k": 2})
+                assert grid.status_code == 200 and grid.headers["Content-Type"] == "image/png"
