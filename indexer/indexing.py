@@ -257,6 +257,8 @@ def index_catalog(
     fitted = in_use(store, embedder.network.key) if settings.whitening and not refit else None
     embedder.use_whitening(fitted)
     model_key = embedder.identity.key
+    # Vectors of a run that will fit the whitening are replaced at its end: Milvus gets only the whitened ones.
+    fit_pending = settings.whitening and fitted is None
 
     known = store.known_files()
     failed: set[str] = set()
@@ -278,7 +280,8 @@ def index_catalog(
             if batch.embedded:
                 with write_lock(settings.data_dir, store):
                     store.store_vectors(_image_vectors(batch, product_ids), model_key)
-                    sync_vector_store(settings, store, embedder)
+                    if not fit_pending:
+                        sync_vector_store(settings, store, embedder)
             if batch.restated:
                 with write_lock(settings.data_dir, store):
                     store.record_file_stats(batch.restated)

@@ -135,6 +135,21 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def grocery_subset(grocery: Path, categories: tuple[str, ...], folder: Path) -> tuple[Path, Path, int]:
+    """(catalog folder, products.csv, photos): the grocery catalog's photos of these categories, by a products.csv
+    in `folder` whose image paths point into the shared dataset."""
+    rows = [row for row in read_csv(grocery / "catalog.csv") if row["category"] in categories]
+    return grocery, write_csv(folder / "products.csv", rows), len(rows)
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def skimage_photo(name: str) -> Image.Image:
     return Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
 

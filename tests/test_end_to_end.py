@@ -3,7 +3,6 @@ then shopper photos searched over HTTP through the Flask app."""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -14,7 +13,7 @@ import pytest
 
 from indexer.config import REPO_ROOT
 from service import create_app
-from tests.conftest import read_csv
+from tests.conftest import grocery_subset, read_csv, write_csv
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
@@ -28,14 +27,7 @@ CATEGORIES = (
 @pytest.fixture(scope="module")
 def small_grocery_catalog(grocery, tmp_path_factory):
     """A products.csv in a temporary folder whose image paths point into the shared dataset."""
-    rows = read_csv(grocery / "catalog.csv")
-    chosen = [row for row in rows if row["category"] in CATEGORIES]
-    metadata = tmp_path_factory.mktemp("grocery") / "products.csv"
-    with open(metadata, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=rows[0].keys())
-        writer.writeheader()
-        writer.writerows(chosen)
-    return grocery, metadata, len(chosen)
+    return grocery_subset(grocery, CATEGORIES, tmp_path_factory.mktemp("grocery"))
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +91,7 @@ def test_make_eval_reproduces_the_plain_model_figure(indexed, grocery, tmp_path,
     from eval.__main__ import main as evaluate
 
     queries = [q for q in read_csv(grocery / "queries.csv") if q["category"] in CATEGORIES]
-    queries_csv = tmp_path / "queries.csv"
-    with open(queries_csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=queries[0].keys())
-        writer.writeheader()
-        writer.writerows(queries)
+    queries_csv = write_csv(tmp_path / "queries.csv", queries)
     monkeypatch.setenv("DATA_DIR", str(indexed.data_dir))
     out = tmp_path / "eval"
     assert evaluate(["--catalog", str(grocery), "--queries", str(queries_csv), "--out", str(out)]) == 0

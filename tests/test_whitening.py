@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 
@@ -14,7 +12,7 @@ from indexer.store import Store
 from indexer.whitening import MIN_FIT_PHOTOS, fit, in_use
 from service import create_app
 from service.search import model_mismatch
-from tests.conftest import read_csv
+from tests.conftest import grocery_subset, read_csv, write_csv
 
 pytestmark = pytest.mark.slow  # embeds a few hundred real photos
 
@@ -40,13 +38,7 @@ def fitted(settings, embedder):
 
 @pytest.fixture(scope="module")
 def catalog(grocery, tmp_path_factory):
-    rows = [row for row in read_csv(grocery / "catalog.csv") if row["category"] in CATEGORIES]
-    metadata = tmp_path_factory.mktemp("grocery-subset") / "products.csv"
-    with open(metadata, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=rows[0].keys())
-        writer.writeheader()
-        writer.writerows(rows)
-    return grocery, metadata, len(rows)
+    return grocery_subset(grocery, CATEGORIES, tmp_path_factory.mktemp("grocery-subset"))
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +169,26 @@ def test_imported_vectors_get_the_catalog_whitening(indexed, catalog, embedder, 
     rows = read_csv(metadata)[:3]
     network_vectors = embedder.embed_pixels(np.stack([load_pixels(folder / r["image"], 224) for r in rows]))
     np.save(tmp_path / "vectors.npy", network_vectors)
-    with open(tmp_path / "products.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["sku", "title", "category"])
-        writer.writeheader()
-        writer.writerows({"sku": f"imported-{i}", "title": "t", "category": r["category"]} for i, r in enumerate(rows))
+    write_csv(tmp_path / "products.csv", [{"sku": f"imported-{i}", "title": "t", "category": r["category"]}
+                                          for i, r in enumerate(rows)])  # fmt: skip
     report = import_vectors(settings, load_embedder(settings), tmp_path / "vectors.npy", tmp_path / "products.csv",
                             progress=False)  # fmt: skip
     assert report.stored == 3
     whitening, identity = fitted(settings, embedder)
     stored = Store.open(settings).vector_of("imported-1", identity.key, identity.dim)
     np.testing.assert_allclose(stored, whitening.apply(network_vectors[1:2])[0], atol=1e-6)
+
+
+def test_milvus_gets_only_whitened_vectors_and_serves_them(whitening_settings, catalog, grocery, tmp_path):
+    """With Milvus the run fits the whitening, then loads the whitened vectors: the server finds shop photos."""
+    folder, metadata, count = catalog
+    settings = whitening_settings.with_overrides(data_dir=tmp_path / "data", index_backend="milvus",
+                                                 milvus_uri=str(tmp_path / "milvus.db"))  # fmt: skip
+    Store.open(settings)
+    report = index_catalog(settings, load_embedder(settings), folder, metadata, progress=False)
+    assert report.whitening.startswith("fitted learned-96") and f"holds {count} vectors" in report.vector_store
+    client = create_app(settings).test_client()
+    assert client.get("/readyz").json["model"]["whitening"] == "learned-96"
+    query = next(q for q in read_csv(grocery / "queries.csv") if q["category"] == "Banana")
+    response = client.post("/api/search", data=(grocery / query["image"]).read_bytes(), content_type="image/jpeg")
+    assert response.status_code == 200 and response.json["results"][0]["category"] == "Banana"
