@@ -33,6 +33,9 @@ IN_USE = "in-use.lock"
 NO_CATEGORY = -1
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -190,9 +193,10 @@ class BaseSegment:
         """[start, end) in price order (price_order, ids_by_price) of the rows whose price is within
         [low, high] (a bound may be None); rows without a price never are."""
         prices = self.sorted_prices  # NaN (no price) sorts last, so a search never lands past the priced rows
-        # bounds as float32 like the prices: a float64 bound would make numpy convert every price first
-        start = 0 if low is None else int(np.searchsorted(prices, np.float32(low), side="left"))
-        end = int(np.searchsorted(prices, np.float32(np.inf if high is None else high), side="right"))
+        # bounds as float32 like the prices: a float64 bound would make numpy convert every price first (and
+        # beyond float32's range a bound is infinite, said so rather than by an overflow warning)
+        start = 0 if low is None else int(np.searchsorted(prices, _float32(low), side="left"))
+        end = int(np.searchsorted(prices, _float32(np.inf if high is None else high), side="right"))
         return start, end
 
     def release(self) -> None:
@@ -247,3 +251,8 @@ def load_base(index_dir: Path) -> BaseSegment | None:
         ids_by_price=ids[order],
         _lock_descriptor=descriptor,
     )
+
+
+def _float32(bound: float) -> np.float32:
+    """A price bound as float32, infinite where it is beyond float32's range."""
+    return np.float32(bound) if abs(bound) <= FLOAT32_MAX else np.float32(np.copysign(np.inf, bound))
