@@ -152,7 +152,8 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)
-    options = FinetuneOptions(epochs=args.epochs, views=args.views)
+    # MobileNet v1's last block is 13: training N blocks freezes the network up to block 13 - N.
+    options = FinetuneOptions(epochs=args.epochs, views=args.views, split_layer=f"conv_pw_{13 - args.blocks}_relu")
     summary = finetune(settings, catalog, metadata, options, progress=not args.quiet)
     print(
         f"model version {summary['version']} is active: validation R@1 {summary['validation_recall@1']:.3f} "
@@ -219,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
     tune.add_argument("--epochs", type=int, default=12)
     tune.add_argument("--views", type=int, default=4, help="augmented views of each photo (the first is unaltered)")
+    tune.add_argument(
+        "--blocks",
+        type=int,
+        default=2,
+        choices=range(1, 8),
+        help="last blocks of the network trained (2: blocks 12-13; 3 also trains block 11, measured better on "
+        "grocery shop photos but with some categories worse: eval/README.md#whitening)",
+    )
     tune.add_argument("--reset", action="store_true", help="go back to the plain ImageNet model")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(run=cmd_finetune)
