@@ -33,7 +33,7 @@ from indexer.segments import (
     write_arrays,
 )
 from indexer.store import Store
-from indexer.whitening import by_sha256, in_use
+from indexer.whitening import Whitening, by_sha256, configured, in_use
 
 log = logging.getLogger(__name__)
 # Tombstoned rows are deleted once a base without them has been the current one this long: by then every server,
@@ -73,15 +73,27 @@ def manifest_identity(embedder: Embedder) -> dict:
     }
 
 
+def index_whitening(store: Store, network_key: str, built: list[dict]) -> tuple[bool, Whitening | None]:
+    """The whitening an index of this network was built with (identities from manifests or Milvus collections;
+    of several, the one `make index` uses now): (True, it), (True, None) for one built without; (False, None)
+    when none is of this network or the database lacks the one it names (model_mismatch then says why)."""
+    candidates = [c for c in map(ModelIdentity.from_dict, built) if c.network_key == network_key]
+    if not candidates:
+        return False, None
+    current = in_use(store, network_key)
+    chosen = next((c for c in candidates if current and c.whitening_sha256 == current.sha256), candidates[0])
+    if chosen.whitening_sha256 is None:
+        return True, None
+    whitening = by_sha256(store, chosen.whitening_sha256)
+    return whitening is not None, whitening
+
+
 def follow_catalog_whitening(settings: Settings, store: Store, embedder: Embedder) -> None:
     """Give a freshly loaded embedder the whitening the catalog's vectors carry: the current base's when it is of
     this network (what a server-started compaction must rebuild), else the one `make index` uses."""
-    built = read_manifest(settings.index_dir) or {}
-    if "model" in built and ModelIdentity.from_dict(built).network_key == embedder.network.key:
-        sha256 = built.get("whitening_sha256")
-        embedder.use_whitening(by_sha256(store, sha256) if sha256 else None)
-    else:
-        embedder.use_whitening(in_use(store, embedder.network.key) if settings.whitening else None)
+    manifest = read_manifest(settings.index_dir) or {}
+    found, whitening = index_whitening(store, embedder.network.key, [manifest] if "model" in manifest else [])
+    embedder.use_whitening(whitening if found else configured(settings, store, embedder.network.key))
 
 
 def compaction_due(settings: Settings, store: Store, embedder: Embedder) -> str | None:

@@ -25,7 +25,7 @@ from indexer.indexing import compact_if_due, sync_vector_store
 from indexer.locking import write_lock
 from indexer.model import Embedder
 from indexer.store import IMPORT, ImageVector, Store
-from indexer.whitening import in_use
+from indexer.whitening import configured
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")
@@ -79,7 +79,7 @@ def import_vectors(
     report = ImportReport(rows=len(rows))
     store = Store.open(settings)
     # The vectors are the network's; the catalog's whitening, when `make index` has fitted one, follows them.
-    embedder.use_whitening(in_use(store, embedder.network.key) if settings.whitening else None)
+    embedder.use_whitening(configured(settings, store, embedder.network.key))
     known = store.known_files(IMPORT)
     model_key = embedder.identity.key
     for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):

@@ -31,7 +31,7 @@ from indexer.locking import write_lock
 from indexer.model import Embedder
 from indexer.segments import read_manifest
 from indexer.store import ImageVector, KnownFile, Store
-from indexer.whitening import MIN_FIT_PHOTOS, in_use
+from indexer.whitening import MIN_FIT_PHOTOS, configured
 from indexer.whitening import fit as whitening_fit
 from indexer.whitening import keep as keep_whitening
 
@@ -254,7 +254,7 @@ def index_catalog(
     scan: CatalogScan = scan_catalog(catalog_dir, metadata or settings.metadata_path)
     report = IndexReport(catalog=scan.root, scanned=len(scan.images), problems=list(scan.problems))
     store = store or Store.open(settings)
-    fitted = in_use(store, embedder.network.key) if settings.whitening and not refit else None
+    fitted = None if refit else configured(settings, store, embedder.network.key)
     embedder.use_whitening(fitted)
     model_key = embedder.identity.key
     # Vectors of a run that will fit the whitening are replaced at its end: Milvus gets only the whitened ones.

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from indexer.config import Settings
     from indexer.store import Store
 
 # Fewer photos than this give a covariance too noisy to whiten with; the catalog is then searched unwhitened.
@@ -149,6 +150,11 @@ def in_use(store: Store, network_key: str) -> Whitening | None:
     """The whitening `make index` uses with this network: the newest fitted; None before the first fit."""
     data = store.whitening_data(network_key=network_key)
     return None if data is None else Whitening.from_bytes(data)
+
+
+def configured(settings: Settings, store: Store, network_key: str) -> Whitening | None:
+    """The whitening new vectors of this network go through: the catalog's with model.whitening, else none."""
+    return in_use(store, network_key) if settings.whitening else None
 
 
 def by_sha256(store: Store, sha256: str) -> Whitening | None:

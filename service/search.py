@@ -21,14 +21,13 @@ import faiss
 import numpy as np
 
 from indexer.catalog import ProductFields
-from indexer.compaction import compaction_due
+from indexer.compaction import compaction_due, index_whitening
 from indexer.config import REPO_ROOT, Settings, process_memory_mb
 from indexer.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.locking import compaction_running
 from indexer.model import Embedder, ModelIdentity
 from indexer.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
 from indexer.store import Store
-from indexer.whitening import by_sha256, in_use
 from service.product_rows import ProductRows
 
 log = logging.getLogger(__name__)
@@ -190,12 +189,13 @@ class CatalogSearch:
             self._problem = problem
             return None
         try:
-            self._follow_whitening(built_identities(self.settings))
+            built = built_identities(self.settings)
+            self._follow_whitening(built)
             about = {"engine": self.embedder.engine.name, "model_version": self.embedder.version}
             live = MilvusIndex.open(self.settings, self.store, self.embedder.identity, about)
             if live is None:
                 running = self.embedder.identity
-                others = [model_mismatch(identity, running) for identity in built_identities(self.settings)]
+                others = [model_mismatch(identity, running) for identity in built]
                 self._problem = next((o for o in others if o), None) or (
                     f"no Milvus collection for this model at {self.settings.milvus_target} yet: run "
                     "`make index CATALOG=<folder of product photos>` with the same VECTOR_STORE and MILVUS_URI"
@@ -210,21 +210,11 @@ class CatalogSearch:
 
     def _follow_whitening(self, built: list[dict]) -> None:
         """Search with the whitening the index was built with (the catalog's database keeps each one): an index
-        of this network names it, and `make index` may have fitted it after this server started. Of several
-        (Milvus collections), the one `make index` uses now."""
-        network = self.embedder.network.key
-        candidates = [ModelIdentity.from_dict(b) for b in built]
-        candidates = [c for c in candidates if c.network_key == network]
-        if not candidates:
-            return  # another network: model_mismatch says so
-        current = in_use(self.store, network)
-        chosen = next((c for c in candidates if current and c.whitening_sha256 == current.sha256), candidates[0])
+        of this network names it, and `make index` may have fitted it after this server started."""
+        found, whitening = index_whitening(self.store, self.embedder.network.key, built)
         running = self.embedder.whitening
-        if chosen.whitening_sha256 == (running.sha256 if running else None):
-            return
-        whitening = None if chosen.whitening_sha256 is None else by_sha256(self.store, chosen.whitening_sha256)
-        if chosen.whitening_sha256 is None or whitening is not None:
-            log.info("searching with the index's whitening: %s", chosen.whitening or "none")
+        if found and (whitening and whitening.sha256) != (running and running.sha256):
+            log.info("searching with the index's whitening: %s", whitening.name if whitening else "none")
             self.embedder.use_whitening(whitening)
 
     def _over_budget(self) -> str | None:
