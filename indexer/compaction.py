@@ -177,6 +177,8 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
         "factory": factory,
         "tuning": tuning.as_dict(),
         "categories": names,
+        # What the vectors are of besides each photo (index.catalog_views as configured when built).
+        "catalog_views": list(settings.catalog_views),
     }
     base = publish_base(index_dir, folder, manifest)
     if (purge_through := _settled_through(previous)) is not None:

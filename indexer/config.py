@@ -3,8 +3,8 @@
 Environment variables override the paths so one checkout can serve several
 catalogs: DATA_DIR, CATALOG, METADATA, MODELS_DIR, DATABASE_URL (PRECISION and WHITENING for the model), and
 SEARCH_CONFIG to point at another config file (and API_KEY, MEMORY_BUDGET_MB,
-FETCH_ALLOW_PRIVATE, CORS_ORIGINS for the service; VECTOR_STORE, MILVUS_URI and MILVUS_TOKEN for the
-vector store).
+FETCH_ALLOW_PRIVATE, CORS_ORIGINS for the service; VECTOR_STORE, MILVUS_URI, MILVUS_TOKEN and CATALOG_VIEWS
+for the index).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ PYPI_WEIGHTS = "pypi-mobilenet-v1"
 # Written by `make finetune` in models_dir: the fine-tuned model version in use.
 ACTIVE_MODEL_FILE = "active-model.json"
 BACKENDS = ("faiss", "milvus")
+# Extra views of each catalog photo that index.catalog_views may add (indexer.images.load_views makes them).
+CATALOG_VIEWS = ("flip", "crop")
 MILVUS_URL = re.compile(r"(https?|tcp)://|unix:")
 MILVUS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,200}")
 # An origin as browsers send it: scheme://host[:port], the host a name or a bracketed IPv6 address, no path.
@@ -72,6 +74,9 @@ class Settings:
     # server or cluster. Empty: Milvus Lite in <data_dir>/milvus.db. MILVUS_URI / MILVUS_TOKEN override.
     milvus_uri: str = ""
     milvus_token: str = ""
+    # Extra views of each catalog photo indexed beside it, as more vectors of the same product (CATALOG_VIEWS):
+    # "flip" (its mirror image) and "crop" (its centre). They cost index time and index size, not query time.
+    catalog_views: tuple[str, ...] = ()
     # Collections are named <milvus_collection>_<model>, one per model, so several catalogs can share a cluster.
     milvus_collection: str = "visual_search"
     # Changed images the delta may hold before a compaction folds them into a new base.
@@ -182,10 +187,22 @@ def _uri(base: Path, value: str) -> str:
     return str(_path(base, value))
 
 
-def _origins(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """service.cors_origins as a tuple: a TOML list, or a comma-separated string (CORS_ORIGINS)."""
+def _names(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A list setting as a tuple: a TOML list, or a comma-separated string (from the environment)."""
     items = value.split(",") if isinstance(value, str) else value
     return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _views(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """index.catalog_views in CATALOG_VIEWS' order, once each; "none" (from the environment) is none."""
+    names = () if value == "none" else _names(value)
+    unknown = [name for name in names if name not in CATALOG_VIEWS]
+    if unknown:
+        raise ConfigError(
+            f"index.catalog_views (or CATALOG_VIEWS): unknown view {unknown[0][:40]!r}; "
+            f"choose from {', '.join(CATALOG_VIEWS)} (or none)"
+        )
+    return tuple(view for view in CATALOG_VIEWS if view in names)
 
 
 def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
@@ -229,6 +246,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         milvus_uri=_uri(base, env.get("MILVUS_URI") or index.get("milvus_uri", Settings.milvus_uri)),
         milvus_token=env.get("MILVUS_TOKEN") or index.get("milvus_token", Settings.milvus_token),
         milvus_collection=index.get("milvus_collection", Settings.milvus_collection),
+        catalog_views=_views(env.get("CATALOG_VIEWS") or index.get("catalog_views", Settings.catalog_views)),
         compact_after=int(index.get("compact_after", 5_000)),
         models_dir=_path(base, env.get("MODELS_DIR") or index.get("models_dir", "models")),
         host=service.get("host", "127.0.0.1"),
@@ -246,7 +264,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         query_ttl_s=float(service.get("query_ttl_s", Settings.query_ttl_s)),
         api_key=env.get("API_KEY") or service.get("api_key", ""),
         memory_budget_mb=int(env.get("MEMORY_BUDGET_MB") or service.get("memory_budget_mb", 0)),
-        cors_origins=_origins(env.get("CORS_ORIGINS") or service.get("cors_origins", ())),
+        cors_origins=_names(env.get("CORS_ORIGINS") or service.get("cors_origins", ())),
     )
     settings = replace(settings, **overrides) if overrides else settings
     if model.get("use_finetuned", True) and "finetuned" not in overrides:

@@ -23,6 +23,8 @@ BACKGROUND = (255, 255, 255)
 # A region searched on its own must cover at least this share of the photo, and this many pixels a side.
 MIN_BOX_AREA = 0.01
 MIN_BOX_PIXELS = 16
+# The "crop" catalog view (index.catalog_views): the middle 80 % of each side, a closer scale of the product.
+CENTRE_FRACTION = 0.8
 
 
 class ImageError(ValueError):
@@ -161,6 +163,26 @@ def open_region(source: bytes | str | Path, target_size: int, box: Box | None = 
 def load_pixels(source: bytes | str | Path, size: int, box: Box | None = None) -> np.ndarray:
     """Decode (and crop to a box) and resize in one step: what both the indexer and the service call."""
     return to_model_input(open_region(source, size, box), size)
+
+
+def load_views(source: bytes | str | Path, size: int, views: tuple[str, ...] = ()) -> np.ndarray:
+    """(1 + len(views), size, size, 3) uint8: the photo exactly as load_pixels gives it, then each extra catalog
+    view in order (index.catalog_views): "flip", its mirror image; "crop", its centre, decoded again at the scale
+    that region needs, as a region search of that box would be."""
+    photo = load_pixels(source, size)
+    pixels = [photo]
+    for view in views:
+        if view == "flip":
+            pixels.append(photo[:, ::-1])
+        elif view == "crop":
+            margin = (1 - CENTRE_FRACTION) / 2
+            try:
+                pixels.append(load_pixels(source, size, Box(margin, margin, 1 - margin, 1 - margin)))
+            except BoxError:  # a photo of a few pixels has no closer view: the photo stands in for it
+                pixels.append(photo)
+        else:
+            raise ValueError(f"unknown catalog view {view!r}")
+    return np.stack(pixels)
 
 
 def thumbnail(source: bytes | str | Path, size: int = 256, box: Box | None = None) -> Image.Image:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from indexer.catalog import CatalogImage, CatalogScan, scan_catalog
 from indexer.compaction import CompactionReport, compact, compaction_due
 from indexer.config import Settings, process_memory_mb
-from indexer.images import ImageError, load_pixels
+from indexer.images import ImageError, load_views
 from indexer.locking import write_lock
 from indexer.model import Embedder
 from indexer.segments import read_manifest
@@ -103,7 +103,8 @@ Known = dict[str, KnownFile]  # rel_path -> what the store holds of each live ca
 @dataclass
 class CheckedBatch:
     """One worker's batch: photos embedded (with their vectors, sha256 and stat), photos unchanged since the
-    last run (with the stat of those read again), and photos that could not be read or decoded."""
+    last run (with the stat of those read again), and photos that could not be read or decoded. With extra
+    catalog views, `vectors` holds each embedded photo's vector and then its views', photo after photo."""
 
     embedded: list[CatalogImage]
     vectors: np.ndarray
@@ -112,6 +113,7 @@ class CheckedBatch:
     unchanged: int
     restated: list[tuple[str, int, int]]
     failures: list[tuple[CatalogImage, str]]
+    views: tuple[str, ...] = ()
 
 
 @dataclass
@@ -125,10 +127,11 @@ class CheckedFiles:
     unchanged: int
     restated: list[tuple[str, int, int]]
     failures: list[tuple[CatalogImage, str]]
+    views: tuple[str, ...] = ()
 
     def decoded(self, problems: dict[int, str], vectors: np.ndarray) -> CheckedBatch:
-        """The batch once its photos are decoded and embedded: vectors of those that decoded, in order; the
-        others (problems: position in to_embed -> why) become failures."""
+        """The batch once its photos are decoded and embedded: vectors of those that decoded (each photo's and
+        then its views'), in order; the others (problems: position in to_embed -> why) become failures."""
         embedded = []
         for position, (image, _) in enumerate(self.to_embed):
             if position in problems:
@@ -136,38 +139,34 @@ class CheckedFiles:
             else:
                 embedded.append(image)
         self.to_embed = []
-        return CheckedBatch(embedded, vectors, self.digests, self.stats, self.unchanged, self.restated, self.failures)
+        return CheckedBatch(
+            embedded, vectors, self.digests, self.stats, self.unchanged, self.restated, self.failures, self.views
+        )
 
 
-def decode_photos(photos: list[bytes], size: int) -> tuple[np.ndarray, dict[int, str]]:
-    """The photos decoded and resized by the one preprocessing path, stacked as (N, size, size, 3) uint8, and
-    {position: problem} for those that do not decode."""
+def decode_photos(photos: list[bytes], size: int, views: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[int, str]]:
+    """The photos decoded and resized by the one preprocessing path, each followed by its extra catalog views,
+    stacked as (N * (1 + len(views)), size, size, 3) uint8, and {position: problem} for those that do not decode."""
     pixels, problems = [], {}
     for position, data in enumerate(photos):
         try:
-            pixels.append(load_pixels(data, size))
+            pixels.append(load_views(data, size, views))
         except ImageError as exc:
             problems[position] = str(exc)
-    return (np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), problems
+    return (np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)), problems
 
 
-def check_files(images: list[CatalogImage], known: Known, model_key: str) -> CheckedFiles:
+def check_files(images: list[CatalogImage], known: Known, model_key: str, views: tuple[str, ...] = ()) -> CheckedFiles:
     """Stat each photo; read and hash only those whose size or mtime changed (as rsync and git do); keep
-    the bytes of those whose bytes or model changed since the last run, to be decoded and embedded."""
-    checked = CheckedFiles([], {}, {}, 0, [], [])
+    the bytes of those whose bytes, model or extra views changed since the last run, to be decoded and embedded."""
+    checked = CheckedFiles([], {}, {}, 0, [], [], views)
     for image in images:
         stored = known.get(image.rel_path)
+        if stored is not None and (stored.model_key, stored.views) != (model_key, views):
+            stored = None  # embedded again whatever its bytes
         try:
             stat = os.stat(image.path)
-            if (
-                stored is not None
-                and stored.model_key == model_key
-                and (stored.size, stored.mtime_ns)
-                == (
-                    stat.st_size,
-                    stat.st_mtime_ns,
-                )
-            ):
+            if stored is not None and (stored.size, stored.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
                 checked.unchanged += 1
                 continue
             data = image.path.read_bytes()
@@ -175,7 +174,7 @@ def check_files(images: list[CatalogImage], known: Known, model_key: str) -> Che
             checked.failures.append((image, f"cannot be read ({exc.strerror or exc})"))
             continue
         digest = sha256_bytes(data)
-        if stored is not None and (stored.sha256, stored.model_key) == (digest, model_key):
+        if stored is not None and stored.sha256 == digest:
             checked.unchanged += 1
             checked.restated.append((image.rel_path, stat.st_size, stat.st_mtime_ns))
             continue
@@ -185,11 +184,13 @@ def check_files(images: list[CatalogImage], known: Known, model_key: str) -> Che
     return checked
 
 
-def _check_and_embed(images: list[CatalogImage], known: Known, embedder: Embedder) -> CheckedBatch:
+def _check_and_embed(
+    images: list[CatalogImage], known: Known, embedder: Embedder, views: tuple[str, ...]
+) -> CheckedBatch:
     """One worker's unit of work: check_files, then decode and embed (with this thread's interpreter)
-    the photos whose bytes or model changed since the last run."""
-    checked = check_files(images, known, embedder.identity.key)
-    pixels, problems = decode_photos([data for _, data in checked.to_embed], embedder.input_size)
+    the photos whose bytes, model or extra views changed since the last run."""
+    checked = check_files(images, known, embedder.identity.key, views)
+    pixels, problems = decode_photos([data for _, data in checked.to_embed], embedder.input_size, views)
     return checked.decoded(problems, embedder.embed_pixels(pixels))
 
 
@@ -200,19 +201,22 @@ def checked_batches(
     batch_size: int,
     pool: ThreadPoolExecutor,
     workers: int,
+    views: tuple[str, ...] = (),
 ) -> Iterator[CheckedBatch]:
     """Check and embed batches on `workers` threads, each reading, decoding and then running its
     own interpreter, so both kinds of work keep every core busy. The first batches start at
     once, before the caller iterates; results come back in order; at most 2 batches per worker
-    are in flight, so memory stays bounded for any catalog size."""
+    are in flight, so memory stays bounded for any catalog size. `views`: the extra catalog views."""
     batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-    pending = deque(pool.submit(_check_and_embed, batch, known, embedder) for batch in islice(batches, 2 * workers))
+    pending = deque(
+        pool.submit(_check_and_embed, batch, known, embedder, views) for batch in islice(batches, 2 * workers)
+    )
 
     def in_order() -> Iterator[CheckedBatch]:
         while pending:
             done = pending.popleft().result()
             if (batch := next(batches, None)) is not None:
-                pending.append(pool.submit(_check_and_embed, batch, known, embedder))
+                pending.append(pool.submit(_check_and_embed, batch, known, embedder, views))
             yield done
 
     return in_order()
@@ -260,14 +264,15 @@ def index_catalog(
     # Vectors of a run that will fit the whitening are replaced at its end: Milvus gets only the whitened ones.
     fit_pending = settings.whitening and fitted is None
 
-    known = store.known_files()
+    views = settings.catalog_views
+    known = store.known_files(views=views)
     failed: set[str] = set()
     with (
         ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool,
         embedding_stage(settings, embedder) as stage,
     ):
         embed_started = time.perf_counter()
-        results = stage(scan.images, known, embedder, settings.batch_size, pool, settings.embed_workers)
+        results = stage(scan.images, known, embedder, settings.batch_size, pool, settings.embed_workers, views)
         # While the first batches are embedded: every product's metadata, which the embeddings' rows
         # point to. Products whose photos all fail are removed again by reconcile_catalog.
         with write_lock(settings.data_dir, store):
@@ -329,10 +334,9 @@ def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> st
     if not settings.whitening or embedder.whitening is not None:
         return None
     network_key, dim = embedder.network.key, embedder.network.dim
-    whitening = whitening_fit(
-        ((vectors, categories) for _, vectors, categories in store.labelled_vectors(network_key, dim)),
-        settings.whitening_dims,
-    )
+    # Fitted on the photos alone, so that the projection does not depend on the extra views configured.
+    photos = store.labelled_vectors(network_key, dim, views=False)
+    whitening = whitening_fit(((vectors, categories) for _, vectors, categories in photos), settings.whitening_dims)
     if whitening is None:
         return f"whitening not fitted yet: it needs {MIN_FIT_PHOTOS} photos or more"
     keep_whitening(store, network_key, whitening)
@@ -373,6 +377,9 @@ def compact_if_due(
 
 
 def _image_vectors(batch: CheckedBatch, product_ids: dict[str, int]) -> list[ImageVector]:
+    """Each embedded photo's row, and one per extra view."""
+    names = ("", *batch.views)
+    vectors = batch.vectors.reshape(len(batch.embedded), len(names), -1)
     return [
         ImageVector(
             rel_path=image.rel_path,
@@ -382,6 +389,8 @@ def _image_vectors(batch: CheckedBatch, product_ids: dict[str, int]) -> list[Ima
             vector=vector,
             size=batch.stats[image.rel_path][0],
             mtime_ns=batch.stats[image.rel_path][1],
+            view=view,
         )
-        for image, vector in zip(batch.embedded, batch.vectors, strict=True)
+        for image, photo_vectors in zip(batch.embedded, vectors, strict=True)
+        for view, vector in zip(names, photo_vectors, strict=True)
     ]

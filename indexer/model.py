@@ -29,7 +29,7 @@ from indexer.engines import (
     read_export,
     write_export,
 )
-from indexer.images import Box, load_pixels
+from indexer.images import Box, load_pixels, load_views
 from indexer.weights import sha256_file
 from indexer.whitening import Whitening
 
@@ -252,6 +252,10 @@ class Embedder:
         """One image file or upload (or the box's region of it) -> (dim,) unit vector; raises ImageError for bad
         input and BoxError for a region too small for the photo."""
         return self.embed_pixels(load_pixels(source, self.input_size, box)[None])[0]
+
+    def embed_views(self, source: bytes | str | Path, views: tuple[str, ...] = ()) -> np.ndarray:
+        """A catalog photo -> (1 + len(views), dim): its vector, then its extra views' (index.catalog_views)."""
+        return self.embed_pixels(load_views(source, self.input_size, views))
 
 
 def identity_of(settings: Settings, feature_model) -> ModelIdentity:

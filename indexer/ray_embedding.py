@@ -39,9 +39,10 @@ class EmbedActor:
         self.engine = LiteRTEngine(Path("ray-shipped.tflite"), threads=1, model_content=model)
         self.input_size = input_size
 
-    def embed(self, photos: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
-        """The features of the photos that decode, in order, and {position: problem} for those that do not."""
-        pixels, problems = decode_photos(photos, self.input_size)
+    def embed(self, photos: list[bytes], views: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[int, str]]:
+        """The features of the photos that decode (each followed by its extra views'), in order, and
+        {position: problem} for those that do not."""
+        pixels, problems = decode_photos(photos, self.input_size, views)
         if not len(pixels):
             return np.zeros((0, 0), np.float32), problems
         return self.engine.features(pixels), problems
@@ -78,8 +79,8 @@ def ray_embedding(settings: Settings, embedder: Embedder) -> Iterator[Callable[.
         actors = [remote.remote(model, embedder.input_size) for _ in range(count)]
 
         # checked_batches' signature; the actors, not `workers` threads, embed.
-        yield lambda images, known, embedder, batch_size, pool, workers: ray_checked_batches(
-            images, known, embedder, batch_size, pool, actors
+        yield lambda images, known, embedder, batch_size, pool, workers, views=(): ray_checked_batches(
+            images, known, embedder, batch_size, pool, actors, views
         )
     finally:
         ray.shutdown()
@@ -92,13 +93,14 @@ def ray_checked_batches(
     batch_size: int,
     pool: ThreadPoolExecutor,
     actors: list,
+    views: tuple[str, ...] = (),
 ) -> Iterator[CheckedBatch]:
     """checked_batches with decoding and embedding on the actors: batches are checked on the driver's
     threads, then sent to the actors in turn; results come back in order; at most 2 batches per actor are
     being embedded and as many more being checked, so memory stays bounded for any catalog size."""
     model_key, ahead = embedder.identity.key, 2 * len(actors)
     batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-    checking = deque(pool.submit(check_files, batch, known, model_key) for batch in islice(batches, ahead))
+    checking = deque(pool.submit(check_files, batch, known, model_key, views) for batch in islice(batches, ahead))
     embedding: deque[tuple[CheckedFiles, object]] = deque()
     sent = 0
 
@@ -106,9 +108,9 @@ def ray_checked_batches(
         nonlocal sent
         checked = checking.popleft().result()
         if (batch := next(batches, None)) is not None:
-            checking.append(pool.submit(check_files, batch, known, model_key))
+            checking.append(pool.submit(check_files, batch, known, model_key, views))
         photos = [data for _, data in checked.to_embed]
-        ref = actors[sent % len(actors)].embed.remote(photos) if photos else None
+        ref = actors[sent % len(actors)].embed.remote(photos, views) if photos else None
         sent += 1 if photos else 0
         embedding.append((checked, ref))
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     LargeBinary,
     String,
+    UniqueConstraint,
     create_engine,
     event,
     func,
@@ -34,7 +35,7 @@ from indexer.config import REPO_ROOT
 from indexer.locking import MIGRATION_LOCK_KEY
 
 # The newest migration in migrations/versions (a test checks that it is Alembic's head).
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 
 # The types that differ between the two databases (the migrations spell out the same): JSON documents are
@@ -69,12 +70,16 @@ class Product(Base):
 
 class ProductImage(Base):
     __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("rel_path", "view", name="uq_images_rel_path_view"),)
 
     # Also the vector's id in the FAISS index.
     id: Mapped[int] = mapped_column(primary_key=True)
     product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"), index=True)
     # Relative to the catalog folder; the absolute path is what the service reads.
-    rel_path: Mapped[str] = mapped_column(String(2048), unique=True)
+    rel_path: Mapped[str] = mapped_column(String(2048))
+    # "" for the photo itself; else an extra view of it (index.catalog_views: "flip", "crop"), one more vector
+    # of the same product that follows its photo (same file, same product, re-embedded and removed with it).
+    view: Mapped[str] = mapped_column(String(16), default="", server_default="")
     path: Mapped[str] = mapped_column(String(4096))
     sha256: Mapped[str] = mapped_column(String(64))
     model_key: Mapped[str] = mapped_column(String(128))

@@ -46,11 +46,13 @@ class KnownFile(NamedTuple):
     model_key: str
     size: int | None
     mtime_ns: int | None
+    # Its extra views' rows (index.catalog_views), in the configured order.
+    views: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ImageVector:
-    """One image's embedding, ready to store."""
+    """One image's embedding (or one of its extra views'), ready to store."""
 
     rel_path: str
     path: str
@@ -60,6 +62,8 @@ class ImageVector:
     product_id: int | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    # "" for the photo, else the extra view (index.catalog_views) this vector is of.
+    view: str = ""
 
 
 @dataclass(frozen=True)
@@ -229,15 +233,19 @@ class Store:
                 yield ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
 
     def labelled_vectors(
-        self, model_key: str, dim: int, batch: int = 10_000
+        self, model_key: str, dim: int, batch: int = 10_000, *, views: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str | None]]]:
-        """(ids, vectors, their products' categories) of every live vector of the model, a batch at a time."""
+        """(ids, vectors, their products' categories) of every live vector of the model (only the photos'
+        without `views`), a batch at a time."""
+        query = (
+            select(ProductImage.id, ProductImage.embedding, Product.category)
+            .join(Product)
+            .where(LIVE, ProductImage.model_key == model_key)
+            .order_by(ProductImage.id)
+        )
         with self.engine.connect() as connection:
             result = connection.execution_options(yield_per=batch).execute(
-                select(ProductImage.id, ProductImage.embedding, Product.category)
-                .join(Product)
-                .where(LIVE, ProductImage.model_key == model_key)
-                .order_by(ProductImage.id)
+                query if views else query.where(ProductImage.view == "")
             )
             for rows in result.partitions():
                 ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -303,18 +311,18 @@ class Store:
             return connection.scalar(
                 select(ProductImage.path)
                 .join(Product)
-                .where(Product.sku == sku, LIVE)
+                .where(Product.sku == sku, LIVE, ProductImage.view == "")
                 .order_by(ProductImage.id)
                 .limit(1)
             )
 
     def vector_of(self, sku: str, model_key: str, dim: int) -> np.ndarray | None:
-        """A product's own vector (its first live image), for "more like this"."""
+        """A product's own vector (its first live photo), for "more like this"."""
         with self.engine.connect() as connection:
             blob = connection.scalar(
                 select(ProductImage.embedding)
                 .join(Product)
-                .where(Product.sku == sku, LIVE, ProductImage.model_key == model_key)
+                .where(Product.sku == sku, LIVE, ProductImage.model_key == model_key, ProductImage.view == "")
                 .order_by(ProductImage.id)
                 .limit(1)
             )
@@ -338,9 +346,9 @@ class Store:
         return found is not None
 
     def counts(self) -> tuple[int, int]:
-        """(live images, products with a live image)."""
+        """(live photos, products with a live photo); extra views are not counted."""
         with self.engine.connect() as connection:
-            images = connection.scalar(select(func.count()).where(LIVE))
+            images = connection.scalar(select(func.count()).where(LIVE, ProductImage.view == ""))
             products = connection.scalar(select(func.count(func.distinct(ProductImage.product_id))).where(LIVE))
         return int(images or 0), int(products or 0)
 
@@ -354,19 +362,31 @@ class Store:
             return {sku: category for sku, category, _ in rows}
         return {sku: (attributes or {}).get(label) for sku, _, attributes in rows}
 
-    def known_files(self, source: str = CATALOG) -> dict[str, KnownFile]:
-        """rel_path -> what is stored of each live image of that source."""
+    def known_files(self, source: str = CATALOG, views: tuple[str, ...] = ()) -> dict[str, KnownFile]:
+        """rel_path -> what is stored of each live image of that source; its extra views listed in the order
+        of `views` (the configured ones; others after them), so that equal tuples mean nothing to do."""
         with self.engine.connect() as connection:
             rows = connection.execute(
                 select(
                     ProductImage.rel_path,
+                    ProductImage.view,
                     ProductImage.sha256,
                     ProductImage.model_key,
                     ProductImage.file_size,
                     ProductImage.file_mtime_ns,
                 ).where(ProductImage.source == source, LIVE)
-            )
-            return {row[0]: KnownFile(*row[1:]) for row in rows}
+            ).all()
+        files = {rel_path: KnownFile(*rest) for rel_path, view, *rest in rows if view == ""}
+        extra: dict[str, list[str]] = {}
+        for rel_path, view, _, model_key, *_ in rows:
+            # a view of another model than its photo's is stale: left out, so the photo is embedded again
+            if view and rel_path in files and model_key == files[rel_path].model_key:
+                extra.setdefault(rel_path, []).append(view)
+        order = {view: position for position, view in enumerate(views)}
+        for rel_path, names in extra.items():
+            names.sort(key=lambda name: (order.get(name, len(order)), name))
+            files[rel_path] = files[rel_path]._replace(views=tuple(names))
+        return files
 
     # --- writes (hold write_lock) --------------------------------------------------------------
 
@@ -426,21 +446,32 @@ class Store:
         return ids
 
     def store_vectors(self, images: Sequence[ImageVector], model_key: str, source: str = CATALOG) -> int:
-        """Insert or replace image rows by rel_path (a returning file revives its old row and id), under one
-        change number. Returns the change number."""
+        """Insert or replace image rows by (rel_path, view) (a returning file revives its old rows and ids), under
+        one change number. `images` holds every row of each file it names (the photo and its extra views): the
+        file's other live rows (views no longer configured) become tombstones. Returns the change number."""
         if not images:
             return self.head()
+        by_file: dict[str, list[ImageVector]] = {}
+        for image in images:
+            by_file.setdefault(image.rel_path, []).append(image)
         with self.engine.begin() as connection:
             change = self._next_change(connection)
-            for part in _chunks(images):
-                existing = dict(
-                    connection.execute(
-                        select(ProductImage.rel_path, ProductImage.id).where(
-                            ProductImage.rel_path.in_([i.rel_path for i in part])
-                        )
-                    ).all()
-                )
+            for paths in _chunks(list(by_file)):
+                part = [image for path in paths for image in by_file[path]]
+                stored = connection.execute(
+                    select(ProductImage.rel_path, ProductImage.view, ProductImage.id, ProductImage.deleted_at).where(
+                        ProductImage.rel_path.in_(paths)
+                    )
+                ).all()
+                existing = {(rel_path, view): row_id for rel_path, view, row_id, _ in stored}
+                written = {(i.rel_path, i.view) for i in part}
                 now = datetime.now(UTC)
+                dropped = [row_id for rel_path, view, row_id, gone in stored
+                           if gone is None and (rel_path, view) not in written]  # fmt: skip
+                if dropped:
+                    connection.execute(
+                        update(ProductImage).where(ProductImage.id.in_(dropped)).values(deleted_at=now, change=change)
+                    )
                 values = [
                     {
                         "product_id": i.product_id,
@@ -457,14 +488,14 @@ class Store:
                     for i in part
                 ]
                 fresh = [
-                    {**v, "rel_path": i.rel_path, "source": source}
+                    {**v, "rel_path": i.rel_path, "view": i.view, "source": source}
                     for i, v in zip(part, values, strict=True)
-                    if i.rel_path not in existing
+                    if (i.rel_path, i.view) not in existing
                 ]
                 again = [
-                    {**v, "row_id": existing[i.rel_path], "source": source}
+                    {**v, "row_id": existing[i.rel_path, i.view], "source": source}
                     for i, v in zip(part, values, strict=True)
-                    if i.rel_path in existing
+                    if (i.rel_path, i.view) in existing
                 ]
                 if fresh:
                     connection.execute(insert(ProductImage), fresh)
@@ -491,29 +522,34 @@ class Store:
         """Bring the catalog rows of folder `root` in line with `keep` (rel_path -> (product id, absolute path)):
         re-point kept rows whose product or path changed (a moved catalog keeps its rows and ids), and, when
         `remove`, tombstone the folder's live rows not in `keep`. Rows of other folders are never removed. When
-        more than `most_removed` (a fraction) of the folder's rows would go, nothing changes and the result says
-        so (`refused`)."""
+        more than `most_removed` (a fraction) of the folder's photos would go, nothing changes and the result says
+        so (`refused`). A photo's extra views follow it; the counts are of photos."""
         inside = root.rstrip("/") + "/"
         with self.engine.begin() as connection:
             stale, stale_paths, moved, in_folder = [], [], [], 0
             rows = connection.execute(
-                select(ProductImage.id, ProductImage.rel_path, ProductImage.product_id, ProductImage.path).where(
-                    ProductImage.source == CATALOG, LIVE
-                )
+                select(
+                    ProductImage.id,
+                    ProductImage.rel_path,
+                    ProductImage.view,
+                    ProductImage.product_id,
+                    ProductImage.path,
+                ).where(ProductImage.source == CATALOG, LIVE)
             )
-            for row_id, rel_path, product_id, path in rows:
+            for row_id, rel_path, view, product_id, path in rows:
                 if rel_path in keep:
                     if keep[rel_path] != (product_id, path):
                         moved.append({"row_id": row_id, "product_id": keep[rel_path][0], "path": keep[rel_path][1]})
                 elif path.startswith(inside):
-                    in_folder += 1
+                    in_folder += view == ""
                     if remove:
                         stale.append(row_id)
-                        stale_paths.append(rel_path)
+                        if view == "":
+                            stale_paths.append(rel_path)
             in_folder += len(keep)
-            result = Reconciled(len(stale), in_folder, sorted(stale_paths)[:10])
-            if most_removed is not None and len(stale) > most_removed * in_folder:
-                return Reconciled(0, in_folder, result.sample, refused=len(stale))
+            result = Reconciled(len(stale_paths), in_folder, sorted(stale_paths)[:10])
+            if most_removed is not None and len(stale_paths) > most_removed * in_folder:
+                return Reconciled(0, in_folder, result.sample, refused=len(stale_paths))
             if stale or moved:
                 change = self._next_change(connection)
                 now = datetime.now(UTC)
@@ -532,10 +568,16 @@ class Store:
         return result
 
     def put_product(
-        self, product: ProductFields, image: ImageVector, model_key: str, source: str = API
+        self,
+        product: ProductFields,
+        image: ImageVector,
+        model_key: str,
+        source: str = API,
+        views: Sequence[ImageVector] = (),
     ) -> tuple[bool, int]:
-        """Add or replace a product with one photo, in one transaction: its other images become tombstones,
-        the same photo again revives its row. Returns (created, change number)."""
+        """Add or replace a product with one photo (and its extra views' vectors: rows of the same rel_path, each
+        with its `view`), in one transaction: its other images become tombstones, the same photo again revives
+        its rows. Returns (created, change number)."""
         with self.engine.begin() as connection:
             change = self._next_change(connection)
             product_id = connection.scalar(select(Product.id).where(Product.sku == product.sku))
@@ -549,27 +591,39 @@ class Store:
             else:
                 connection.execute(update(Product).where(Product.id == product_id).values(**_product_values(product)))
             now = datetime.now(UTC)
+            rows = [image, *views]
             connection.execute(
                 update(ProductImage)
-                .where(ProductImage.product_id == product_id, ProductImage.rel_path != image.rel_path, LIVE)
+                .where(
+                    ProductImage.product_id == product_id,
+                    (ProductImage.rel_path != image.rel_path) | ProductImage.view.not_in([r.view for r in rows]),
+                    LIVE,
+                )
                 .values(deleted_at=now, change=change)
             )
-            values = {
-                "product_id": product_id,
-                "path": image.path,
-                "sha256": image.sha256,
-                "model_key": model_key,
-                "source": source,
-                "embedding": np.asarray(image.vector, dtype=np.float32).tobytes(),
-                "deleted_at": None,
-                "change": change,
-                "updated_at": now,
-            }
-            row_id = connection.scalar(select(ProductImage.id).where(ProductImage.rel_path == image.rel_path))
-            if row_id is None:
-                connection.execute(insert(ProductImage).values(rel_path=image.rel_path, **values))
-            else:
-                connection.execute(update(ProductImage).where(ProductImage.id == row_id).values(**values))
+            existing = dict(
+                connection.execute(
+                    select(ProductImage.view, ProductImage.id).where(ProductImage.rel_path == image.rel_path)
+                ).all()
+            )
+            for row in rows:
+                values = {
+                    "product_id": product_id,
+                    "path": image.path,
+                    "sha256": image.sha256,
+                    "model_key": model_key,
+                    "source": source,
+                    "embedding": np.asarray(row.vector, dtype=np.float32).tobytes(),
+                    "deleted_at": None,
+                    "change": change,
+                    "updated_at": now,
+                }
+                if row.view not in existing:
+                    connection.execute(insert(ProductImage).values(rel_path=image.rel_path, view=row.view, **values))
+                else:
+                    connection.execute(
+                        update(ProductImage).where(ProductImage.id == existing[row.view]).values(**values)
+                    )
         return created, change
 
     def delete_product(self, sku: str) -> int | None:

@@ -91,11 +91,18 @@ class TimedEmbedder:
         return getattr(self._embedder, name)
 
     def embed_image(self, *args: object, **kwargs: object) -> np.ndarray:
+        return self._timed(self._embedder.embed_image, *args, **kwargs)
+
+    def embed_views(self, *args: object, **kwargs: object) -> np.ndarray:
+        return self._timed(self._embedder.embed_views, *args, **kwargs)
+
+    @staticmethod
+    def _timed(embed: Callable[..., np.ndarray], *args: object, **kwargs: object) -> np.ndarray:
         started = time.perf_counter()
-        vector = self._embedder.embed_image(*args, **kwargs)
+        vectors = embed(*args, **kwargs)
         # Only photos that embedded: an unreadable upload fails in microseconds and would flatter the figure.
         EMBEDDING_SECONDS.observe(time.perf_counter() - started)
-        return vector
+        return vectors
 
 
 def _timed(function: Callable, histogram: Histogram) -> Callable:

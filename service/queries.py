@@ -72,9 +72,11 @@ def read_filters(request: Request, known_categories: list[str] | Callable[[], li
     return filters
 
 
-def embed_upload(data: bytes, embedder: Embedder) -> np.ndarray:
-    """The upload's vector, or a 400 that says why the bytes are not a usable photo."""
+def embed_upload(data: bytes, embedder: Embedder, views: tuple[str, ...] | None = None) -> np.ndarray:
+    """The upload's vector; with `views` (a product photo written through the API), (1 + len(views), dim): its
+    vector and then its extra catalog views', as `make index` stores them. Or a 400 that says why the bytes are
+    not a usable photo."""
     try:
-        return embedder.embed_image(data)
+        return embedder.embed_image(data) if views is None else embedder.embed_views(data, views)
     except ImageError as exc:
         raise BadRequest(f"the upload is not a usable image: {exc}") from None

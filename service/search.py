@@ -31,7 +31,8 @@ from indexer.store import Store
 from service.product_rows import ProductRows
 
 log = logging.getLogger(__name__)
-# Several images of one product collapse into one result, so fetch a few more neighbours.
+# Several images of one product collapse into one result, so fetch a few more neighbours (and as many again
+# for each extra view of a catalog photo, index.catalog_views).
 OVERFETCH = 3
 
 
@@ -302,7 +303,8 @@ class CatalogSearch:
             faiss.omp_set_num_threads(1)
             _faiss_threads.set = True
         try:
-            ids, scores = view.live.search(vector, (k + 1) * OVERFETCH, filters)
+            fetch = (k + 1) * OVERFETCH * (1 + len(self.settings.catalog_views))
+            ids, scores = view.live.search(vector, fetch, filters)
         except self._unavailable as exc:
             raise NotReady(str(exc)) from None
         return self._matches(view, ids, scores, k, exclude_sku)

@@ -14,6 +14,7 @@ import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
@@ -116,7 +117,8 @@ def put_product(sku: str):
         # PostgreSQL stores no NUL in text or JSON: refused on every database, so both behave alike.
         raise BadRequest("product fields may not contain NUL characters")
     data = read_upload(request)
-    vector = embed_upload(data, search.embedder)
+    views = search.settings.catalog_views
+    vectors = embed_upload(data, search.embedder, views)
     image_format = _format_of(data)
     fields = {name: request.form.get(name, "").strip() for name in FIELDS}
     product = ProductFields(
@@ -129,9 +131,10 @@ def put_product(sku: str):
     )
     with _saving():
         path = _store_photo(data, image_format)
-        image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vector)
+        image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vectors[0])
+        extra = [replace(image, vector=vector, view=view) for view, vector in zip(views, vectors[1:], strict=True)]
         with write_lock(search.settings.data_dir, search.store):
-            created, _ = search.store.put_product(product, image, search.embedder.identity.key, source=API)
+            created, _ = search.store.put_product(product, image, search.embedder.identity.key, API, extra)
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
 

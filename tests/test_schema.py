@@ -9,9 +9,11 @@ import sys
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from indexer.config import REPO_ROOT
@@ -78,15 +80,25 @@ def test_upgrading_one_revision_at_a_time_keeps_the_rows_and_downgrading_undoes_
             ),
             {"sha": "0" * 64, "embedding": vector.tobytes(), "updated_at": datetime(2026, 11, 27, 12, tzinfo=UTC)},
         )
-    for revision in ("0002", "0003", "0004"):
+    for revision in ("0002", "0003", "0004", "0005", "0006"):
         command.upgrade(config, revision)
     assert Store(engine).head() == 0
     with sessionmaker(engine)() as session:
         image = session.scalar(select(ProductImage))
-        assert (image.id, image.source, image.change, image.deleted_at) == (7, "catalog", 0, None)
+        assert (image.id, image.source, image.change, image.deleted_at, image.view) == (7, "catalog", 0, None, "")
         assert image.product.attributes == {"origin": "NZ"}
         np.testing.assert_array_equal(np.frombuffer(image.embedding, np.float32), vector)
         assert image.updated_at.replace(tzinfo=UTC) == datetime(2026, 11, 27, 12, tzinfo=UTC)  # SQLite: naive UTC
+    # 0006: a photo's extra view shares its rel_path; the same (rel_path, view) twice is still refused.
+    add_view = text(
+        "INSERT INTO images (product_id, rel_path, view, path, sha256, model_key, embedding, updated_at) "
+        "VALUES (1, 'a/1.jpg', 'flip', '/c/a/1.jpg', 's', 'm', :embedding, :updated_at)"
+    )
+    view_row = {"embedding": vector.tobytes(), "updated_at": datetime(2026, 11, 28, tzinfo=UTC)}
+    with engine.begin() as connection:
+        connection.execute(add_view, view_row)
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(add_view, view_row)
     engine.dispose()
     command.downgrade(config, "base")
     engine = make_engine(settings.db_url)
@@ -119,13 +131,7 @@ def test_opening_a_current_database_leaves_alembic_out_and_an_old_one_is_migrate
     uses_psycopg = database == "postgresql"  # the driver is imported only for a PostgreSQL URL
     assert opened_with() == (True, uses_psycopg)  # a new database: migrated
     assert opened_with() == (False, uses_psycopg)  # at the newest revision: Alembic is not even imported
-    with make_engine(settings.db_url).begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '0003'"))  # as 0005's, 0004's downgrades
-        connection.execute(text("DROP TABLE whitenings"))
-        connection.execute(text("DROP TABLE store_state"))
-        connection.execute(text("DROP INDEX ix_images_change"))
-        for column in ("change", "file_size", "file_mtime_ns"):
-            connection.execute(text(f"ALTER TABLE images DROP COLUMN {column}"))
+    command.downgrade(alembic_config(settings.db_url), "0003")
     assert opened_with()[0]  # behind: migrated again
     with make_engine(settings.db_url).connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_REVISION

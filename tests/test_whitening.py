@@ -12,7 +12,7 @@ from indexer.store import Store
 from indexer.whitening import MIN_FIT_PHOTOS, fit, in_use
 from service import create_app
 from service.search import model_mismatch
-from tests.conftest import grocery_subset, read_csv, write_csv
+from tests.conftest import grocery_subset, live_index, read_csv, write_csv
 
 pytestmark = pytest.mark.slow  # embeds a few hundred real photos
 
@@ -139,6 +139,19 @@ def test_refit_embeds_every_photo_again_and_fits_anew(indexed, catalog):
     folder, metadata, count = catalog
     report = index_catalog(settings, load_embedder(settings), folder, metadata, progress=False, refit=True)
     assert report.embedded == count and report.whitening.startswith("fitted learned-96 whitening")
+
+
+def test_extra_catalog_views_are_whitened_but_the_fit_is_on_the_photos_alone(indexed, catalog, embedder, tmp_path):
+    settings, _ = indexed
+    folder, metadata, count = catalog
+    with_views = settings.with_overrides(data_dir=tmp_path / "data", catalog_views=("flip",))
+    Store.open(with_views)
+    flipped = load_embedder(with_views)
+    report = index_catalog(with_views, flipped, folder, metadata, progress=False)
+    assert f"on {count} photos" in report.whitening
+    assert flipped.whitening.sha256 == fitted(settings, embedder)[0].sha256  # the same projection as without views
+    live = live_index(with_views, flipped)
+    assert len(live) == 2 * count and flipped.identity.dim == 96  # every view's vector whitened and searchable
 
 
 def test_a_catalog_too_small_to_fit_stays_unwhitened(whitening_settings, skimage_catalog, tmp_path):
