@@ -3,7 +3,8 @@
     python -m eval.compare --catalog ../shared/datasets/grocery-store --metadata catalog.csv --queries queries.csv
 
 For the plain model and, when `make finetune` has made one, the fine-tuned model, each without and with the
-catalog's whitening: `make index` into <work>/<configuration>, then the shop-photo queries (fine labels, and
+catalog's whitening, and with the whitening and extra catalog views (--views, flip and crop unless "none"):
+`make index` into <work>/<configuration>, then the shop-photo queries (fine labels, and
 coarse ones with --coarse-label), leave-one-out, and the in-process query latency (p50 of POST /api/search, one
 at a time). Writes eval/configurations.json; the table goes to the README and eval/README.md.
 """
@@ -28,17 +29,28 @@ OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
 LATENCY_QUERIES = 200
 
 
-def configurations(settings: Settings, only: str | None = None) -> list[tuple[str, Settings]]:
-    """(name, settings) for plain and fine-tuned (when one is active), each without and with whitening."""
+def configurations(
+    settings: Settings, only: str | None = None, views: tuple[str, ...] = ()
+) -> list[tuple[str, Settings]]:
+    """(name, settings) for plain and fine-tuned (when one is active), each without and with whitening, and
+    with whitening and the extra catalog views when any are given."""
     networks = [("plain", settings.with_overrides(finetuned=None))]
     if settings.finetuned is not None:
         networks.append(("finetuned", settings))
-    networks = [(name, network) for name, network in networks if only in (None, name)]
+    options = [("", {"whitening": False}), ("+whitening", {"whitening": True})]
+    if views:
+        options.append(("+whitening+views", {"whitening": True, "catalog_views": views}))
     return [
-        (f"{name}{'+whitening' if whitening else ''}", network.with_overrides(whitening=whitening))
+        (name + suffix, network.with_overrides(catalog_views=(), **overrides))
         for name, network in networks
-        for whitening in (False, True)
+        if only in (None, name)
+        for suffix, overrides in options
     ]
+
+
+def baseline_of(name: str) -> str:
+    """The configuration one option fewer: what a configuration's largest category loss is measured against."""
+    return name.removesuffix("+views") if name.endswith("+views") else name.removesuffix("+whitening")
 
 
 def build_index(settings: Settings, catalog: Path, metadata: Path | None) -> float:
@@ -102,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", required=True, help="CSV of query photos (image,category[,coarse label])")
     parser.add_argument("--coarse-label", help="a second, coarser label column of the queries (coarse_category)")
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "data" / "eval-compare"), help="one index each")
-    parser.add_argument("--only", choices=("plain", "finetuned"), help="one model's two configurations")
+    parser.add_argument("--only", choices=("plain", "finetuned"), help="one model's configurations")
+    parser.add_argument("--views", default="flip,crop", help='extra catalog views to compare ("none": skip)')
     parser.add_argument("--out", default=str(OUT_FILE))
     args = parser.parse_args(argv)
 
@@ -112,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = ["category"] + ([args.coarse_label] if args.coarse_label else [])
     base = load_settings()
     report: dict = {"catalog": str(catalog), "queries": str(queries_csv), "precision": base.precision, "runs": {}}
-    for name, settings in configurations(base, args.only):
+    views = () if args.views == "none" else tuple(v.strip() for v in args.views.split(","))
+    for name, settings in configurations(base, args.only, views):
         settings = settings.with_overrides(data_dir=Path(args.work_dir) / name, database_url="")
         print(f"{name}: indexing {catalog.name} into {settings.data_dir} ...", file=sys.stderr, flush=True)
         seconds = build_index(settings, catalog, metadata)
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"][name] = run
         print(summary_line(name, run, labels), flush=True)
     for name, run in report["runs"].items():
-        baseline = report["runs"][name.removesuffix("+whitening")]
+        baseline = report["runs"][baseline_of(name)]
         if baseline is not run:
             run["largest_category_loss"] = largest_loss(baseline["per_category_recall@1"], run["per_category_recall@1"])
     Path(args.out).write_text(json.dumps(report, indent=2))
