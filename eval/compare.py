@@ -41,7 +41,7 @@ def configurations(
     if views:
         options.append(("+whitening+views", {"whitening": True, "catalog_views": views}))
     return [
-        (name + suffix, network.with_overrides(catalog_views=(), **overrides))
+        (name + suffix, network.with_overrides(**{"catalog_views": (), **overrides}))
         for name, network in networks
         if only in (None, name)
         for suffix, overrides in options
