@@ -12,9 +12,14 @@ measurement taken minutes earlier.
 
 from __future__ import annotations
 
+import os
+
+# As the server runs (service/gunicorn.conf.py), before numpy loads OpenBLAS: its idle threads spin after each
+# matrix-vector product of an exact search, and on a busy machine that more than doubled the measured latency.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys

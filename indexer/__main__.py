@@ -18,6 +18,7 @@ from pathlib import Path
 
 from indexer.catalog import CatalogError, in_catalog
 from indexer.config import ConfigError, Settings, load_settings
+from indexer.finetune import BLOCKS, FinetuneOptions
 from indexer.weights import WeightsError
 
 
@@ -148,12 +149,17 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         active.unlink(missing_ok=True)
         print("the plain ImageNet model is active again; run `make index` to re-embed the catalog")
         return 0
-    from indexer.finetune import FinetuneOptions, finetune
+    from indexer.finetune import finetune, split_layer
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)
-    # MobileNet v1's last block is 13: training N blocks freezes the network up to block 13 - N.
-    options = FinetuneOptions(epochs=args.epochs, views=args.views, split_layer=f"conv_pw_{13 - args.blocks}_relu")
+    options = FinetuneOptions(
+        epochs=args.epochs,
+        views=args.views,
+        split_layer=split_layer(args.blocks),
+        metric_loss=args.metric_loss,
+        metric_weight=args.metric_weight,
+    )
     summary = finetune(settings, catalog, metadata, options, progress=not args.quiet)
     print(
         f"model version {summary['version']} is active: validation R@1 {summary['validation_recall@1']:.3f} "
@@ -218,15 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("finetune", help="adapt the model to a catalog's categories (transfer learning)")
     tune.add_argument("--catalog", help="folder of product photos with a category for each")
     tune.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
-    tune.add_argument("--epochs", type=int, default=12)
-    tune.add_argument("--views", type=int, default=4, help="augmented views of each photo (the first is unaltered)")
+    tune.add_argument("--epochs", type=int, default=FinetuneOptions.epochs)
+    tune.add_argument(
+        "--views",
+        type=int,
+        default=FinetuneOptions.views,
+        help="augmented views of each photo (the first is unaltered)",
+    )
     tune.add_argument(
         "--blocks",
         type=int,
-        default=2,
+        default=BLOCKS,
         choices=range(1, 8),
-        help="last blocks of the network trained (2: blocks 12-13; 3 also trains block 11, measured better on "
-        "grocery shop photos but with some categories worse: eval/README.md#whitening)",
+        help="last blocks of the network trained (3: blocks 11-13; 2, blocks 12-13, was the recipe before "
+        "2026-11-29: eval/README.md#whitening)",
+    )
+    tune.add_argument(
+        "--metric-loss",
+        choices=("none", "multi_similarity"),
+        default=FinetuneOptions.metric_loss,
+        help="a metric-learning loss next to the cosine classifier, on class-balanced batches (16 categories x 4 "
+        "photos); none: the classifier alone, on shuffled batches",
+    )
+    tune.add_argument(
+        "--metric-weight", type=float, default=FinetuneOptions.metric_weight, help="its weight against CosFace"
     )
     tune.add_argument("--reset", action="store_true", help="go back to the plain ImageNet model")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
