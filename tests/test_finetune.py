@@ -10,7 +10,14 @@ import pytest
 
 from indexer.catalog import scan_catalog
 from indexer.config import ACTIVE_MODEL_FILE, REPO_ROOT, load_settings
-from indexer.finetune import FinetuneOptions, augmented_pixels, finetune, stratified_split
+from indexer.finetune import (
+    FinetuneOptions,
+    augmented_pixels,
+    class_balanced_batches,
+    finetune,
+    multi_similarity_loss,
+    stratified_split,
+)
 from indexer.images import load_pixels
 from indexer.model import load_embedder
 from indexer.weights import WEIGHTS_FILE
@@ -29,6 +36,27 @@ def test_stratified_split_keeps_every_label_in_training_and_is_repeatable():
     assert "c" not in [labels[i] for i in val]  # too few photos to hold any out
     again, _ = stratified_split(labels, 0.1, seed=3)
     np.testing.assert_array_equal(train, again)
+
+
+def test_class_balanced_batches_hold_k_photos_of_each_of_p_categories():
+    labels = np.repeat(np.arange(10), np.arange(1, 11))  # category c has c + 1 photos
+    train = np.flatnonzero(labels != 9)  # the last category is held out
+    for batch in class_balanced_batches(labels, train, 20, 16, 4, np.random.default_rng(0)):
+        counts = np.bincount(labels[batch], minlength=10)
+        assert len(batch) == 16 and set(counts[counts > 0]) == {4} and counts[9] == 0
+        assert set(batch) <= set(train)  # a category with fewer than 4 photos repeats them
+
+
+def test_multi_similarity_loss_is_lower_when_photos_of_a_category_lie_together():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 4)
+    centres = rng.normal(size=(4, 32))
+    together = centres[labels] + 0.2 * rng.normal(size=(16, 32))
+    apart = rng.normal(size=(16, 32))
+    loss = {
+        name: float(np.mean(multi_similarity_loss(labels, v))) for name, v in [("together", together), ("apart", apart)]
+    }
+    assert loss["together"] < 0.5 * loss["apart"]
 
 
 def test_first_view_is_the_photo_as_indexed_and_others_are_repeatable_variations(skimage_catalog):
