@@ -29,7 +29,7 @@ import numpy as np
 from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, product_labels, read_queries, run_queries
 from indexer.catalog import in_catalog
-from indexer.config import REPO_ROOT, Settings, load_settings
+from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings
 
 OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
 # Query photos timed one at a time for the latency column.
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = ["category"] + ([args.coarse_label] if args.coarse_label else [])
     base = load_settings()
     report: dict = {"catalog": str(catalog), "queries": str(queries_csv), "precision": base.precision, "runs": {}}
-    views = () if args.views == "none" else tuple(v.strip() for v in args.views.split(","))
+    views = catalog_views(args.views)
     for name, settings in configurations(base, args.only, views):
         settings = settings.with_overrides(data_dir=Path(args.work_dir) / name, database_url="")
         shutil.rmtree(settings.data_dir, ignore_errors=True)  # indexed anew: index_seconds is a whole run

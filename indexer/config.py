@@ -193,7 +193,7 @@ def _names(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in items if str(item).strip())
 
 
-def _views(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def catalog_views(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """index.catalog_views in CATALOG_VIEWS' order, once each; "none" (from the environment) is none."""
     names = () if value == "none" else _names(value)
     unknown = [name for name in names if name not in CATALOG_VIEWS]
@@ -246,7 +246,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         milvus_uri=_uri(base, env.get("MILVUS_URI") or index.get("milvus_uri", Settings.milvus_uri)),
         milvus_token=env.get("MILVUS_TOKEN") or index.get("milvus_token", Settings.milvus_token),
         milvus_collection=index.get("milvus_collection", Settings.milvus_collection),
-        catalog_views=_views(env.get("CATALOG_VIEWS") or index.get("catalog_views", Settings.catalog_views)),
+        catalog_views=catalog_views(env.get("CATALOG_VIEWS") or index.get("catalog_views", Settings.catalog_views)),
         compact_after=int(index.get("compact_after", 5_000)),
         models_dir=_path(base, env.get("MODELS_DIR") or index.get("models_dir", "models")),
         host=service.get("host", "127.0.0.1"),

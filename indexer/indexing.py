@@ -113,7 +113,6 @@ class CheckedBatch:
     unchanged: int
     restated: list[tuple[str, int, int]]
     failures: list[tuple[CatalogImage, str]]
-    views: tuple[str, ...] = ()
 
 
 @dataclass
@@ -127,7 +126,6 @@ class CheckedFiles:
     unchanged: int
     restated: list[tuple[str, int, int]]
     failures: list[tuple[CatalogImage, str]]
-    views: tuple[str, ...] = ()
 
     def decoded(self, problems: dict[int, str], vectors: np.ndarray) -> CheckedBatch:
         """The batch once its photos are decoded and embedded: vectors of those that decoded (each photo's and
@@ -139,9 +137,7 @@ class CheckedFiles:
             else:
                 embedded.append(image)
         self.to_embed = []
-        return CheckedBatch(
-            embedded, vectors, self.digests, self.stats, self.unchanged, self.restated, self.failures, self.views
-        )
+        return CheckedBatch(embedded, vectors, self.digests, self.stats, self.unchanged, self.restated, self.failures)
 
 
 def decode_photos(photos: list[bytes], size: int, views: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[int, str]]:
@@ -159,10 +155,10 @@ def decode_photos(photos: list[bytes], size: int, views: tuple[str, ...] = ()) -
 def check_files(images: list[CatalogImage], known: Known, model_key: str, views: tuple[str, ...] = ()) -> CheckedFiles:
     """Stat each photo; read and hash only those whose size or mtime changed (as rsync and git do); keep
     the bytes of those whose bytes, model or extra views changed since the last run, to be decoded and embedded."""
-    checked = CheckedFiles([], {}, {}, 0, [], [], views)
+    checked = CheckedFiles([], {}, {}, 0, [], [])
     for image in images:
         stored = known.get(image.rel_path)
-        if stored is not None and (stored.model_key, stored.views) != (model_key, views):
+        if stored is not None and (stored.model_key, stored.views) != (model_key, frozenset(views)):
             stored = None  # embedded again whatever its bytes
         try:
             stat = os.stat(image.path)
@@ -265,7 +261,7 @@ def index_catalog(
     fit_pending = settings.whitening and fitted is None
 
     views = settings.catalog_views
-    known = store.known_files(views=views)
+    known = store.known_files()
     failed: set[str] = set()
     with (
         ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool,
@@ -284,7 +280,7 @@ def index_catalog(
                 report.problems.append(f"{image.rel_path}: {problem}")
             if batch.embedded:
                 with write_lock(settings.data_dir, store):
-                    store.store_vectors(_image_vectors(batch, product_ids), model_key)
+                    store.store_vectors(_image_vectors(batch, product_ids, views), model_key)
                     if not fit_pending:
                         sync_vector_store(settings, store, embedder)
             if batch.restated:
@@ -376,9 +372,9 @@ def compact_if_due(
     return None, store.pending_changes(int((read_manifest(settings.index_dir) or {}).get("built_through", 0)))
 
 
-def _image_vectors(batch: CheckedBatch, product_ids: dict[str, int]) -> list[ImageVector]:
-    """Each embedded photo's row, and one per extra view."""
-    names = ("", *batch.views)
+def _image_vectors(batch: CheckedBatch, product_ids: dict[str, int], views: tuple[str, ...]) -> list[ImageVector]:
+    """Each embedded photo's row, and one per extra view (its vectors follow the photo's, in `views` order)."""
+    names = ("", *views)
     vectors = batch.vectors.reshape(len(batch.embedded), len(names), -1)
     return [
         ImageVector(

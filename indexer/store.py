@@ -46,8 +46,8 @@ class KnownFile(NamedTuple):
     model_key: str
     size: int | None
     mtime_ns: int | None
-    # Its extra views' rows (index.catalog_views), in the configured order.
-    views: tuple[str, ...] = ()
+    # Its extra views' rows (index.catalog_views).
+    views: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -362,9 +362,8 @@ class Store:
             return {sku: category for sku, category, _ in rows}
         return {sku: (attributes or {}).get(label) for sku, _, attributes in rows}
 
-    def known_files(self, source: str = CATALOG, views: tuple[str, ...] = ()) -> dict[str, KnownFile]:
-        """rel_path -> what is stored of each live image of that source; its extra views listed in the order
-        of `views` (the configured ones; others after them), so that equal tuples mean nothing to do."""
+    def known_files(self, source: str = CATALOG) -> dict[str, KnownFile]:
+        """rel_path -> what is stored of each live image of that source, with the extra views it has."""
         with self.engine.connect() as connection:
             rows = connection.execute(
                 select(
@@ -377,15 +376,13 @@ class Store:
                 ).where(ProductImage.source == source, LIVE)
             ).all()
         files = {rel_path: KnownFile(*rest) for rel_path, view, *rest in rows if view == ""}
-        extra: dict[str, list[str]] = {}
+        extra: dict[str, set[str]] = {}
         for rel_path, view, _, model_key, *_ in rows:
             # a view of another model than its photo's is stale: left out, so the photo is embedded again
             if view and rel_path in files and model_key == files[rel_path].model_key:
-                extra.setdefault(rel_path, []).append(view)
-        order = {view: position for position, view in enumerate(views)}
+                extra.setdefault(rel_path, set()).add(view)
         for rel_path, names in extra.items():
-            names.sort(key=lambda name: (order.get(name, len(order)), name))
-            files[rel_path] = files[rel_path]._replace(views=tuple(names))
+            files[rel_path] = files[rel_path]._replace(views=frozenset(names))
         return files
 
     # --- writes (hold write_lock) --------------------------------------------------------------
