@@ -10,7 +10,7 @@
 #   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
 #   make soak SERVERS=2 [DATABASE_URL=postgresql+psycopg://...]  the same on two servers over one database
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
-#   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3]  adapt the model to the catalog (then make index)
+#   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog (then make index)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
 
 PYTHON ?= python3
@@ -141,9 +141,9 @@ endif
 
 # Transfer learning on the catalog's categories; the new model version becomes the active one.
 finetune: weights migrate
-	@test -n "$(CATALOG)" || { echo "usage: make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3]"; exit 2; }
+	@test -n "$(CATALOG)" || { echo "usage: make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]"; exit 2; }
 	$(PY) -m indexer finetune --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
-	  $(if $(BLOCKS),--blocks $(BLOCKS))
+	  $(if $(BLOCKS),--blocks $(BLOCKS)) $(if $(SEED),--seed $(SEED))
 
 lint: dev
 	$(VENV)/bin/ruff check .

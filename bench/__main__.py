@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.load import run_wrk, search_bodies, wrk_path
 from bench.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
-from bench.server import running_server
+from bench.server import counter_total, running_server
 from bench.synthetic import catalog_metadata
 from indexer.catalog import in_catalog, scan_catalog
 from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings
@@ -42,6 +42,8 @@ from indexer.model import INPUT_SIZE, load_embedder
 DEFAULT_PRECISION = "int8"
 
 OUT_DIR = REPO_ROOT / "bench"
+# The server's own count of its inference CPU time (service/metrics.py).
+INFERENCE_CPU = "visual_search_inference_cpu_seconds_total"
 
 
 def rate(function, items: list, min_seconds: float) -> float:
@@ -235,16 +237,21 @@ def measure_http(reference: Reference, data_dir: Path, photos: list[bytes], leve
 
 
 def _load(reference: Reference, server, url: str, bodies: tuple[Path, str], clients: int) -> dict:
+    # The server counts its own inference CPU time; read outside the CPU window, so the scrapes are not in it.
+    inference = counter_total(server.url, INFERENCE_CPU)
     cpu, steal = process_tree_cpu_seconds(server.process.pid), machine_steal()
     load, rates = reference.around(lambda: run_wrk(url, *bodies, clients=clients, seconds=10))
     # The server is idle while the engine is measured around the load, so this is the load's CPU.
     cpu = process_tree_cpu_seconds(server.process.pid) - cpu
     stolen, total = (now - then for now, then in zip(machine_steal(), steal, strict=True))
+    inference = counter_total(server.url, INFERENCE_CPU) - inference
+    requests = max(1, load["requests"])
     return {
         **load,
         "engine_around": rates,
         "over_engine": round(load["requests_per_s"] / rates["mean"]["engine"], 3),
-        "server_cpu_ms_per_request": round(1000 * cpu / max(1, load["requests"]), 2),
+        "server_cpu_ms_per_request": round(1000 * cpu / requests, 2),
+        "inference_cpu_ms_per_request": round(1000 * inference / requests, 2),
         "machine_steal_percent": round(100 * stolen / max(1, total), 1),
     }
 
@@ -257,8 +264,8 @@ def ratios(results: dict, cpus: int) -> dict[str, float]:
     """One precision's figures: each step against the reference measured around it."""
     indexing, four = results["indexing"], next(r for r in results["http"]["load"] if r["clients"] == 4)
     around = indexing["around"]["mean"]
-    request_cpu_ms = four["server_cpu_ms_per_request"]
-    inference_ms = results["engine"]["one_thread_inference_ms"]
+    request_cpu_ms, inference_ms = four["server_cpu_ms_per_request"], four["inference_cpu_ms_per_request"]
+    engine_inference_ms = results["engine"]["one_thread_inference_ms"]
     return {
         "indexing_over_engine": round(indexing["images_per_s"] / around["engine"], 3),
         "indexing_over_seed_baseline": round(indexing["images_per_s"] / around["keras"], 1),
@@ -270,8 +277,12 @@ def ratios(results: dict, cpus: int) -> dict[str, float]:
             1000 * cpus / request_cpu_ms / four["engine_around"]["mean"]["engine"], 3
         ),
         "server_cpu_ms_per_request": request_cpu_ms,
+        # Inference as the server measured it (its CPU time on the request threads, under this very load) ...
+        "server_inference_cpu_ms_per_request": inference_ms,
         "inference_share_of_request_cpu": round(inference_ms / request_cpu_ms, 3),
         "server_cpu_ms_per_request_outside_inference": round(request_cpu_ms - inference_ms, 2),
+        # ... and, as runs before 2026-11-29 estimated it, less the engine step's inference time per core.
+        "server_cpu_ms_per_request_less_engine_inference": round(request_cpu_ms - engine_inference_ms, 2),
         "server_ready_seconds": results["http"]["ready_seconds"],
         "server_rss_mb_minus_index": round(results["http"]["memory_after_load"]["rss_mb"] - results["index_mb"], 1),
     }

@@ -58,3 +58,16 @@ def running_server(env: dict[str, str], timeout: float = 60) -> Iterator[Running
         finally:
             process.terminate()
             process.wait(timeout=30)
+
+
+def counter_total(url: str, name: str) -> float:
+    """A counter's value summed over its labels, as the server's /metrics gives it (every worker's)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )

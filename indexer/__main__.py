@@ -159,6 +159,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         split_layer=split_layer(args.blocks),
         metric_loss=args.metric_loss,
         metric_weight=args.metric_weight,
+        seed=args.seed,
     )
     summary = finetune(settings, catalog, metadata, options, progress=not args.quiet)
     print(
@@ -248,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument(
         "--metric-weight", type=float, default=FinetuneOptions.metric_weight, help="its weight against CosFace"
+    )
+    tune.add_argument(
+        "--seed",
+        type=int,
+        default=FinetuneOptions.seed,
+        help="the validation split, the augmentations and the classifier's start; another seed is another draw of "
+        "the same recipe (eval/README.md compares two)",
     )
     tune.add_argument("--reset", action="store_true", help="go back to the plain ImageNet model")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")

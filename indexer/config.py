@@ -52,8 +52,10 @@ class Settings:
     # every protocol measured, 2.3x as fast: README "Precision"); or "fp32".
     precision: str = "int8"
     # Whitening learned on the catalog (indexer/whitening.py), fitted by the first `make index` of a catalog;
-    # `whitening_dims` directions are kept. WHITENING overrides (on/off).
-    whitening: bool = True
+    # `whitening_dims` directions are kept. None ("auto"): the plain network's vectors are whitened, a fine-tuned
+    # model's are not (it cost one category 0.11-0.15 R@1 on both fine-tune seeds measured: eval/README.md);
+    # True or False forces it either way (`whitens` is the outcome). WHITENING overrides (auto/on/off).
+    whitening: bool | None = None
     whitening_dims: int = 96
     # How the last feature map becomes one vector: "avg" (average pooling) or "gem" (generalised mean, with p).
     pooling: str = "avg"
@@ -113,6 +115,11 @@ class Settings:
     def network_name(self) -> str:
         """The model's name with its pooling, as its converted files are named."""
         return self.model_name if self.pooling == "avg" else f"{self.model_name}-{self.pooling_name}"
+
+    @property
+    def whitens(self) -> bool:
+        """Whether `make index` whitens this model's vectors: model.whitening, or with "auto" the plain network's."""
+        return self.finetuned is None if self.whitening is None else self.whitening
 
     @property
     def embed_workers(self) -> int:
@@ -231,8 +238,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
         batch_size=int(model.get("batch_size", 32)),
         engine=env.get("ENGINE") or model.get("engine", "litert"),
         precision=env.get("PRECISION") or model.get("precision", Settings.precision),
-        whitening=_flag(
-            "model.whitening (or WHITENING)", env.get("WHITENING") or model.get("whitening", Settings.whitening)
+        whitening=_flag_or_auto(
+            "model.whitening (or WHITENING)", env.get("WHITENING") or model.get("whitening", "auto")
         ),
         whitening_dims=int(model.get("whitening_dims", Settings.whitening_dims)),
         pooling=model.get("pooling", Settings.pooling),
@@ -283,6 +290,16 @@ def _flag(name: str, value: object) -> bool:
     if text in ("", "0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} = {value!r}: use true or false")
+
+
+def _flag_or_auto(name: str, value: object) -> bool | None:
+    """_flag, or None for "auto" (the setting's default decides, by the model)."""
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        return _flag(name, value)
+    except ConfigError:
+        raise ConfigError(f'{name} = {value!r}: use "auto", true or false') from None
 
 
 def active_finetuned(settings: Settings) -> Path | None:

@@ -258,7 +258,7 @@ def index_catalog(
     embedder.use_whitening(fitted)
     model_key = embedder.identity.key
     # Vectors of a run that will fit the whitening are replaced at its end: Milvus gets only the whitened ones.
-    fit_pending = settings.whitening and fitted is None
+    fit_pending = settings.whitens and fitted is None
 
     views = settings.catalog_views
     known = store.known_files()
@@ -324,10 +324,10 @@ def index_catalog(
 
 
 def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> str | None:
-    """With model.whitening and none in use: fit one on the vectors this run stored (the network's own), keep it
+    """When the settings whiten and none is in use: fit one on the vectors this run stored (the network's own), keep it
     with the catalog, replace those vectors by their whitened ones (no photo is embedded again) and go on with it.
     Returns what was done, if anything."""
-    if not settings.whitening or embedder.whitening is not None:
+    if not settings.whitens or embedder.whitening is not None:
         return None
     network_key, dim = embedder.network.key, embedder.network.dim
     # Fitted on the photos alone, so that the projection does not depend on the extra views configured.

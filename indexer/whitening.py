@@ -153,8 +153,8 @@ def in_use(store: Store, network_key: str) -> Whitening | None:
 
 
 def configured(settings: Settings, store: Store, network_key: str) -> Whitening | None:
-    """The whitening new vectors of this network go through: the catalog's with model.whitening, else none."""
-    return in_use(store, network_key) if settings.whitening else None
+    """The whitening new vectors of this network go through: the catalog's when the settings whiten, else none."""
+    return in_use(store, network_key) if settings.whitens else None
 
 
 def by_sha256(store: Store, sha256: str) -> Whitening | None:

@@ -6,6 +6,7 @@ scrape sums them; without it (Flask's test client) the process's own registry is
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from indexer.engines import Engine
 from indexer.model import Embedder
 from service.api import catalog_search
 from service.search import CatalogSearch, NotReady
@@ -47,6 +49,11 @@ SEARCH_SECONDS = Histogram(
     "visual_search_search_seconds",
     "Time to search the live index for one query vector, the matched products' rows included.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+INFERENCE_CPU_SECONDS = Counter(
+    "visual_search_inference_cpu_seconds",
+    "CPU time of the network's forward passes, on the request threads that ran them: all of it with one "
+    "inference thread per interpreter (model.threads = 0 or 1, the server's default), else the calling thread's share.",
 )
 WRITES = Counter(
     "visual_search_writes_total", "Write API requests, by kind (put, delete) and status.", ["kind", "status"]
@@ -82,10 +89,13 @@ def scrape() -> Response:
 
 
 class TimedEmbedder:
-    """The service's embedder, recording how long each uploaded photo takes to decode and embed."""
+    """The service's embedder, recording how long each uploaded photo takes to decode and embed, and the CPU time
+    of the network alone (what the rest of a request costs is then the server's CPU time less that)."""
 
     def __init__(self, embedder: Embedder):
-        self._embedder = embedder
+        # A copy with a timed engine: the embedder given may be shared (tests), and must not be timed twice.
+        self._embedder = copy.copy(embedder)
+        self._embedder.engine = InferenceClock(embedder.engine)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._embedder, name)
@@ -103,6 +113,22 @@ class TimedEmbedder:
         # Only photos that embedded: an unreadable upload fails in microseconds and would flatter the figure.
         EMBEDDING_SECONDS.observe(time.perf_counter() - started)
         return vectors
+
+
+class InferenceClock:
+    """An engine whose forward passes add their thread CPU time to INFERENCE_CPU_SECONDS."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        started = time.thread_time()  # CPU time, not wall: waiting for an interpreter or a core is not inference
+        features = self._engine.features(pixels)
+        INFERENCE_CPU_SECONDS.inc(time.thread_time() - started)
+        return features
 
 
 def _timed(function: Callable, histogram: Histogram) -> Callable:

@@ -111,14 +111,18 @@ def test_finetuning_a_tiny_real_catalog_improves_it_and_becomes_the_active_model
     assert (litert.embed_pixels(pixels[:4]) * tuned.embed_pixels(pixels[:4])).sum(axis=1).min() >= 0.9999
 
 
-@pytest.mark.parametrize("use_finetuned", [True, False])
-def test_use_finetuned_false_keeps_the_plain_model(tmp_path, use_finetuned):
-    models = tmp_path / "models"
+def activate_a_finetuned_model(models):
     (models / "finetuned").mkdir(parents=True)
     (models / "finetuned" / "v1.weights.h5").write_bytes(b"weights")
     (models / ACTIVE_MODEL_FILE).write_text(json.dumps(
         {"weights": "finetuned/v1.weights.h5", "base_model": "mobilenet_v1", "base_weights": "pypi-mobilenet-v1"}
     ))  # fmt: skip
+
+
+@pytest.mark.parametrize("use_finetuned", [True, False])
+def test_use_finetuned_false_keeps_the_plain_model(tmp_path, use_finetuned):
+    models = tmp_path / "models"
+    activate_a_finetuned_model(models)
     config = tmp_path / "config.toml"
     config.write_text(
         (REPO_ROOT / "config.toml")
@@ -128,3 +132,23 @@ def test_use_finetuned_false_keeps_the_plain_model(tmp_path, use_finetuned):
     settings = load_settings(config, models_dir=models)
     expected = models / "finetuned" / "v1.weights.h5" if use_finetuned else None
     assert settings.finetuned == expected
+
+
+@pytest.mark.parametrize(
+    ("whitening", "finetuned", "whitens"),
+    [("auto", False, True), ("auto", True, False), ("on", True, True), ("off", False, False)],
+)
+def test_auto_whitening_whitens_the_plain_network_and_not_a_finetuned_model(
+    tmp_path, monkeypatch, whitening, finetuned, whitens
+):
+    monkeypatch.setenv("WHITENING", whitening)  # the suite's own WHITENING=off, replaced
+    models = tmp_path / "models"
+    if finetuned:
+        activate_a_finetuned_model(models)
+    settings = load_settings(REPO_ROOT / "config.toml", models_dir=models)
+    assert (settings.finetuned is not None, settings.whitens) == (finetuned, whitens)
+
+
+def test_the_shipped_config_leaves_the_whitening_to_the_model(tmp_path, monkeypatch):
+    monkeypatch.delenv("WHITENING")
+    assert load_settings(REPO_ROOT / "config.toml", models_dir=tmp_path).whitening is None

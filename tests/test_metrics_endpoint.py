@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procfs import process_tree_cpu_seconds
 from bench.server import running_server
 from indexer.indexing import index_catalog
 from service import create_app
@@ -84,6 +85,7 @@ def test_searches_raise_the_request_embedding_and_search_counts(client):
     assert after.rise(before, "visual_search_embedding_seconds_count") == 3
     assert after.rise(before, "visual_search_search_seconds_count") == 3
     assert after.rise(before, "visual_search_search_seconds_sum") > 0
+    assert after.rise(before, "visual_search_inference_cpu_seconds_total") > 0
     slowest = after.value("visual_search_http_request_duration_seconds_bucket", le="+Inf", **SEARCHED)
     assert slowest == after.value("visual_search_http_request_duration_seconds_count", **SEARCHED)
 
@@ -94,6 +96,7 @@ def test_more_like_this_is_timed_as_a_search_without_an_embedding(client):
     after = scrape(client)
     assert after.rise(before, "visual_search_search_seconds_count") == 1
     assert after.rise(before, "visual_search_embedding_seconds_count") == 0
+    assert after.rise(before, "visual_search_inference_cpu_seconds_total") == 0
     labels = {"endpoint": "api.similar_products", "method": "GET", "status": "200"}
     assert after.rise(before, "visual_search_http_requests_total", **labels) == 1
 
@@ -187,7 +190,8 @@ def searches_answered_by(folder: Path, pid: int, snapshots: Path) -> float:
 
 
 def test_counts_add_up_across_gunicorn_workers(base_settings, embedder, tmp_path):
-    """Two workers each count the searches they answer; every scrape, whichever worker answers it, sums both."""
+    """Two workers each count the searches they answer; every scrape, whichever worker answers it, sums both.
+    Their inference CPU time is summed too, and is a part of the CPU time the server spent meanwhile."""
     # One thread per worker (gunicorn's sync worker): while one worker answers, the other accepts the next request.
     changes = {"workers = 1\nthreads = 0": "workers = 2\nthreads = 1"}
     env, _ = served_catalog(base_settings, embedder, tmp_path, config_changes=changes)
@@ -208,6 +212,7 @@ def test_counts_add_up_across_gunicorn_workers(base_settings, embedder, tmp_path
         workers = worker_pids(server.process.pid)
         assert len(workers) == 2
         folder = metrics_folder(workers)
+        server_cpu = process_tree_cpu_seconds(server.process.pid)
         sent, counted = [0], [searches_counted()]
         with ThreadPoolExecutor(2) as pool:
             for _ in range(30):  # until both workers have answered searches
@@ -219,4 +224,7 @@ def test_counts_add_up_across_gunicorn_workers(base_settings, embedder, tmp_path
                     break
         assert all(by_worker), f"one worker answered every search: {by_worker}"
         assert counted == sent and sum(by_worker) == sent[-1]
+        server_cpu = process_tree_cpu_seconds(server.process.pid) - server_cpu
+        inference = Scrape(requests.get(f"{server.url}/metrics", timeout=30).text)
+        assert 0 < inference.value("visual_search_inference_cpu_seconds_total") < server_cpu
     assert not folder.exists()  # removed when the server stopped
