@@ -603,18 +603,18 @@ class Store:
                     select(ProductImage.view, ProductImage.id).where(ProductImage.rel_path == image.rel_path)
                 ).all()
             )
+            shared = {  # the photo's and its views' rows differ only in their view and vector
+                "product_id": product_id,
+                "path": image.path,
+                "sha256": image.sha256,
+                "model_key": model_key,
+                "source": source,
+                "deleted_at": None,
+                "change": change,
+                "updated_at": now,
+            }
             for row in rows:
-                values = {
-                    "product_id": product_id,
-                    "path": image.path,
-                    "sha256": image.sha256,
-                    "model_key": model_key,
-                    "source": source,
-                    "embedding": np.asarray(row.vector, dtype=np.float32).tobytes(),
-                    "deleted_at": None,
-                    "change": change,
-                    "updated_at": now,
-                }
+                values = {**shared, "embedding": np.asarray(row.vector, dtype=np.float32).tobytes()}
                 if row.view not in existing:
                     connection.execute(insert(ProductImage).values(rel_path=image.rel_path, view=row.view, **values))
                 else:
