@@ -60,7 +60,7 @@ index: weights migrate
 	  $(if $(ADD),--add) $(if $(PRUNE),--prune) $(if $(REFIT),--refit)
 
 serve: weights migrate
-	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
+	$(PY) -m service --port $(PORT)
 
 # $(call apt_install,<package>): a Debian package, through sudo unless root; fails without apt-get.
 define apt_install
@@ -85,7 +85,7 @@ demo: demo-catalog weights migrate
 	@echo "Demo ready: open http://127.0.0.1:$(PORT)/ and upload a photo from $(DEMO_CATALOG)-queries/"
 	@echo "  or: curl -F image=@$(DEMO_CATALOG)-queries/sneaker-1.png http://127.0.0.1:$(PORT)/api/search"
 	@echo
-	PORT=$(PORT) $(VENV)/bin/gunicorn --config service/gunicorn.conf.py 'service:create_app()'
+	$(PY) -m service --port $(PORT)
 
 # wrk is the benchmark's load generator; one test runs it against the real server. Debian's chromium is
 # the browser that Playwright drives in tests/test_browser.py (Playwright's own browser download is not used).

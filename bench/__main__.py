@@ -3,7 +3,7 @@
     python -m bench --catalog ../shared/datasets/grocery-store --metadata catalog.csv
 
 Writes bench/results.json and bench/results.png. Everything runs on this machine;
-the HTTP load (wrk) goes to a gunicorn server on 127.0.0.1 only, bounded in time.
+the HTTP load (wrk) goes to the production server (`python -m service`) on 127.0.0.1 only, bounded in time.
 
 A shared machine's speed drifts by 10-20 % within minutes, so each timed step is compared with
 the raw engine rate measured just before and just after it (its "reference"), not with one
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-# As the server runs (service/gunicorn.conf.py), before numpy loads OpenBLAS: its idle threads spin after each
+# As the server runs (service/server.py), before numpy loads OpenBLAS: its idle threads spin after each
 # matrix-vector product of an exact search, and on a busy machine that more than doubled the measured latency.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                  lambda: measure_indexing(catalog, metadata, data_dirs[p], p), keras=True))),
             ("in_process", "in-process query latency",
              lambda p: measure_in_process(references[p].settings, data_dirs[p], photos)),
-            ("http", "HTTP against gunicorn (wrk), engine measured around each load",
+            ("http", "HTTP against the server (wrk), engine measured around each load",
              lambda p: measure_http(references[p], data_dirs[p], photos, (1, 2, 4, 8))),
         ]  # fmt: skip
         for key, title, step in steps:

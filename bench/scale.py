@@ -212,7 +212,7 @@ class MemorySampler(threading.Thread):
                 self.peak_mb = max(self.peak_mb, process_tree_memory_mb(self.pid)["rss_mb"])
                 self.samples += 1
             except (FileNotFoundError, ProcessLookupError, KeyError):
-                pass  # a gunicorn worker replaced between listing and reading
+                pass  # a server worker replaced between listing and reading
             self.stopped.wait(self.interval)
 
     def stop(self) -> dict[str, float | int]:

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import requests
 
@@ -33,14 +32,13 @@ class RunningServer:
 
 @contextmanager
 def running_server(env: dict[str, str], timeout: float = 60) -> Iterator[RunningServer]:
-    """gunicorn with service/gunicorn.conf.py; yields once /readyz answers 200, stops it afterwards."""
+    """`python -m service` (service.server); yields once /readyz answers 200, stops it afterwards."""
     port = free_port()
-    command = [str(Path(sys.executable).with_name("gunicorn")), "--config", "service/gunicorn.conf.py",
-               "--access-logfile", "/dev/null", "service:create_app()"]  # fmt: skip
+    command = [sys.executable, "-m", "service", "--port", str(port), "--no-access-log"]
     # Its log goes to a file: an unread pipe would stall the server once full.
     with tempfile.TemporaryFile() as log:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env, "PORT": str(port)},
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env},
                                    stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:

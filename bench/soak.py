@@ -11,7 +11,7 @@ catalog nor written, was deleted through the API before the search was sent, or 
 catalog in a re-index that had finished publishing before the search was sent.
 Writes bench/soak.json.
 
-With --servers 2: two gunicorn servers on two ports share one DATA_DIR and one PostgreSQL database
+With --servers 2: two servers (`python -m service`) on two ports share one DATA_DIR and one PostgreSQL database
 (DATABASE_URL when it names one, else a database in a throwaway cluster, bench/postgres.py). Writes
 go through server A, each timed from its request until a photo search on server B shows it (a
 DELETE: until B's GET answers 404 and the search no longer shows it); the clients search A and B in

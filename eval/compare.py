@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-# As the server runs (service/gunicorn.conf.py), before numpy loads OpenBLAS: its idle threads spin after each
+# As the server runs (service/server.py), before numpy loads OpenBLAS: its idle threads spin after each
 # matrix-vector product of an exact search, and on a busy machine that more than doubled the measured latency.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

@@ -29,6 +29,7 @@ BACKENDS = ("faiss", "milvus")
 # Extra views of each catalog photo that index.catalog_views may add (indexer.images.load_views makes them).
 CATALOG_VIEWS = ("flip", "crop")
 MILVUS_URL = re.compile(r"(https?|tcp)://|unix:")
+
 MILVUS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,200}")
 # An origin as browsers send it: scheme://host[:port], the host a name or a bracketed IPv6 address, no path.
 ORIGIN = re.compile(
@@ -38,6 +39,11 @@ ORIGIN = re.compile(
 
 class ConfigError(ValueError):
     """The configuration cannot work; the message says what to change."""
+
+
+def is_milvus_lite(uri: str) -> bool:
+    """A Milvus URI that names a Milvus Lite file (embedded Milvus) rather than a server."""
+    return uri.endswith(".db") and "://" not in uri
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,9 @@ class Settings:
     fetch_timeout_s: float = 5.0
     # While off, image_url may only reach public addresses (no loopback, private, metadata...: request forgery).
     fetch_allow_private: bool = False
-    # gunicorn processes (0 = one per core) and threads per process (0 = two per core).
-    workers: int = 1
+    # Server worker processes (0 = one per core) and request threads per process (0 = two per core, divided
+    # among the processes).
+    workers: int = 0
     threads: int = 0
     # Query photos (the `query` token of a search) are kept in <data_dir>/queries for this many seconds after
     # their last use, for every worker and host; 0 keeps them in the memory of the process that got them.
@@ -137,13 +144,20 @@ class Settings:
         return replace(self, model_threads=max(1, cpu_count() // interpreters))
 
     @property
+    def milvus_lite(self) -> bool:
+        """Vectors in a Milvus Lite file, which only one process at a time may open."""
+        return self.index_backend == "milvus" and is_milvus_lite(self.milvus_target)
+
+    @property
     def server_workers(self) -> int:
-        return self.workers or cpu_count()
+        """Server processes: the configured number, or one per core (one alone on a Milvus Lite file)."""
+        return self.workers or (1 if self.milvus_lite else cpu_count())
 
     @property
     def server_threads(self) -> int:
-        # Two per core: while one waits on the network or SQLite, the other runs its interpreter.
-        return self.threads or 2 * cpu_count()
+        """Request threads per server process: the configured number, or two per core divided among the processes
+        (while one waits on the network or SQLite, the other runs its interpreter)."""
+        return self.threads or max(1, 2 * cpu_count() // self.server_workers)
 
     @property
     def db_url(self) -> str:

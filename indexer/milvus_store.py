@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from indexer.config import ConfigError, Settings
+from indexer.config import ConfigError, Settings, is_milvus_lite
 from indexer.live_index import NO_FILTERS, Filters
 from indexer.locking import write_lock
 from indexer.store import Changes, Store
@@ -75,10 +75,6 @@ def _reported(settings: Settings) -> Iterator[None]:
         raise MilvusUnavailable(f"Milvus at {shown_uri(settings.milvus_target)}: {exc.message}") from None
 
 
-def is_lite(uri: str) -> bool:
-    return uri.endswith(".db") and "://" not in uri
-
-
 def shown_uri(uri: str) -> str:
     """The URI without credentials, for logs and /readyz."""
     if "://" in uri and "@" in uri.split("://", 1)[1]:
@@ -93,7 +89,7 @@ def client(settings: Settings) -> MilvusClient:
     key = (uri, settings.milvus_token)
     with _clients_lock:
         if key not in _clients:
-            if is_lite(uri):
+            if is_milvus_lite(uri):
                 Path(uri).parent.mkdir(parents=True, exist_ok=True)
             try:
                 _clients[key] = MilvusClient(uri=uri, token=settings.milvus_token)
@@ -101,7 +97,7 @@ def client(settings: Settings) -> MilvusClient:
                 hint = (
                     " (Milvus Lite serves one process at a time: stop the other one, or use a Milvus server, "
                     "MILVUS_URI=http://host:19530)"
-                    if is_lite(uri)
+                    if is_milvus_lite(uri)
                     else ""
                 )
                 raise MilvusUnavailable(f"cannot open Milvus at {shown_uri(uri)}: {exc.message}{hint}") from None
@@ -116,7 +112,7 @@ def close(settings: Settings) -> None:
         _loaded.difference_update({key for key in _loaded if key[0] == uri})
     if found is not None:
         found.close()
-    if is_lite(uri):
+    if is_milvus_lite(uri):
         from milvus_lite.server_manager import server_manager_instance
 
         server_manager_instance.release_server(uri)

@@ -1,21 +1,26 @@
 """Vectors -> search: the Flask service that finds catalog products that look like a photo.
 
-gunicorn 'service:create_app()'     # what `make serve` runs
+python -m service     # what `make serve` runs: service.server's Granian workers, each calling create_app()
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from flask import Flask
 
 from indexer.config import Settings, cpu_count, load_settings
-from indexer.model import Embedder, load_embedder
-from indexer.store import Store
+
+if TYPE_CHECKING:
+    from indexer.model import Embedder
 
 
 def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> Flask:
-    """Application factory: settings and the model are loaded once, here, not at import time."""
+    """Application factory: settings and the model are loaded once, here, not at import time (nor numpy: the
+    server's main process imports this package, and sets up the environment its workers load numpy with)."""
+    from indexer.model import load_embedder
+    from indexer.store import Store
     from service.api import api
     from service.cors import enable_cors
     from service.errors import register_error_handlers

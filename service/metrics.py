@@ -1,7 +1,7 @@
 """Prometheus metrics at GET /metrics: requests per endpoint, embedding and search time, the live index, writes.
 
-Under gunicorn every worker records into files in PROMETHEUS_MULTIPROC_DIR (set by service/gunicorn.conf.py) and a
-scrape sums them; without it (Flask's test client) the process's own registry is served.
+Under the production server every worker records into files in PROMETHEUS_MULTIPROC_DIR (set by service/server.py)
+and a scrape sums them; without it (Flask's test client) the process's own registry is served.
 """
 
 from __future__ import annotations

@@ -579,9 +579,8 @@ PATHS: Schema = {
 }
 
 URI_TOO_LONG: Schema = {
-    "description": "The request line is longer than the HTTP server accepts (gunicorn's limit_request_line, 4094 "
-    "bytes); gunicorn itself answers, with a short HTML page.",
-    "content": {"text/html": {"schema": {"type": "string"}}},
+    "description": "The URL is longer than the HTTP server accepts (64 KB); Granian itself answers, "
+    "with an empty body. Send long values (a box, many filters) in a POST form instead.",
 }
 
 

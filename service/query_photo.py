@@ -81,6 +81,10 @@ def read_search_query(request: Request, settings: Settings, embedder: Embedder, 
     data = None
     if request.mimetype in RAW_IMAGE_TYPES:
         data = request.get_data(cache=False)  # the whole body is the photo, counted as "image"
+        if request.content_length is None:
+            # Sent in chunks: reading it all stops at max_upload_bytes without a word (werkzeug), and a photo cut
+            # short would be refused as corrupt. One more byte asked for answers 413 when the limit was reached.
+            request.stream.read(1)
     elif (upload := request.files.get("image")) is not None:
         data = upload.read()
         if not data and not upload.filename:

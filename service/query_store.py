@@ -5,7 +5,7 @@ Two levels:
 
 - **memory**: a small LRU per process (bounded in count and in bytes) of photos with their whole-photo vectors;
 - **the data folder**: every photo once, content-addressed, at ``<data_dir>/queries/<sha256[:2]>/<sha256>``, so
-  that a token made by one gunicorn worker, or by one host of several sharing ``DATA_DIR``, is found by all of
+  that a token made by one server worker, or by one host of several sharing ``DATA_DIR``, is found by all of
   them. A token that misses memory is read from its file; the bytes must hash to the token (a token is 64
   lowercase hex digits, nothing else reaches the file system), and the photo is embedded again where its
   vector is needed.

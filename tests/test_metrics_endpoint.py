@@ -24,7 +24,7 @@ from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_photo, write
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PHOTOS = [name for names in SKIMAGE_CATALOG.values() for name in names]
-METRICS_DIR = "visual-search-metrics-"  # METRICS_DIR_PREFIX in service/gunicorn.conf.py
+METRICS_DIR = "visual-search-metrics-"  # METRICS_DIR_PREFIX in service/server.py
 SEARCHED = {"endpoint": "api.search_by_photo", "method": "POST", "status": "200"}
 
 
@@ -168,7 +168,7 @@ def worker_pids(master: int) -> list[int]:
 
 
 def metrics_folder(workers: list[int], timeout: float = 60) -> Path:
-    """The folder service/gunicorn.conf.py made for the workers' metric files (they write them on start)."""
+    """The folder service/server.py made for the workers' metric files (they write them on start)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         folders = {f.parent for pid in workers for f in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR}*/*_{pid}.db")}
@@ -189,11 +189,11 @@ def searches_answered_by(folder: Path, pid: int, snapshots: Path) -> float:
     return registry.get_sample_value("visual_search_http_requests_total", SEARCHED) or 0
 
 
-def test_counts_add_up_across_gunicorn_workers(base_settings, embedder, tmp_path):
+def test_counts_add_up_across_server_workers(base_settings, embedder, tmp_path):
     """Two workers each count the searches they answer; every scrape, whichever worker answers it, sums both.
     Their inference CPU time is summed too, and is a part of the CPU time the server spent meanwhile."""
-    # One thread per worker (gunicorn's sync worker): while one worker answers, the other accepts the next request.
-    changes = {"workers = 1\nthreads = 0": "workers = 2\nthreads = 1"}
+    # One request thread per worker, so that the second search of a pair goes to the other worker.
+    changes = {"workers = 0\nthreads = 0": "workers = 2\nthreads = 1"}
     env, _ = served_catalog(base_settings, embedder, tmp_path, config_changes=changes)
     photos = [jpeg(name) for name in PHOTOS[:2]]
     with running_server(env, timeout=120) as server:

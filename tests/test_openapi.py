@@ -127,7 +127,8 @@ def test_a_phone_jpeg_with_a_second_view_is_served_as_a_jpeg(indexed, embedder):
 
 @pytest.fixture(scope="module")
 def server(base_settings, embedder, tmp_path_factory):
-    """gunicorn over the six scikit-image photos, with the write API on; yields its URL and the catalog's photos."""
+    """The production server over the six scikit-image photos, with the write API on; yields its URL and the
+    catalog's photos."""
     # FETCH_ALLOW_PRIVATE: so that an image_url can name this server's own photos (there is no other server).
     env, catalog = served_catalog(
         base_settings, embedder, tmp_path_factory.mktemp("openapi-server"), API_KEY=API_KEY, FETCH_ALLOW_PRIVATE="1"

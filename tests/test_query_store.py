@@ -1,5 +1,5 @@
 """Query tokens shared by every server process: the photo kept in the data folder (service/query_store.py), found
-by another app over the same DATA_DIR (another gunicorn worker, or another host), checked, written once, pruned
+by another app over the same DATA_DIR (another server worker, or another host), checked, written once, pruned
 when old, and a folder that cannot be written costing only the sharing."""
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def test_a_ttl_of_zero_keeps_query_photos_in_memory_only(settings, embedder, pho
 
 
 @pytest.mark.slow
-def test_two_single_threaded_gunicorn_workers_both_know_every_token(base_settings, embedder, tmp_path):
+def test_two_single_threaded_server_workers_both_know_every_token(base_settings, embedder, tmp_path):
     """`make serve` with two sync workers: each request, on a new connection, may reach either worker."""
     service = (REPO_ROOT / "config.toml").read_text().split("[service]")[1]
     processes = re.search(r"^workers = .*\nthreads = .*$", service, re.MULTILINE).group(0)

@@ -1,15 +1,21 @@
-"""The production server (`make serve`'s gunicorn command) over real HTTP on loopback, on SQLite and on
+"""The production server (`make serve`'s `python -m service`) over real HTTP on loopback, on SQLite and on
 PostgreSQL (DATABASE_URL)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 
 from bench.load import run_wrk, search_bodies
+from bench.procfs import process_tree
 from bench.server import running_server
 from tests.conftest import DATABASES, new_database, served_catalog
 
@@ -60,6 +66,78 @@ def test_an_upload_over_the_limit_is_refused_before_its_body_is_sent(server):
             reply += chunk
     assert reply.startswith("HTTP/1.1 413") and "limit" in reply
     assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+def in_chunks(data: bytes, size: int = 1_000_000) -> Iterator[bytes]:
+    """A body that requests sends with Transfer-Encoding: chunked, without a Content-Length."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_a_chunked_upload_is_searched_and_one_over_the_limit_refused(server):
+    """Without a Content-Length the limit can only be found by reading: a photo sent in chunks is searched, and one
+    past the limit is answered 413, not cut off at the limit and refused as a corrupt photo."""
+    url, catalog = server
+    photo = (catalog / "drinks" / "coffee.jpg").read_bytes()
+    raw = {"Content-Type": "image/jpeg"}
+    searched = requests.post(f"{url}/api/search?k=1", data=in_chunks(photo), headers=raw, timeout=30)
+    assert searched.status_code == 200 and searched.json()["results"][0]["sku"] == "drinks/coffee"
+    too_long = photo + b"\0" * 12_000_000  # a photo with trailing bytes decodes: only the limit can refuse it
+    refused = requests.post(f"{url}/api/search?k=1", data=in_chunks(too_long), headers=raw, timeout=60)
+    assert refused.status_code == 413 and "limit" in refused.json()["message"]
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n\r\n' + too_long + b"\r\n--b--\r\n"
+    )
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+    refused = requests.post(f"{url}/api/search", data=in_chunks(form), headers=multipart, timeout=60)
+    assert refused.status_code == 413
+    assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+def workers_of(main: int) -> list[int]:
+    return process_tree(main)[1:]
+
+
+def wait_until(condition, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def searched(url: str, photo: bytes) -> bool:
+    try:
+        response = requests.post(
+            f"{url}/api/search?k=1", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=30
+        )
+    except requests.ConnectionError:
+        return False
+    return response.status_code == 200 and response.json()["results"][0]["sku"] == "drinks/coffee"
+
+
+def test_a_dead_worker_is_replaced_and_workers_stop_with_the_main_process(base_settings, embedder, tmp_path):
+    """A worker killed outright (the kernel's OOM killer) is replaced, the other answering meanwhile; and when the
+    main process is killed outright, its workers stop instead of answering on the port unmanaged."""
+    config = {"workers = 0\nthreads = 0": "workers = 2\nthreads = 0"}
+    env, catalog = served_catalog(base_settings, embedder, tmp_path, config_changes=config)
+    photo = (catalog / "drinks" / "coffee.jpg").read_bytes()
+    with running_server(env, timeout=120) as server:
+        main = server.process.pid
+        assert wait_until(lambda: len(workers_of(main)) == 2)
+        first = workers_of(main)[0]
+        os.kill(first, signal.SIGKILL)
+        # The other worker answers meanwhile (a connection caught by the dying one is reset: then the next one).
+        assert wait_until(lambda: searched(server.url, photo), timeout=5)
+        assert wait_until(lambda: first not in workers_of(main) and len(workers_of(main)) == 2)  # replaced
+        assert searched(server.url, photo)
+        workers = workers_of(main)
+        os.kill(main, signal.SIGKILL)
+        server.process.wait(timeout=30)
+        assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=30)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{server.url}/healthz", timeout=5)
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make test and make bench install it)")

@@ -1,9 +1,9 @@
-"""Several servers, one catalog: two production servers (`make serve`'s gunicorn) as two hosts would run them,
-separate processes with the same DATABASE_URL (PostgreSQL) and the same DATA_DIR (the shared folder: index
-bases and manifest, uploads, lock files). A write through either is found on the other within 1 s, a compaction
-that both decide on at once runs once and both switch to it, and killing one leaves the other serving and
-taking writes. The quick tests below them check the parts on their own: held bases stay, a compaction decided
-on an older base does nothing, and tombstones wait for a base without them to have been current a while."""
+"""Several servers, one catalog: two production servers (`make serve`'s `python -m service`) as two hosts would run
+them, as separate processes with the same DATABASE_URL (PostgreSQL) and the same DATA_DIR (the shared folder: index
+bases and manifest, uploads, lock files). A write through either is found on the other within 1 s, a compaction that
+both decide on at once runs once and both switch to it, and killing one leaves the other serving and taking writes.
+The quick tests below them check the parts on their own: held bases stay, a compaction decided on an older base does
+nothing, and tombstones wait for a base without them to have been current a while."""
 
 from __future__ import annotations
 

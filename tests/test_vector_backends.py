@@ -308,7 +308,7 @@ def test_the_backend_and_milvus_uri_come_from_config_or_environment(tmp_path, mo
 
 @pytest.mark.slow
 def test_make_index_and_the_production_server_with_milvus_from_the_environment(tmp_path):
-    """`python -m indexer index` and gunicorn, both told by VECTOR_STORE and MILVUS_URI alone."""
+    """`python -m indexer index` and `python -m service`, both told by VECTOR_STORE and MILVUS_URI alone."""
     catalog = write_skimage_catalog(tmp_path / "catalog")
     (catalog / "products.csv").write_text(PRODUCTS_CSV)
     env = {

@@ -1,7 +1,7 @@
 """Writes are all-or-nothing for the caller: a write that cannot be saved is an error that changed nothing, a
 success is searchable, and after a failure and a restart every product that GET returns is found by search.
 
-The real server (gunicorn) runs on a data folder in a small tmpfs that the test fills up, or is SIGKILLed in
+The real server (`python -m service`) runs on a data folder in a small tmpfs that the test fills up, or is SIGKILLed in
 the middle of a stream of writes.
 """
 

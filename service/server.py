@@ -1,0 +1,100 @@
+"""The production HTTP server: Granian (HTTP in Rust) running the Flask app in worker processes, set up from
+config.toml. `make serve` and `python -m service` start it; the bench, the soak and the tests start it too."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Before any worker loads numpy's OpenBLAS: its worker threads spin after every matrix-vector product (the exact
+# scans of the live index), taking the cores the request threads' interpreters need. Requests already run in
+# parallel. Set here, in the process the workers start from (which never loads numpy itself), so each of them
+# sees it before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from flask import Flask
+
+from indexer.config import Settings  # light: no numpy
+
+APP = "service:create_app"
+# The folder of every worker's metric files, when the operator chose none; tests find it by this prefix.
+METRICS_DIR_PREFIX = "visual-search-metrics-"
+# How long a stopping server waits for the requests in flight before it kills a worker.
+STOP_TIMEOUT_S = 30
+# A worker that dies (killed by the kernel for memory, a crash in native code) is replaced after this long.
+RESPAWN_INTERVAL_S = 1.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_main_pid: int | None = None  # the server's main process, which the workers are forked from
+
+
+@contextmanager
+def metrics_folder() -> Iterator[Path]:
+    """PROMETHEUS_MULTIPROC_DIR for the workers, so /metrics sums every worker's counts: the operator's folder,
+    or a fresh one per server (counts start at zero), removed when the server stops."""
+    if chosen := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield Path(chosen)
+        return
+    folder = Path(tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)  # before the workers start, so they all inherit it
+    try:
+        yield folder
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def serve(settings: Settings, *, port: int | None = None, access_log: bool = True) -> None:
+    """Serve the app on settings.host:port (default settings.port) until SIGINT or SIGTERM: service.workers
+    processes, each answering requests on service.threads threads while Granian reads and writes the sockets."""
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces
+
+    server = Granian(
+        APP,
+        factory=True,  # each worker builds its own app (its interpreters, its store connections)
+        interface=Interfaces.WSGI,
+        address=settings.host,
+        port=port or settings.port,
+        workers=settings.server_workers,
+        blocking_threads=settings.server_threads,
+        # HTTP/1.1 with keep-alive, as storefronts and proxies speak it; no HTTP/2 or WebSockets to expose.
+        http=HTTPModes.http1,
+        websockets=False,
+        log_access=access_log,
+        respawn_failed_workers=True,
+        respawn_interval=RESPAWN_INTERVAL_S,
+        workers_kill_timeout=STOP_TIMEOUT_S,
+    )
+    global _main_pid
+    _main_pid = os.getpid()
+    with metrics_folder():
+        server.serve(target_loader=_worker_app)
+
+
+def _worker_app(target: str) -> Flask:
+    """Granian's loader of `target`, run in each worker as it starts."""
+    # Until Granian installs the worker's graceful handlers (after this), a stop must end the worker: the handlers
+    # inherited from the main process only set a flag there, and the server would wait out STOP_TIMEOUT_S for it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _stop_with_main_process()
+    from service import create_app
+
+    return create_app()
+
+
+def _stop_with_main_process() -> None:
+    """Ask the kernel for a SIGTERM (a graceful stop) when the server's main process dies: Granian's workers do
+    not watch it, and a main process killed outright would leave them answering on the port, unmanaged."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != _main_pid:  # it died before the request above
+        os.kill(os.getpid(), signal.SIGTERM)
