@@ -29,7 +29,6 @@ BACKENDS = ("faiss", "milvus")
 # Extra views of each catalog photo that index.catalog_views may add (indexer.images.load_views makes them).
 CATALOG_VIEWS = ("flip", "crop")
 MILVUS_URL = re.compile(r"(https?|tcp)://|unix:")
-
 MILVUS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,200}")
 # An origin as browsers send it: scheme://host[:port], the host a name or a bracketed IPv6 address, no path.
 ORIGIN = re.compile(
