@@ -29,12 +29,19 @@ def machine_steal() -> tuple[int, int]:
     return counters[7], sum(counters)
 
 
-def process_tree_memory_mb(pid: int) -> dict[str, float]:
-    """Resident and peak resident memory of a process and its children (Linux /proc)."""
+def process_tree_memory_mb(pid: int, proportional: bool = True) -> dict[str, float]:
+    """Resident and peak resident memory of a process and its children, summed (Linux /proc); and, unless told
+    not to (it walks every page table: slow for a large index), their proportional share (PSS). With several
+    worker processes the resident sets count the pages they share (the libraries, the memory-mapped index) once
+    per process, the proportional sets once in all."""
     pids = process_tree(pid)
-    rss = hwm = 0.0
+    rss = hwm = pss = 0.0
     for each in pids:
         status = dict(line.split(":", 1) for line in Path(f"/proc/{each}/status").read_text().splitlines())
         rss += int(status["VmRSS"].split()[0]) / 1024
         hwm += int(status["VmHWM"].split()[0]) / 1024
-    return {"processes": len(pids), "rss_mb": round(rss, 1), "peak_rss_mb": round(hwm, 1)}
+        if proportional:
+            rollup = Path(f"/proc/{each}/smaps_rollup").read_text()
+            pss += int(rollup.split("\nPss:", 1)[1].split()[0]) / 1024
+    memory = {"processes": len(pids), "rss_mb": round(rss, 1), "peak_rss_mb": round(hwm, 1)}
+    return {**memory, "pss_mb": round(pss, 1)} if proportional else memory

@@ -209,7 +209,7 @@ class MemorySampler(threading.Thread):
         started = time.monotonic()
         while not self.stopped.is_set() and time.monotonic() - started < self.limit_s:
             try:
-                self.peak_mb = max(self.peak_mb, process_tree_memory_mb(self.pid)["rss_mb"])
+                self.peak_mb = max(self.peak_mb, process_tree_memory_mb(self.pid, proportional=False)["rss_mb"])
                 self.samples += 1
             except (FileNotFoundError, ProcessLookupError, KeyError):
                 pass  # a server worker replaced between listing and reading
@@ -763,6 +763,9 @@ def summary(results: dict) -> str:
          lambda c: f"{_get(c, 'memory', 'before_writes', 'rss_mb')} / "
                    f"{_get(c, 'memory', 'during_writes', 'peak_rss_mb')} / "
                    f"{_get(c, 'memory', 'after_writes', 'rss_mb')} MB"),
+        ("PSS (shared pages counted once) before / after writes",
+         lambda c: f"{_get(c, 'memory', 'before_writes', 'pss_mb')} / "
+                   f"{_get(c, 'memory', 'after_writes', 'pss_mb')} MB"),
     ]  # fmt: skip
     lines = ["| what | " + " | ".join(f"{int(key):,} products" for key in sizes) + " |",
              "|---|" + "---|" * len(sizes)]  # fmt: skip
