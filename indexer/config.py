@@ -149,8 +149,12 @@ class Settings:
 
     @property
     def server_workers(self) -> int:
-        """Server processes: the configured number, or one per core (one alone on a Milvus Lite file)."""
-        return self.workers or (1 if self.milvus_lite else cpu_count())
+        """Server processes: the configured number, or one per core; one alone where a second would break
+        things: on a Milvus Lite file (one process may open it), or with query photos kept in memory only (a
+        token made by one process would be unknown to the others)."""
+        if self.workers:
+            return self.workers
+        return 1 if self.milvus_lite or self.query_ttl_s <= 0 else cpu_count()
 
     @property
     def server_threads(self) -> int:

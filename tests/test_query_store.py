@@ -18,7 +18,7 @@ from PIL import Image
 
 from bench.procfs import process_tree
 from bench.server import running_server
-from indexer.config import REPO_ROOT
+from indexer.config import REPO_ROOT, cpu_count
 from indexer.indexing import index_catalog
 from service import create_app
 from service.query_store import PRUNED_MARKER, QueryFolder
@@ -198,6 +198,19 @@ def test_a_ttl_of_zero_keeps_query_photos_in_memory_only(settings, embedder, pho
     token = upload(client, photo).json["query"]
     assert client.post("/api/search", data={"query": token}).status_code == 200
     assert not (settings.data_dir / "queries").exists()
+
+
+def test_the_server_runs_one_process_by_default_where_a_second_would_break(base_settings):
+    """workers = 0 means one process per core, unless tokens live in one process's memory (query_ttl_s = 0) or
+    the vectors in a Milvus Lite file (one process may open it); a number configured is kept as it is."""
+    default = base_settings.with_overrides(workers=0, threads=0, query_ttl_s=3600.0, index_backend="faiss")
+    assert default.server_workers == cpu_count()
+    assert default.server_threads == 2  # two per core, divided among the processes
+    assert default.with_overrides(query_ttl_s=0).server_workers == 1
+    assert default.with_overrides(index_backend="milvus", milvus_uri="").server_workers == 1  # Lite in DATA_DIR
+    milvus_server = default.with_overrides(index_backend="milvus", milvus_uri="http://milvus:19530")
+    assert milvus_server.server_workers == cpu_count()
+    assert default.with_overrides(workers=3, query_ttl_s=0).server_workers == 3
 
 
 @pytest.mark.slow
