@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import requests
 
+from bench.procfs import process_tree
 from indexer.config import REPO_ROOT
 
 
@@ -28,6 +29,10 @@ class RunningServer:
     process: subprocess.Popen
     url: str
     ready_seconds: float
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of the server's main process, now."""
+        return process_tree(self.process.pid)[1:]
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from service.server import serve
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--port", type=int, help="the port to listen on (default: service.port in config.toml)")
     parser.add_argument("--no-access-log", action="store_true", help="do not log a line per request")

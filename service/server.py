@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 # Before any worker loads numpy's OpenBLAS: its worker threads spin after every matrix-vector product (the exact
@@ -31,7 +32,6 @@ STOP_TIMEOUT_S = 30
 # A worker that dies (killed by the kernel for memory, a crash in native code) is replaced after this long.
 RESPAWN_INTERVAL_S = 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_main_pid: int | None = None  # the server's main process, which the workers are forked from
 
 
 @contextmanager
@@ -72,29 +72,28 @@ def serve(settings: Settings, *, port: int | None = None, access_log: bool = Tru
         respawn_interval=RESPAWN_INTERVAL_S,
         workers_kill_timeout=STOP_TIMEOUT_S,
     )
-    global _main_pid
-    _main_pid = os.getpid()
     with metrics_folder():
-        server.serve(target_loader=_worker_app)
+        # The workers are forked from this process: each learns its pid, to notice if it is already gone.
+        server.serve(target_loader=partial(_worker_app, main_pid=os.getpid()))
 
 
-def _worker_app(target: str) -> Flask:
-    """Granian's loader of `target`, run in each worker as it starts."""
+def _worker_app(target: str, *, main_pid: int) -> Flask:
+    """Granian's loader of `target` (APP), run in each worker as it starts."""
     # Until Granian installs the worker's graceful handlers (after this), a stop must end the worker: the handlers
     # inherited from the main process only set a flag there, and the server would wait out STOP_TIMEOUT_S for it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    _stop_with_main_process()
+    _stop_with_main_process(main_pid)
     from service import create_app
 
     return create_app()
 
 
-def _stop_with_main_process() -> None:
+def _stop_with_main_process(main_pid: int) -> None:
     """Ask the kernel for a SIGTERM (a graceful stop) when the server's main process dies: Granian's workers do
     not watch it, and a main process killed outright would leave them answering on the port, unmanaged."""
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != _main_pid:  # it died before the request above
+    if os.getppid() != main_pid:  # it died before the request above
         os.kill(os.getpid(), signal.SIGTERM)

@@ -163,10 +163,6 @@ def test_metrics_answer_before_there_is_an_index(base_settings, embedder, tmp_pa
     assert metrics.has("visual_search_http_requests_total")
 
 
-def worker_pids(master: int) -> list[int]:
-    return [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
-
-
 def metrics_folder(workers: list[int], timeout: float = 60) -> Path:
     """The folder service/server.py made for the workers' metric files (they write them on start)."""
     deadline = time.monotonic() + timeout
@@ -209,7 +205,7 @@ def test_counts_add_up_across_server_workers(base_settings, embedder, tmp_path):
             assert metrics.value("visual_search_index_items") == 6
             return metrics.value("visual_search_http_requests_total", **SEARCHED)
 
-        workers = worker_pids(server.process.pid)
+        workers = server.worker_pids()
         assert len(workers) == 2
         folder = metrics_folder(workers)
         server_cpu = process_tree_cpu_seconds(server.process.pid)

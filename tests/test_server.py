@@ -15,7 +15,6 @@ import pytest
 import requests
 
 from bench.load import run_wrk, search_bodies
-from bench.procfs import process_tree
 from bench.server import running_server
 from tests.conftest import DATABASES, new_database, served_catalog
 
@@ -94,10 +93,6 @@ def test_a_chunked_upload_is_searched_and_one_over_the_limit_refused(server):
     assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
 
 
-def workers_of(main: int) -> list[int]:
-    return process_tree(main)[1:]
-
-
 def wait_until(condition, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -125,14 +120,14 @@ def test_a_dead_worker_is_replaced_and_workers_stop_with_the_main_process(base_s
     photo = (catalog / "drinks" / "coffee.jpg").read_bytes()
     with running_server(env, timeout=120) as server:
         main = server.process.pid
-        assert wait_until(lambda: len(workers_of(main)) == 2)
-        first = workers_of(main)[0]
+        assert wait_until(lambda: len(server.worker_pids()) == 2)
+        first = server.worker_pids()[0]
         os.kill(first, signal.SIGKILL)
         # The other worker answers meanwhile (a connection caught by the dying one is reset: then the next one).
         assert wait_until(lambda: searched(server.url, photo), timeout=5)
-        assert wait_until(lambda: first not in workers_of(main) and len(workers_of(main)) == 2)  # replaced
+        assert wait_until(lambda: first not in server.worker_pids() and len(server.worker_pids()) == 2)  # replaced
         assert searched(server.url, photo)
-        workers = workers_of(main)
+        workers = server.worker_pids()
         os.kill(main, signal.SIGKILL)
         server.process.wait(timeout=30)
         assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=30)
