@@ -99,7 +99,8 @@ def publish_base(index_dir: Path, partial: Path, manifest: dict) -> str:
 
 def remove_unused_bases(index_dir: Path) -> list[str]:
     """Keep the current base and every base a server still holds; delete the rest. A server holding an old
-    base switches to the current one on its next request, releases the old one and calls this again.
+    base switches to the current one on its next request (or, idle, within seconds), releases the old one and
+    calls this again.
     Requests of this host still searching a base just released keep reading it (an unlinked file lives on
     while mapped). Returns the folders removed."""
     current = (read_manifest(index_dir) or {}).get("base")

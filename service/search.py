@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 # Several images of one product collapse into one result, so fetch a few more neighbours (and as many again
 # for each extra view of a catalog photo, index.catalog_views).
 OVERFETCH = 3
+# A process that answers no request (one of a server's idle workers, a quiet replica) would hold the base it last
+# searched, and with it the old files' disk space and memory, until its next request: it looks this often.
+FOLLOW_BASE_EVERY_S = 2.0
 
 
 class NotReady(RuntimeError):
@@ -125,19 +130,14 @@ class CatalogSearch:
             from indexer.milvus_store import MilvusUnavailable
 
             self._unavailable = (MilvusUnavailable,)
+        else:
+            threading.Thread(target=_follow_bases, args=(weakref.ref(self),), name="follow-base", daemon=True).start()
 
     # --- the live index ----------------------------------------------------------------------------
 
     def current(self) -> IndexView:
         """The newest base, with every committed change applied."""
-        stamp = manifest_stamp(self.settings.index_dir) if self.settings.index_backend == "faiss" else None
-        view = self._view
-        if view is None or stamp != self._stamp:
-            with self._lock:
-                if self._view is None or stamp != self._stamp:
-                    self._stamp = stamp
-                    self._switch(self._load())
-            view = self._view
+        view = self._follow_base()
         if view is None:
             raise NotReady(self._problem or "not ready")
         try:
@@ -145,6 +145,17 @@ class CatalogSearch:
         except self._unavailable as exc:
             raise NotReady(str(exc)) from None
         return view
+
+    def _follow_base(self) -> IndexView | None:
+        """Switch to a newly published base (one stat of the manifest when there is none)."""
+        stamp = manifest_stamp(self.settings.index_dir) if self.settings.index_backend == "faiss" else None
+        if self._view is None or stamp != self._stamp:
+            with self._lock:
+                if self._view is None or stamp != self._stamp:
+                    view = self._load()  # should it raise (the database away), the next look tries again
+                    self._stamp = stamp
+                    self._switch(view)
+        return self._view
 
     def _refresh(self, view: IndexView) -> None:
         """Apply the changes committed since this server last looked (one indexed read when there are none)."""
@@ -356,3 +367,18 @@ class CatalogSearch:
     def categories(self, view: IndexView | None = None) -> list[str]:
         """The categories of live products, kept by the live index (no database read)."""
         return (view or self.current()).live.live_categories()
+
+
+def _follow_bases(search_ref: weakref.ref[CatalogSearch]) -> None:
+    """Switch an idle process to each new base, so that the old one can be removed; ends with its search."""
+    while True:
+        time.sleep(FOLLOW_BASE_EVERY_S)
+        search = search_ref()
+        if search is None:
+            return
+        try:
+            if search._view is not None:  # a process that never loaded a base holds none
+                search._follow_base()
+        except Exception:  # the next request meets the same problem and answers it; keep following
+            log.exception("could not switch to the new index base")
+        del search  # between looks the thread must not keep the search (and its memory maps) alive
