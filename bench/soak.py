@@ -1,6 +1,6 @@
 """`make soak`: searches from several clients while the catalog is re-indexed, products are written
-through the API and a compaction rebuilds the base; the acceptance is zero failed requests and zero
-wrong results.
+through the API and a compaction rebuilds the base; the acceptance is zero failed requests, zero
+wrong results, and no old base left on disk a few seconds after the end.
 
     python -m bench.soak --catalog ../shared/datasets/grocery-store --metadata catalog.csv
     python -m bench.soak --products 100000     # the same, over 100,000 products (synthetic vectors)
@@ -53,6 +53,21 @@ def write_catalog(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=["sku", "image", "title", "category"])
         writer.writeheader()
         writer.writerows({k: row[k] for k in ("sku", "image", "title", "category")} for row in rows)
+
+
+def old_bases_left(index_dir: Path) -> list[str]:
+    """Index bases on disk besides the current one, once every server process (idle workers included) has had
+    time to let go of its old one: each must be removed by then."""
+    from indexer.segments import read_manifest
+    from service.search import FOLLOW_BASE_EVERY_S
+
+    deadline = time.monotonic() + 2 * FOLLOW_BASE_EVERY_S + 3
+    while True:
+        current = read_manifest(index_dir)["base"]
+        left = sorted(p.name for p in index_dir.glob("base-*") if p.name != current)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def indexer_command(arguments: list[str], env: dict) -> str:
@@ -136,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "wrong_examples"}, indent=2))
     if args.servers == 2:
         return 0 if report["passed"] else 1
-    return 0 if report["errors"] == 0 and report["wrong_results"] == 0 else 1
+    return 0 if report["errors"] == report["wrong_results"] == 0 and not report["old_bases_left"] else 1
 
 
 @contextlib.contextmanager
@@ -300,6 +315,7 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         "reindex_error": events.get("reindex_error"),
         "compacted": events["compacted_at"] is not None,
         "compaction_error": events.get("compaction_error"),
+        "old_bases_left": old_bases_left(Path(env["DATA_DIR"]) / "index"),
     }
 
 
@@ -452,6 +468,7 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: lis
         "base_before": base_before,
         "base_after": base_after,
         "after": after,
+        "old_bases_left": old_bases_left(index_dir),
     }
     report["passed"] = bool(
         report["errors"] == 0
@@ -464,6 +481,7 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: lis
         and base_after != base_before
         and after["both_on_compacted_base"]
         and after["disagreements"] == after["missing"] == after["resurrected"] == 0
+        and not report["old_bases_left"]
     )
     return report
 
