@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +30,15 @@ os.environ["PRECISION"] = "fp32"
 os.environ["WHITENING"] = "off"
 
 GROCERY = Path(os.environ.get("GROCERY_DIR", REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"))
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 60) -> None:
+    """Poll condition() until it holds; fails once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() <= deadline, f"not within {timeout} s"
+        time.sleep(0.02)
+
 
 # Real photos that scikit-image ships, by category: a tiny catalog that is always there.
 SKIMAGE_CATALOG = {

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import requests
 
 from bench.load import run_wrk, search_bodies
 from bench.server import running_server
-from tests.conftest import DATABASES, new_database, served_catalog
+from tests.conftest import DATABASES, new_database, served_catalog, wait_until
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
@@ -93,15 +92,6 @@ def test_a_chunked_upload_is_searched_and_one_over_the_limit_refused(server):
     assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
 
 
-def wait_until(condition, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def searched(url: str, photo: bytes) -> bool:
     try:
         response = requests.post(
@@ -120,17 +110,17 @@ def test_a_dead_worker_is_replaced_and_workers_stop_with_the_main_process(base_s
     photo = (catalog / "drinks" / "coffee.jpg").read_bytes()
     with running_server(env, timeout=120) as server:
         main = server.process.pid
-        assert wait_until(lambda: len(server.worker_pids()) == 2)
+        wait_until(lambda: len(server.worker_pids()) == 2)
         first = server.worker_pids()[0]
         os.kill(first, signal.SIGKILL)
         # The other worker answers meanwhile (a connection caught by the dying one is reset: then the next one).
-        assert wait_until(lambda: searched(server.url, photo), timeout=5)
-        assert wait_until(lambda: first not in server.worker_pids() and len(server.worker_pids()) == 2)  # replaced
+        wait_until(lambda: searched(server.url, photo), timeout=5)
+        wait_until(lambda: first not in server.worker_pids() and len(server.worker_pids()) == 2)  # replaced
         assert searched(server.url, photo)
         workers = server.worker_pids()
         os.kill(main, signal.SIGKILL)
         server.process.wait(timeout=30)
-        assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=30)
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=30)
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{server.url}/healthz", timeout=5)
 

@@ -29,7 +29,7 @@ from indexer.schema import ProductImage
 from indexer.segments import load_base, read_manifest, remove_unused_bases
 from indexer.store import Store
 from service import create_app
-from tests.conftest import both_databases, new_database, served_catalog, skimage_photo
+from tests.conftest import both_databases, new_database, served_catalog, skimage_photo, wait_until
 
 KEY = "several-servers-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -58,17 +58,6 @@ def ready(url: str) -> dict:
     response = requests.get(f"{url}/readyz", timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def seconds_until(condition, bound: float) -> float:
-    """Poll condition() until it holds; how long that took. Fails once `bound` seconds have passed."""
-    started = time.monotonic()
-    while True:
-        if condition():
-            return time.monotonic() - started
-        elapsed = time.monotonic() - started
-        assert elapsed <= bound, f"not within {bound} s"
-        time.sleep(0.02)
 
 
 def descendants(pid: int) -> list[int]:
@@ -134,7 +123,7 @@ def test_a_write_through_one_server_is_found_on_the_other_within_a_second(two_ho
     a, b = servers["a"].url, servers["b"].url
     photo = jpeg("hubble_deep_field")
     assert put(a, "api/galaxy", photo, title="Galaxy poster", category="space").status_code == 201
-    seconds_until(lambda: "api/galaxy" in search(b, photo), VISIBLE_WITHIN)
+    wait_until(lambda: "api/galaxy" in search(b, photo), VISIBLE_WITHIN)
     # The photo is in the shared uploads folder: the other server serves it too.
     image = requests.get(f"{b}/images/api/galaxy", timeout=10)
     assert image.status_code == 200 and image.content == photo
@@ -142,7 +131,7 @@ def test_a_write_through_one_server_is_found_on_the_other_within_a_second(two_ho
     coffee = (catalog / "drinks" / "coffee.jpg").read_bytes()
     assert "drinks/coffee" in search(a, coffee)
     assert requests.delete(f"{b}/api/products/drinks/coffee", headers=AUTH, timeout=30).status_code == 200
-    seconds_until(lambda: "drinks/coffee" not in search(a, coffee), VISIBLE_WITHIN)
+    wait_until(lambda: "drinks/coffee" not in search(a, coffee), VISIBLE_WITHIN)
     assert requests.get(f"{a}/api/products/drinks/coffee", timeout=10).status_code == 404
 
 
@@ -192,7 +181,7 @@ def test_a_compaction_both_servers_decide_on_runs_once_and_both_switch_to_it(two
     # The old base is removed once no process holds it, a worker that got none of these requests included (it
     # switches on its own within FOLLOW_BASE_EVERY_S); the new one is the only one left.
     current = [read_manifest(data_dir / "index")["base"]]
-    seconds_until(lambda: [p.name for p in (data_dir / "index").glob("base-*")] == current, 30)
+    wait_until(lambda: [p.name for p in (data_dir / "index").glob("base-*")] == current, 30)
 
 
 @pytest.mark.slow
@@ -251,7 +240,7 @@ def test_a_server_that_gets_no_request_lets_go_of_the_old_base(indexed, embedder
     old = read_manifest(settings.index_dir)["base"]
     compact(settings, store, embedder)
     assert read_manifest(settings.index_dir)["base"] != old
-    seconds_until(lambda: not (settings.index_dir / old).exists(), 30)  # without another request
+    wait_until(lambda: not (settings.index_dir / old).exists(), 30)  # without another request
     assert [p.name for p in settings.index_dir.glob("base-*")] == [read_manifest(settings.index_dir)["base"]]
 
 
