@@ -8,6 +8,8 @@ The statements are the same on SQLite and PostgreSQL; what differs (advisory loc
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +116,9 @@ def _chunks(items: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
 class Store:
     def __init__(self, engine: Engine):
         self.engine = engine
+        # SQLite: a connection of its own for change_marker, opened at the first call.
+        self._marker_connection = None
+        self._marker_lock = threading.Lock()
 
     @classmethod
     def open(cls, settings: Settings, *, upgrade: bool = True) -> Store:
@@ -158,6 +163,34 @@ class Store:
     def head(self) -> int:
         with self.engine.connect() as connection:
             return _head(connection)
+
+    def change_marker(self) -> int | None:
+        """A number that differs from the last one read whenever another connection has committed since: SQLite's
+        data_version, on a connection kept for it (a server reads it before every search, and it costs a fraction
+        of reading head through a query). None where there is no such number (PostgreSQL) or it could not be
+        read: read head then."""
+        if self.engine.dialect.name != "sqlite":
+            return None
+        with self._marker_lock:
+            try:
+                if self._marker_connection is None:
+                    # Never writes, and never holds a transaction open: each read sees the newest commit.
+                    self._marker_connection = self.engine.raw_connection()
+                cursor = self._marker_connection.cursor()
+                try:
+                    return int(cursor.execute("PRAGMA data_version").fetchone()[0])
+                finally:
+                    cursor.close()
+            except sqlite3.Error:
+                self._close_marker_connection()
+                return None  # the caller reads head, which fails with the reason if the database is away
+
+    def _close_marker_connection(self) -> None:
+        if self._marker_connection is not None:
+            try:
+                self._marker_connection.invalidate()  # not back into the pool: it may be broken
+            finally:
+                self._marker_connection = None
 
     @staticmethod
     def _next_change(connection: Connection) -> int:

@@ -122,6 +122,8 @@ class CatalogSearch:
         self._lock = threading.Lock()
         self._view: IndexView | None = None
         self._stamp: tuple[int, int] | None = None
+        # The live index last brought up to date, and the store's change marker read just before that.
+        self._up_to_date: tuple[object, int] | None = None
         self._problem: str | None = None
         self._compactor: subprocess.Popen | None = None
         # Errors a request answers with 503 (try again) rather than 500: Milvus out of reach, when configured.
@@ -158,13 +160,22 @@ class CatalogSearch:
         return self._view
 
     def _refresh(self, view: IndexView) -> None:
-        """Apply the changes committed since this server last looked (one indexed read when there are none)."""
+        """Apply the changes committed since this server last looked: nothing to read when the store's change
+        marker has not moved since then, else one indexed read (and the rows changed, when there are some)."""
+        # Read before the changes: a commit that lands after it moves it again, and is read on the next look.
+        marker = self.store.change_marker()
+        up_to_date = self._up_to_date
+        if marker is not None and up_to_date is not None and up_to_date[0] is view.live and up_to_date[1] == marker:
+            return
         identity = self.embedder.identity
         changes = self.store.changes_since(view.live.seen, identity.key, identity.dim)
         if changes.head > view.live.seen:
             view.rows.forget(view.live.apply(changes))
             if view.live.delta_size >= self.settings.compact_after:
                 self._start_compaction(view)
+        if marker is not None:
+            # Another thread may store an older marker over it: the next look then reads once more, harmlessly.
+            self._up_to_date = (view.live, marker)
 
     def _load(self) -> IndexView | None:
         if self.settings.index_backend == "milvus":

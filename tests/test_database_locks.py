@@ -77,6 +77,26 @@ def test_concurrent_writers_get_distinct_change_numbers_in_commit_order(settings
     assert len(found) == WRITERS * WRITES  # every row was seen by the follower
 
 
+def test_the_sqlite_change_marker_moves_with_every_commit_and_only_then(settings):
+    """What lets a server skip reading head before a search: the marker stays while nothing is committed and
+    moves with a commit from another store (another process's) or from another connection of the reader's own."""
+    reader = Store.open(settings)
+    here, other = machine(settings, settings.data_dir.name)
+    first = reader.change_marker()
+    assert first is not None and reader.change_marker() == first
+    write(other, here.data_dir, "a", 1)
+    second = reader.change_marker()
+    assert second != first and reader.change_marker() == second
+    write(reader, settings.data_dir, "b", 2)
+    assert reader.change_marker() != second
+
+
+@pytest.mark.postgresql
+def test_postgresql_has_no_change_marker_so_a_server_reads_head(postgres, settings):
+    store = Store.open(settings.with_overrides(database_url=postgres.url(postgres.create_database())))
+    assert store.change_marker() is None
+
+
 @pytest.mark.postgresql
 def test_a_writer_on_another_machine_waits_for_the_database_write_lock(postgres, settings):
     settings = settings.with_overrides(database_url=postgres.url(postgres.create_database()))

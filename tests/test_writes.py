@@ -85,6 +85,21 @@ def test_a_new_product_is_searchable_at_once_and_after_a_restart(setup, embedder
     assert restarted.get("/readyz").json["delta"] == 1
 
 
+def test_a_write_through_another_server_process_is_found_by_the_next_search(setup, embedder):
+    """Another process's write (here another app, with its own connections) reaches a server that has already
+    searched, and so holds the store's change marker from before it, on its very next search; and so does a
+    deletion after that."""
+    settings, _, client = setup
+    other = create_app(settings, embedder).test_client()
+    photo = jpeg("coffee", angle=180)
+    before = search(client, photo)
+    assert "mug-9" not in before
+    assert put(other, "mug-9", photo, title="Upside-down espresso").status_code == 201
+    assert search(client, photo)[0] == "mug-9"
+    assert other.delete("/api/products/mug-9", headers=AUTH).status_code == 200
+    assert search(client, photo) == before
+
+
 def test_replacing_a_product_swaps_its_photo_and_metadata(setup):
     _, _, client = setup
     put(client, "thing", jpeg("coffee"), title="Cup")
