@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     from service.metrics import instrument
     from service.openapi import openapi
     from service.pages import pages
+    from service.query_photo import ServiceRequest
     from service.query_store import QueryFolder, RecentQueries
     from service.search import CatalogSearch
     from service.widget import widget
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     settings = settings or load_settings()
     # No /static route: the one static file (widget.js) has its own URL and caching.
     app = Flask(__name__, static_folder=None)
+    app.request_class = ServiceRequest
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes)
     app.json.sort_keys = False  # keep each result's fields in their documented order
     app.logger.setLevel(logging.INFO)
