@@ -103,10 +103,15 @@ class _Moments:
         self.outer += vectors.T @ vectors
         labelled = vectors[[label is not None for label in labels]]
         self.labelled_outer += labelled.T @ labelled
-        for label in set(labels) - {None}:
-            rows = vectors[[i for i, item in enumerate(labels) if item == label]]
-            count, total = self.by_label.get(label, (0, np.zeros(vectors.shape[1])))
-            self.by_label[label] = (count + len(rows), total + rows.sum(axis=0))
+        # One pass over the labels, however many categories (a pass per category cost photos times categories).
+        codes: dict[str, int] = {}
+        rows = [codes.setdefault(label, len(codes)) for label in labels if label is not None]
+        totals = np.zeros((len(codes), vectors.shape[1]))
+        np.add.at(totals, rows, labelled)
+        counts = np.bincount(rows, minlength=len(codes))
+        for label, code in codes.items():
+            count, total = self.by_label.get(label, (0, 0.0))
+            self.by_label[label] = (count + int(counts[code]), total + totals[code])
 
 
 def fit(batches: Iterable[tuple[np.ndarray, list[str | None]]], dims: int) -> Whitening | None:
