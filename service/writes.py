@@ -117,6 +117,10 @@ def put_product(sku: str):
         # PostgreSQL stores no NUL in text or JSON: refused on every database, so both behave alike.
         raise BadRequest("product fields may not contain NUL characters")
     data = read_upload(request)
+    # The base first: the photo must be embedded as the index's vectors are, with its whitening, which a worker
+    # process loads with the base (its first request may be this write). With nothing to search, a 503 here.
+    search.current()
+    identity = search.embedder.identity
     views = search.settings.catalog_views
     vectors = embed_upload(data, search.embedder, views)
     image_format = _format_of(data)
@@ -133,8 +137,10 @@ def put_product(sku: str):
         path = _store_photo(data, image_format)
         image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vectors[0])
         extra = [replace(image, vector=vector, view=view) for view, vector in zip(views, vectors[1:], strict=True)]
+        if search.embedder.identity != identity:  # a new base with another whitening came in meanwhile
+            raise NotReady("the index changed models while the photo was embedded; send the write again")
         with write_lock(search.settings.data_dir, search.store):
-            created, _ = search.store.put_product(product, image, search.embedder.identity.key, API, extra)
+            created, _ = search.store.put_product(product, image, identity.key, API, extra)
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
 

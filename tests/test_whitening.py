@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import shutil
+
 import numpy as np
 import pytest
 
@@ -12,7 +15,7 @@ from indexer.store import Store
 from indexer.whitening import MIN_FIT_PHOTOS, fit, in_use
 from service import create_app
 from service.search import model_mismatch
-from tests.conftest import grocery_subset, live_index, read_csv, write_csv
+from tests.conftest import grocery_subset, live_index, read_csv, skimage_photo, write_csv
 
 pytestmark = pytest.mark.slow  # embeds a few hundred real photos
 
@@ -118,6 +121,24 @@ def test_a_server_follows_its_index_whitening_and_says_when_the_database_lacks_i
     manifest = {**identity.as_dict(), "whitening_sha256": "0" * 64}  # as if built on another catalog's database
     reason = model_mismatch(manifest, embedder.identity)
     assert "does not hold" in reason and "DATABASE_URL" in reason
+
+
+def test_a_write_that_is_a_server_processs_first_request_is_whitened_like_the_index(indexed, tmp_path):
+    """With several worker processes, a process's first request may be a write (the others took every search
+    so far). Its photo is embedded with the index's whitening, loaded with the base before it, so the product
+    is found at once: it used to be stored unwhitened, under the bare network's identity, and never found."""
+    settings, _ = indexed
+    copied = settings.with_overrides(data_dir=tmp_path / "data", api_key="key")
+    shutil.copytree(settings.data_dir, copied.data_dir)
+    client = create_app(copied).test_client()  # its own embedder: nothing is loaded before the first request
+    buffer = io.BytesIO()
+    skimage_photo("coffee").save(buffer, format="JPEG")
+    photo = buffer.getvalue()
+    written = client.put("/api/products/mug-9", data={"image": (io.BytesIO(photo), "mug.jpg"), "title": "Mug"},
+                         headers={"Authorization": "Bearer key"}, content_type="multipart/form-data")  # fmt: skip
+    assert written.status_code == 201, written.json
+    found = client.post("/api/search", data=photo, content_type="image/jpeg").json["results"]
+    assert found[0]["sku"] == "mug-9"
 
 
 def test_compacting_keeps_the_index_whitening_whatever_the_compactor_is_configured(indexed, monkeypatch, capsys):
