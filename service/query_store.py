@@ -53,6 +53,9 @@ class Query:
     photo: bytes
     # The whole photo's vector; None while only regions of it were searched (each is embedded on its own).
     vector: np.ndarray | None
+    # The identity (ModelIdentity.key) of the embedder that made the vector: another model or whitening needs
+    # another vector (a new base with a new whitening came in since).
+    identity: str | None = None
 
     def thumbnail(self) -> Image.Image:
         """Made only when a page or preview shows the photo, not on every search."""
@@ -193,10 +196,11 @@ class RecentQueries:
         the photo is remembered unembedded: a region search needs only the region."""
         token = hashlib.sha256(data).hexdigest()
         known = self._remembered(token)
-        if known is not None and (known.vector is not None or embedder is None):
+        identity = None if embedder is None else embedder.identity.key  # read before: at worst, embedded again
+        if known is not None and (embedder is None or (known.vector is not None and known.identity == identity)):
             return known
         vector = None if embedder is None else embed_upload(data, embedder)  # a 400 before anything is kept
-        return self._remember(Query(token=token, photo=data, vector=vector), saved=known is not None)
+        return self._remember(Query(token, data, vector, identity), saved=known is not None)
 
     def get(self, token: str) -> Query | None:
         """The photo of a token from memory, else from the folder (unembedded), else None."""

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -20,8 +21,10 @@ from bench.procfs import process_tree
 from bench.server import running_server
 from indexer.config import REPO_ROOT, cpu_count
 from indexer.indexing import index_catalog
+from indexer.model import Embedder
+from indexer.whitening import Whitening
 from service import create_app
-from service.query_store import PRUNED_MARKER, QueryFolder
+from service.query_store import PRUNED_MARKER, QueryFolder, RecentQueries
 from tests.conftest import served_catalog, skimage_photo, write_skimage_catalog
 
 
@@ -91,6 +94,20 @@ def test_a_token_made_by_one_app_is_searched_previewed_and_shown_by_another(sett
     html = page.get_data(as_text=True)
     assert page.status_code == 200 and re.search(rf'name="query" value="{token}"', html)
     assert re.search(r'href="/products/([^"]+)"', html).group(1) == "animals/chelsea"
+
+
+def test_a_remembered_photo_is_embedded_again_once_the_index_whitening_changes(embedder, photo):
+    """A token searched again after a new base with another whitening came in: its old vector belongs to the
+    old index (here even of another length), so the photo is embedded again, as the new index's vectors are."""
+    own = Embedder(embedder.engine, embedder.network, embedder.tflite_sha256)  # unwhitened, whatever the suite did
+    recent = RecentQueries()
+    before = recent.add(photo, own)
+    projection = np.random.default_rng(0).normal(size=(own.network.dim, 8)).astype(np.float32)
+    own.use_whitening(Whitening("pca", np.zeros(own.network.dim, np.float32), projection, {}))
+    after = recent.add(photo, own)
+    assert after.token == before.token and before.vector.shape == (own.network.dim,) and after.vector.shape == (8,)
+    np.testing.assert_allclose(after.vector, own.embed_image(photo), atol=1e-6)
+    assert recent.add(photo, own) is after  # and remembered again
 
 
 @pytest.mark.parametrize(
