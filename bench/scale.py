@@ -410,7 +410,7 @@ def measure_visibility(client: Client, photos: list[bytes], targets: list[tuple[
 
 def _until_seen(label: str, items: list, send, seen, missing_key: str) -> dict:
     """For each item: send the write, then time from sending it until seen(item) holds (or give up)."""
-    visible_ms, request_ms, checks, errors, missing = [], [], [], [], 0
+    visible_ms, request_ms, checks, errors, missing = [], [], [], [], []
     for item in tqdm(items, desc=label, leave=False):
         started = time.perf_counter()
         status, data, took_ms = send(item)
@@ -421,13 +421,15 @@ def _until_seen(label: str, items: list, send, seen, missing_key: str) -> dict:
         ms, count = _wait_until(lambda item=item: seen(item), started)
         checks.append(count)
         if ms is None:
-            missing += 1
+            missing.append(item)
         else:
             visible_ms.append(ms)
     return {
         **stats(visible_ms),
         "request": stats(request_ms),
-        missing_key: missing,
+        missing_key: len(missing),
+        # what was written (an item's fields but its photo), to look for in the logs and the database
+        "missing_examples": [[f for f in item if not isinstance(f, bytes)] for item in missing[:5]],
         "errors": len(errors),
         "error_examples": errors[:3],
         "first_check_saw_it": sum(c == 1 for c in checks),

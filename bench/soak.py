@@ -411,7 +411,7 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: lis
 
     # Afterwards: both servers on the compacted base, giving the same answers, every write in place.
     base_after = read_manifest(index_dir)["version"]
-    after: dict = {"index_versions": {}, "disagreements": 0, "missing": 0, "resurrected": 0}
+    after: dict = {"index_versions": {}, "disagreements": 0, "missing": 0, "resurrected": 0, "wrong_skus": []}
     answers: dict[str, list[list[str]]] = {}
     for name, client in (("a", on_a), ("b", on_b)):
         status, data, _ = client.call("GET", "/readyz")
@@ -433,6 +433,8 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: lis
             after["resurrected"] += sum(found)
         else:
             after["missing"] += found.count(False)
+        if (sku in events["deleted"]) == any(found) or answers["a"][number] != answers["b"][number]:
+            after["wrong_skus"].append(sku)
     on_a.close()
     on_b.close()
 
