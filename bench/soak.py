@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(catalog / args.metadata, newline="") as handle:
         rows = list(csv.DictReader(handle))[::4][:700]
     first, second = rows[:600], rows[100:700]  # the re-index drops 100 products and adds 100
-    photos = [(catalog / row["image"]).read_bytes() for row in rows[::7]]
+    photos = [(catalog / row["image"]).read_bytes() for row in rows[::7]]  # what writes send
+    # What searches send: more distinct photos than the servers remember (service/query_store.py), so that
+    # each search decodes and embeds its photo, as a shopper's does.
+    queries = [multipart_body((catalog / row["image"]).read_bytes(), {"k": "10"}) for row in rows]
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
@@ -142,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 (tmp / f"host-{host}").mkdir()
                 server = stack.enter_context(running_server({**env, "TMPDIR": str(tmp / f"host-{host}")}, timeout=300))
                 urls.append(server.url)
-            report = {"servers": 2, "database": database, **soak_two_servers(urls, env, photos, first, args)}
+            report = {"servers": 2, "database": database, **soak_two_servers(urls, env, photos, queries, first, args)}
         else:
             with running_server(env, timeout=300) as server:
-                report = soak(server.url, catalog, tmp, env, photos, first, second, args)
+                report = soak(server.url, catalog, tmp, env, photos, queries, first, second, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "wrong_examples"}, indent=2))
@@ -229,13 +232,12 @@ def wrong_results(searches: list[tuple], events: dict, first: list[dict], second
     return wrong
 
 
-def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
+def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
     lock = threading.Lock()
     # sku -> time the change had finished
     events = {"written": {}, "deleted": {}, "reindexed_at": None, "compacted_at": None}
     searches: list[tuple[float, float, int, list[str], str | None]] = []  # (sent, latency, status, skus, server)
     stop = threading.Event()
-    bodies = [multipart_body(photo, {"k": "10"}) for photo in photos]
 
     def record(*search: object) -> None:
         with lock:
@@ -281,7 +283,7 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
         except RuntimeError as exc:
             events["compaction_error"] = str(exc)
 
-    threads = [threading.Thread(target=search_client, args=([url], i, args.clients, bodies, stop, record))
+    threads = [threading.Thread(target=search_client, args=([url], i, args.clients, queries, stop, record))
                for i in range(args.clients)]  # fmt: skip
     threads += [threading.Thread(target=t) for t in (writer, reindexer, compactor)]
     started = time.monotonic()
@@ -319,7 +321,7 @@ def soak(url, catalog, tmp, env, photos, first, second, args) -> dict:
     }
 
 
-def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: list[dict], args) -> dict:
+def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], queries: list, first: list[dict], args) -> dict:
     """--servers 2: writes through A, each until B shows it; searches on both meanwhile; a compaction."""
     from bench.scale import Client, _until_seen, result_skus
     from indexer.segments import read_manifest
@@ -330,7 +332,6 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: lis
     events = {"written": {}, "deleted": {}, "reindexed_at": None, "compacted_at": None}
     searches: list[tuple[float, float, int, list[str], str | None]] = []  # (sent, latency, status, skus, server)
     stop, compact_now = threading.Event(), threading.Event()
-    bodies = [multipart_body(photo, {"k": "10"}) for photo in photos]
 
     def record(*search: object) -> None:
         with lock:
@@ -395,7 +396,7 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], first: lis
         except RuntimeError as exc:
             events["compaction_error"] = str(exc)
 
-    threads = [threading.Thread(target=search_client, args=(urls, i, args.clients, bodies, stop, record))
+    threads = [threading.Thread(target=search_client, args=(urls, i, args.clients, queries, stop, record))
                for i in range(args.clients)]  # fmt: skip
     threads += [threading.Thread(target=t) for t in (writer, compactor)]
     started = time.monotonic()
