@@ -133,12 +133,12 @@ def put_product(sku: str):
         url=fields["url"] or None,
         attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
     )
+    if search.embedder.identity != identity:  # a new base with another whitening came in meanwhile
+        raise NotReady("the index changed models while the photo was embedded; send the write again")
     with _saving():
         path = _store_photo(data, image_format)
         image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vectors[0])
         extra = [replace(image, vector=vector, view=view) for view, vector in zip(views, vectors[1:], strict=True)]
-        if search.embedder.identity != identity:  # a new base with another whitening came in meanwhile
-            raise NotReady("the index changed models while the photo was embedded; send the write again")
         with write_lock(search.settings.data_dir, search.store):
             created, _ = search.store.put_product(product, image, identity.key, API, extra)
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
