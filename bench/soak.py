@@ -121,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(catalog / args.metadata, newline="") as handle:
         rows = list(csv.DictReader(handle))[::4][:700]
     first, second = rows[:600], rows[100:700]  # the re-index drops 100 products and adds 100
-    photos = [(catalog / row["image"]).read_bytes() for row in rows[::7]]  # what writes send
+    every_photo = [(catalog / row["image"]).read_bytes() for row in rows]
+    photos = every_photo[::7]  # what writes send
     # What searches send: more distinct photos than the servers remember (service/query_store.py), so that
     # each search decodes and embeds its photo, as a shopper's does.
-    queries = [multipart_body((catalog / row["image"]).read_bytes(), {"k": "10"}) for row in rows]
+    queries = [multipart_body(photo, {"k": "10"}) for photo in every_photo]
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)

@@ -182,15 +182,10 @@ class Store:
                 finally:
                     cursor.close()
             except sqlite3.Error:
-                self._close_marker_connection()
+                if self._marker_connection is not None:
+                    connection, self._marker_connection = self._marker_connection, None
+                    connection.invalidate()  # not back into the pool: it may be broken
                 return None  # the caller reads head, which fails with the reason if the database is away
-
-    def _close_marker_connection(self) -> None:
-        if self._marker_connection is not None:
-            try:
-                self._marker_connection.invalidate()  # not back into the pool: it may be broken
-            finally:
-                self._marker_connection = None
 
     @staticmethod
     def _next_change(connection: Connection) -> int:

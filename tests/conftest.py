@@ -4,6 +4,7 @@ databases: SQLite (a file in the data folder) and PostgreSQL (a throwaway cluste
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -162,6 +163,13 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
 
 def skimage_photo(name: str) -> Image.Image:
     return Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
+
+
+def skimage_jpeg(name: str, angle: int = 0, quality: int = 90) -> bytes:
+    """A scikit-image photo (turned by `angle` degrees: another photo of the same thing) as JPEG bytes."""
+    buffer = io.BytesIO()
+    skimage_photo(name).rotate(angle).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def write_skimage_catalog(folder: Path) -> Path:

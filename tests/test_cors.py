@@ -9,7 +9,7 @@ import pytest
 from indexer.config import REPO_ROOT, ConfigError, load_settings
 from indexer.indexing import index_catalog
 from service import create_app
-from tests.conftest import skimage_photo, write_skimage_catalog
+from tests.conftest import skimage_jpeg, write_skimage_catalog
 
 SHOP = "https://shop.example"
 OTHER = "https://evil.example"
@@ -33,12 +33,6 @@ def preflight(client, url: str, method: str, origin: str = SHOP, headers: str | 
     if headers:
         request_headers["Access-Control-Request-Headers"] = headers
     return client.options(url, headers=request_headers)
-
-
-def jpeg(name: str) -> bytes:
-    buffer = io.BytesIO()
-    skimage_photo(name).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -66,7 +60,7 @@ def test_a_preflight_for_a_raw_image_search_allows_its_content_type(client):
     response = preflight(client, "/api/search", "POST", headers="Content-Type")
     assert response.headers[ACAO] == SHOP
     assert "content-type" in response.headers["Access-Control-Allow-Headers"].lower()
-    found = client.post("/api/search", data=jpeg("coffee"), content_type="image/jpeg", headers={"Origin": SHOP})
+    found = client.post("/api/search", data=skimage_jpeg("coffee"), content_type="image/jpeg", headers={"Origin": SHOP})
     assert found.status_code == 200 and found.json["results"][0]["sku"] == "drinks/coffee"
     assert found.headers[ACAO] == SHOP
 
@@ -92,7 +86,7 @@ def test_an_ipv6_origin_matches_exactly(client):
 
 
 def test_a_search_from_an_allowed_origin_may_be_read_also_when_it_fails(client):
-    photo = jpeg("coffee")
+    photo = skimage_jpeg("coffee")
     found = client.post(
         "/api/search",
         data={"image": (io.BytesIO(photo), "q.jpg")},
@@ -122,7 +116,7 @@ def test_writes_from_an_allowed_origin_work_but_carry_no_cors_headers(client):
     headers = {"Origin": SHOP, "Authorization": f"Bearer {KEY}"}
     put = client.put(
         "/api/products/cors-mug",
-        data={"image": (io.BytesIO(jpeg("coffee")), "p.jpg"), "title": "Mug"},
+        data={"image": (io.BytesIO(skimage_jpeg("coffee")), "p.jpg"), "title": "Mug"},
         headers=headers,
         content_type="multipart/form-data",
     )

@@ -19,19 +19,13 @@ from bench.procfs import process_tree_cpu_seconds
 from bench.server import running_server
 from indexer.indexing import index_catalog
 from service import create_app
-from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_photo, write_skimage_catalog
+from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_jpeg, write_skimage_catalog
 
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PHOTOS = [name for names in SKIMAGE_CATALOG.values() for name in names]
 METRICS_DIR = "visual-search-metrics-"  # METRICS_DIR_PREFIX in service/server.py
 SEARCHED = {"endpoint": "api.search_by_photo", "method": "POST", "status": "200"}
-
-
-def jpeg(name: str, quality: int = 80) -> bytes:
-    buffer = io.BytesIO()
-    skimage_photo(name).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 class Scrape:
@@ -76,7 +70,7 @@ def search(client, photo: bytes):
 
 def test_searches_raise_the_request_embedding_and_search_counts(client):
     before = scrape(client)
-    photos = [jpeg(name, quality=71) for name in PHOTOS[:3]]  # not yet in the recent-query cache: embedded
+    photos = [skimage_jpeg(name, quality=71) for name in PHOTOS[:3]]  # not yet in the recent-query cache: embedded
     for photo in photos:
         assert search(client, photo).status_code == 200
     after = scrape(client)
@@ -136,7 +130,7 @@ def test_writes_are_counted_by_kind_and_status_and_move_the_index_gauges(base_se
     before = scrape(client)
 
     def put(sku: str, headers=AUTH):
-        data = {"image": (io.BytesIO(jpeg("coffee", quality=60)), "p.jpg"), "title": "Secret mug title"}
+        data = {"image": (io.BytesIO(skimage_jpeg("coffee", quality=60)), "p.jpg"), "title": "Secret mug title"}
         return client.put(f"/api/products/{sku}", data=data, headers=headers, content_type="multipart/form-data")
 
     assert put("mug-secret-sku").status_code == 201
@@ -191,7 +185,7 @@ def test_counts_add_up_across_server_workers(base_settings, embedder, tmp_path):
     # One request thread per worker, so that the second search of a pair goes to the other worker.
     changes = {"workers = 0\nthreads = 0": "workers = 2\nthreads = 1"}
     env, _ = served_catalog(base_settings, embedder, tmp_path, config_changes=changes)
-    photos = [jpeg(name) for name in PHOTOS[:2]]
+    photos = [skimage_jpeg(name, quality=80) for name in PHOTOS[:2]]
     with running_server(env, timeout=120) as server:
 
         def search_over_http(photo: bytes) -> int:

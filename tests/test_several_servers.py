@@ -8,7 +8,6 @@ nothing, and tombstones wait for a base without them to have been current a whil
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import threading
@@ -29,18 +28,12 @@ from indexer.schema import ProductImage
 from indexer.segments import load_base, read_manifest, remove_unused_bases
 from indexer.store import Store
 from service import create_app
-from tests.conftest import both_databases, new_database, served_catalog, skimage_photo, wait_until
+from tests.conftest import both_databases, new_database, served_catalog, skimage_jpeg, wait_until
 
 KEY = "several-servers-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 COMPACT_AFTER = 4  # the delta a server folds into a new base: small, so that the test reaches it
 VISIBLE_WITHIN = 1.0  # seconds: the bound the deployment promises for a write to reach every server
-
-
-def jpeg(name: str, angle: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    skimage_photo(name).rotate(angle).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def search(url: str, photo: bytes, k: int = 3) -> list[str]:
@@ -121,7 +114,7 @@ def two_hosts(request, base_settings, embedder, tmp_path_factory):
 def test_a_write_through_one_server_is_found_on_the_other_within_a_second(two_hosts):
     servers, catalog, _ = two_hosts
     a, b = servers["a"].url, servers["b"].url
-    photo = jpeg("hubble_deep_field")
+    photo = skimage_jpeg("hubble_deep_field")
     assert put(a, "api/galaxy", photo, title="Galaxy poster", category="space").status_code == 201
     wait_until(lambda: "api/galaxy" in search(b, photo), VISIBLE_WITHIN)
     # The photo is in the shared uploads folder: the other server serves it too.
@@ -146,7 +139,7 @@ def test_a_compaction_both_servers_decide_on_runs_once_and_both_switch_to_it(two
 
     needed = COMPACT_AFTER - ready(a)["delta"]
     assert needed > 0
-    photos = {f"api/clock-{i}": jpeg("clock" if i % 2 else "coins", angle=15 * i + 5) for i in range(needed)}
+    photos = {f"api/clock-{i}": skimage_jpeg("clock" if i % 2 else "coins", angle=15 * i + 5) for i in range(needed)}
     for i, (sku, photo) in enumerate(photos.items()):
         # alternately, the last write through A, whose delta then reaches index.compact_after
         url = a if (needed - i) % 2 else b
@@ -199,7 +192,7 @@ def test_killing_one_server_leaves_the_other_answering_and_taking_writes(two_hos
     assert ready(b.url)["items"] > 0
     rocket = (catalog / "space" / "rocket.jpg").read_bytes()
     assert search(b.url, rocket)[0] == "space/rocket"
-    photo = jpeg("immunohistochemistry")
+    photo = skimage_jpeg("immunohistochemistry")
     assert put(b.url, "api/stain", photo, title="Stain").status_code == 201
     assert "api/stain" in search(b.url, photo)
     assert requests.delete(f"{b.url}/api/products/space/rocket", headers=AUTH, timeout=30).status_code == 200

@@ -15,7 +15,7 @@ from indexer.store import Store
 from indexer.whitening import MIN_FIT_PHOTOS, fit, in_use
 from service import create_app
 from service.search import model_mismatch
-from tests.conftest import grocery_subset, live_index, read_csv, skimage_photo, write_csv
+from tests.conftest import grocery_subset, live_index, read_csv, skimage_jpeg, write_csv
 
 pytestmark = pytest.mark.slow  # embeds a few hundred real photos
 
@@ -131,9 +131,7 @@ def test_a_write_that_is_a_server_processs_first_request_is_whitened_like_the_in
     copied = settings.with_overrides(data_dir=tmp_path / "data", api_key="key")
     shutil.copytree(settings.data_dir, copied.data_dir)
     client = create_app(copied).test_client()  # its own embedder: nothing is loaded before the first request
-    buffer = io.BytesIO()
-    skimage_photo("coffee").save(buffer, format="JPEG")
-    photo = buffer.getvalue()
+    photo = skimage_jpeg("coffee")
     written = client.put("/api/products/mug-9", data={"image": (io.BytesIO(photo), "mug.jpg"), "title": "Mug"},
                          headers={"Authorization": "Bearer key"}, content_type="multipart/form-data")  # fmt: skip
     assert written.status_code == 201, written.json

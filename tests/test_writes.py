@@ -16,18 +16,12 @@ from indexer.schema import ProductImage
 from indexer.segments import load_base, read_manifest
 from indexer.store import Store
 from service import create_app
-from tests.conftest import both_databases, skimage_photo, subprocess_config, write_skimage_catalog
+from tests.conftest import both_databases, skimage_jpeg, subprocess_config, write_skimage_catalog
 
 pytestmark = both_databases
 
 KEY = "s3cret-key-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def jpeg(name: str, angle: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    skimage_photo(name).rotate(angle).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -51,14 +45,14 @@ def search(client, photo: bytes, k: int = 3) -> list[str]:
 
 def test_writes_are_off_without_a_key(settings, embedder):
     client = create_app(settings.with_overrides(api_key=""), embedder).test_client()
-    response = put(client, "x", jpeg("coffee"))
+    response = put(client, "x", skimage_jpeg("coffee"))
     assert response.status_code == 403 and "api_key" in response.json["message"]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY + "x"}])
 def test_a_missing_or_wrong_key_is_refused(setup, headers):
     _, _, client = setup
-    assert put(client, "x", jpeg("coffee"), headers=headers).status_code == 401
+    assert put(client, "x", skimage_jpeg("coffee"), headers=headers).status_code == 401
     assert client.delete("/api/products/drinks/coffee", headers=headers).status_code == 401
     assert client.get("/api/products/drinks/coffee").status_code == 200  # nothing changed
 
@@ -66,7 +60,7 @@ def test_a_missing_or_wrong_key_is_refused(setup, headers):
 def test_a_new_product_is_searchable_at_once_and_after_a_restart(setup, embedder):
     settings, _, client = setup
     base_version = read_manifest(settings.index_dir)["version"]
-    photo = jpeg("coffee", angle=180)
+    photo = skimage_jpeg("coffee", angle=180)
     response = put(client, "mug-9", photo, title="Upside-down espresso", category="drinks", price="2.5", colour="white")
     assert response.status_code == 201 and response.json["created"] and response.json["items"] == 7
     assert search(client, photo)[0] == "mug-9"
@@ -91,7 +85,7 @@ def test_a_write_through_another_server_process_is_found_by_the_next_search(setu
     deletion after that."""
     settings, _, client = setup
     other = create_app(settings, embedder).test_client()
-    photo = jpeg("coffee", angle=180)
+    photo = skimage_jpeg("coffee", angle=180)
     before = search(client, photo)
     assert "mug-9" not in before
     assert put(other, "mug-9", photo, title="Upside-down espresso").status_code == 201
@@ -102,10 +96,10 @@ def test_a_write_through_another_server_process_is_found_by_the_next_search(setu
 
 def test_replacing_a_product_swaps_its_photo_and_metadata(setup):
     _, _, client = setup
-    put(client, "thing", jpeg("coffee"), title="Cup")
-    response = put(client, "thing", jpeg("rocket"), title="Rocket")
+    put(client, "thing", skimage_jpeg("coffee"), title="Cup")
+    response = put(client, "thing", skimage_jpeg("rocket"), title="Rocket")
     assert response.status_code == 200 and not response.json["created"] and response.json["items"] == 7
-    assert search(client, jpeg("rocket"), k=2)[:2].count("thing") == 1
+    assert search(client, skimage_jpeg("rocket"), k=2)[:2].count("thing") == 1
     assert client.get("/api/products/thing").json["title"] == "Rocket"
 
 
@@ -114,14 +108,14 @@ def test_a_new_title_for_the_same_photo_shows_in_results_at_once(setup):
     _, _, client = setup
 
     def shown() -> tuple[str, float | None]:
-        photo = io.BytesIO(jpeg("rocket"))
+        photo = io.BytesIO(skimage_jpeg("rocket"))
         response = client.post("/api/search", data={"image": (photo, "q.jpg")}, content_type="multipart/form-data")
         result = next(r for r in response.json["results"] if r["sku"] == "thing")
         return result["title"], result["price"]
 
-    put(client, "thing", jpeg("rocket"), title="Rocket")
+    put(client, "thing", skimage_jpeg("rocket"), title="Rocket")
     assert shown() == ("Rocket", None)
-    assert put(client, "thing", jpeg("rocket"), title="Rocket, renamed", price="12").status_code == 200
+    assert put(client, "thing", skimage_jpeg("rocket"), title="Rocket, renamed", price="12").status_code == 200
     assert shown() == ("Rocket, renamed", 12.0)
 
 
@@ -130,7 +124,7 @@ def test_a_deleted_product_never_appears_again(setup):
     before = load_base(settings.index_dir)
     response = client.delete("/api/products/drinks/coffee", headers=AUTH)
     assert response.status_code == 200 and response.json["items"] == 5
-    assert "drinks/coffee" not in search(client, jpeg("coffee"), k=5)
+    assert "drinks/coffee" not in search(client, skimage_jpeg("coffee"), k=5)
     assert client.get("/api/products/drinks/coffee").status_code == 404
     assert client.delete("/api/products/drinks/coffee", headers=AUTH).status_code == 404
     # A request still holding the state from before the delete can resolve every id it finds.
@@ -145,7 +139,7 @@ def test_a_deleted_product_never_appears_again(setup):
 )
 def test_bad_writes_are_400s_and_change_nothing(setup, photo, fields):
     _, _, client = setup
-    response = put(client, "bad", photo if photo is not None else jpeg("coffee"), **fields)
+    response = put(client, "bad", photo if photo is not None else skimage_jpeg("coffee"), **fields)
     assert response.status_code == 400
     assert client.get("/api/products/bad").status_code == 404
     assert client.get("/readyz").json["items"] == 6
@@ -153,7 +147,8 @@ def test_bad_writes_are_400s_and_change_nothing(setup, photo, fields):
 
 def test_concurrent_writers_are_serialised(setup):
     _, _, client = setup
-    photos = {f"sku-{i}": jpeg(name, angle=i * 7) for i, name in enumerate(["coffee", "rocket", "astronaut"] * 4)}
+    names = ["coffee", "rocket", "astronaut"] * 4
+    photos = {f"sku-{i}": skimage_jpeg(name, angle=i * 7) for i, name in enumerate(names)}
     with ThreadPoolExecutor(max_workers=6) as pool:
         statuses = list(pool.map(lambda item: put(client, item[0], item[1]).status_code, photos.items()))
     assert statuses == [201] * len(photos)
@@ -164,7 +159,7 @@ def test_concurrent_writers_are_serialised(setup):
 
 def test_make_index_keeps_products_written_through_the_api(setup, embedder):
     settings, catalog, client = setup
-    put(client, "api-only", jpeg("astronaut", angle=90))
+    put(client, "api-only", skimage_jpeg("astronaut", angle=90))
     (catalog / "space" / "rocket.jpg").unlink()
     report = index_catalog(settings, embedder, catalog, progress=False)
     assert report.removed == 1 and report.indexed == 6  # 5 catalog photos + the API's
@@ -178,7 +173,7 @@ def test_a_server_whose_delta_passes_the_threshold_starts_a_compaction(settings,
     monkeypatch.setenv("SEARCH_CONFIG", str(subprocess_config(tmp_path)))  # what the compaction process reads
     client = create_app(settings, embedder).test_client()
     first_base = read_manifest(settings.index_dir)["version"]
-    photos = {f"w-{i}": jpeg("rocket", angle=20 * i + 5) for i in range(3)}
+    photos = {f"w-{i}": skimage_jpeg("rocket", angle=20 * i + 5) for i in range(3)}
     for sku, photo in photos.items():
         assert put(client, sku, photo).status_code == 201
     deadline = time.monotonic() + 120
