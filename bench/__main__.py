@@ -33,10 +33,10 @@ from bench.load import run_wrk, search_bodies, wrk_path
 from bench.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
 from bench.server import counter_total, running_server
 from bench.synthetic import catalog_metadata
-from indexer.catalog import in_catalog, scan_catalog
+from indexer.jobs.catalog import in_catalog, scan_catalog
 from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings
-from indexer.images import load_pixels
-from indexer.model import INPUT_SIZE, load_embedder
+from indexer.embedding.images import load_pixels
+from indexer.embedding.model import INPUT_SIZE, load_embedder
 
 # The precision `make index` runs (config.toml's): the one measured on a local Ray cluster too.
 DEFAULT_PRECISION = "int8"
@@ -79,7 +79,7 @@ class Reference:
     def keras_rate(self, seconds: float = 6.0) -> float:
         """How tutorials embed: Keras model.predict on one image at a time."""
         if self._keras is None:
-            from indexer.model import build_feature_model
+            from indexer.embedding.model import build_feature_model
 
             self._keras = build_feature_model(self.settings)
         images = list(self.tensors[:40])
@@ -186,7 +186,7 @@ def measure_whitening(settings, catalog: Path, metadata: Path | None, work: Path
 
 def measure_in_process(settings, data_dir: Path, photos: list[bytes]) -> dict:
     """Query latency inside the service (decode + embed + search + product lookup), and its parts alone."""
-    from indexer.store import Store
+    from indexer.storage.store import Store
     from service.search import CatalogSearch
 
     settings = settings.with_overrides(data_dir=data_dir)

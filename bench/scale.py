@@ -39,7 +39,7 @@ from bench.synthetic import (
     row_of,
 )
 from indexer.config import REPO_ROOT, load_settings
-from indexer.model import load_embedder
+from indexer.embedding.model import load_embedder
 
 KEY = "bench-scale-key"
 SMALL = 10_000

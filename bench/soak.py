@@ -58,7 +58,7 @@ def write_catalog(rows: list[dict], path: Path) -> None:
 def old_bases_left(index_dir: Path) -> list[str]:
     """Index bases on disk besides the current one, once every server process (idle workers included) has had
     time to let go of its old one: each must be removed by then."""
-    from indexer.segments import read_manifest
+    from indexer.index.segments import read_manifest
     from service.search import FOLLOW_BASE_EVERY_S
 
     deadline = time.monotonic() + 2 * FOLLOW_BASE_EVERY_S + 3
@@ -87,7 +87,7 @@ def synthetic_products(catalog: Path, metadata: Path, rows: list[dict], count: i
     """`count` products whose vectors are clustered around the embeddings of some of the catalog's photos."""
     from bench.synthetic import embed_photos, generate, real_photos
     from indexer.config import load_settings
-    from indexer.model import load_embedder
+    from indexer.embedding.model import load_embedder
 
     _, photos = real_photos(200, catalog, seed=0)
     embedder = load_embedder(load_settings(), catalog=catalog, metadata=metadata)  # int8: calibrated on it if need be
@@ -325,7 +325,7 @@ def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
 def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], queries: list, first: list[dict], args) -> dict:
     """--servers 2: writes through A, each until B shows it; searches on both meanwhile; a compaction."""
     from bench.scale import Client, _until_seen, result_skus
-    from indexer.segments import read_manifest
+    from indexer.index.segments import read_manifest
 
     index_dir = Path(env["DATA_DIR"]) / "index"
     base_before = read_manifest(index_dir)["version"]

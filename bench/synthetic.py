@@ -17,7 +17,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from indexer.catalog import scan_catalog
+from indexer.jobs.catalog import scan_catalog
 from indexer.config import REPO_ROOT
 
 DIM = 1024

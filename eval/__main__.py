@@ -17,10 +17,10 @@ from pathlib import Path
 
 from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, product_labels, read_queries, run_queries
-from indexer.catalog import in_catalog
+from indexer.jobs.catalog import in_catalog
 from indexer.config import REPO_ROOT, load_settings
-from indexer.segments import read_manifest
-from indexer.store import Store
+from indexer.index.segments import read_manifest
+from indexer.storage.store import Store
 
 OUT_DIR = REPO_ROOT / "eval"
 

@@ -16,15 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from indexer.catalog import CatalogError, in_catalog
+from indexer.jobs.catalog import CatalogError, in_catalog
 from indexer.config import ConfigError, Settings, load_settings
-from indexer.finetune import BLOCKS, FinetuneOptions
-from indexer.weights import WeightsError
+from indexer.embedding.finetune import BLOCKS, FinetuneOptions
+from indexer.embedding.weights import WeightsError
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.indexing import PruneNeeded, index_catalog
-    from indexer.model import load_embedder
+    from indexer.jobs.indexing import PruneNeeded, index_catalog
+    from indexer.embedding.model import load_embedder
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)
@@ -57,16 +57,16 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.compaction import compact, compaction_due, follow_catalog_whitening
-    from indexer.model import load_embedder
-    from indexer.segments import read_manifest
-    from indexer.store import Store
+    from indexer.index.compaction import compact, compaction_due, follow_catalog_whitening
+    from indexer.embedding.model import load_embedder
+    from indexer.index.segments import read_manifest
+    from indexer.storage.store import Store
 
     embedder = load_embedder(settings)
     store = Store.open(settings)
     follow_catalog_whitening(settings, store, embedder)
     if settings.index_backend == "milvus":
-        from indexer.milvus_store import sync_locked
+        from indexer.index.milvus_store import sync_locked
 
         # Milvus compacts its own segments; this brings its collection up to the store's head (loading every
         # vector into a new one) and purges the database's old tombstones.
@@ -92,8 +92,8 @@ def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_import_vectors(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.importing import import_vectors
-    from indexer.model import load_embedder
+    from indexer.jobs.importing import import_vectors
+    from indexer.embedding.model import load_embedder
 
     embedder = load_embedder(settings, create_export=False)
     report = import_vectors(settings, embedder, Path(args.vectors), Path(args.products), progress=not args.quiet)
@@ -103,7 +103,7 @@ def cmd_import_vectors(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.model import ensure_litert_export, resolve_weights
+    from indexer.embedding.model import ensure_litert_export, resolve_weights
 
     print(f"weights ready: {resolve_weights(settings)}")
     if settings.engine != "litert":
@@ -126,7 +126,7 @@ def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.schema import migrate, shown_url
+    from indexer.storage.schema import migrate, shown_url
 
     migrate(settings.db_url)
     print(f"database schema is current: {shown_url(settings.db_url)}")
@@ -134,7 +134,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo_catalog(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.demo_catalog import write_demo_catalog
+    from indexer.jobs.demo_catalog import write_demo_catalog
 
     out = write_demo_catalog(Path(args.out), per_category=args.per_category)
     print(f"demo catalog written to {out} (queries to try in {out.name}-queries/)")
@@ -149,7 +149,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         active.unlink(missing_ok=True)
         print("the plain ImageNet model is active again; run `make index` to re-embed the catalog")
         return 0
-    from indexer.finetune import finetune, split_layer
+    from indexer.embedding.finetune import finetune, split_layer
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)

@@ -26,7 +26,7 @@ PYPI_WEIGHTS = "pypi-mobilenet-v1"
 # Written by `make finetune` in models_dir: the fine-tuned model version in use.
 ACTIVE_MODEL_FILE = "active-model.json"
 BACKENDS = ("faiss", "milvus")
-# Extra views of each catalog photo that index.catalog_views may add (indexer.images.load_views makes them).
+# Extra views of each catalog photo that index.catalog_views may add (indexer.embedding.images.load_views makes them).
 CATALOG_VIEWS = ("flip", "crop")
 MILVUS_URL = re.compile(r"(https?|tcp)://|unix:")
 MILVUS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,200}")
@@ -56,7 +56,7 @@ class Settings:
     # "int8": the LiteRT model quantised to 8-bit integers, calibrated on catalog photos (as good as fp32 on
     # every protocol measured, 2.3x as fast: README "Precision"); or "fp32".
     precision: str = "int8"
-    # Whitening learned on the catalog (indexer/whitening.py), fitted by the first `make index` of a catalog;
+    # Whitening learned on the catalog (indexer/embedding/whitening.py), fitted by the first `make index` of a catalog;
     # `whitening_dims` directions are kept. None ("auto"): the plain network's vectors are whitened, a fine-tuned
     # model's are not (it cost one category 0.11-0.15 R@1 on both fine-tune seeds measured: eval/README.md);
     # True or False forces it either way (`whitens` is the outcome). WHITENING overrides (auto/on/off).

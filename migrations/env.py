@@ -1,9 +1,9 @@
-"""Alembic environment: runs migrations on the connection that indexer.schema.migrate hands in."""
+"""Alembic environment: runs migrations on the connection that indexer.storage.schema.migrate hands in."""
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from indexer.schema import Base
+from indexer.storage.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -13,14 +13,14 @@ from flask import Flask
 from indexer.config import Settings, cpu_count, load_settings
 
 if TYPE_CHECKING:
-    from indexer.model import Embedder
+    from indexer.embedding.model import Embedder
 
 
 def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> Flask:
     """Application factory: settings and the model are loaded once, here, not at import time (nor numpy: the
     server's main process imports this package, and sets up the environment its workers load numpy with)."""
-    from indexer.model import load_embedder
-    from indexer.store import Store
+    from indexer.embedding.model import load_embedder
+    from indexer.storage.store import Store
     from service.api import api
     from service.cors import enable_cors
     from service.errors import register_error_handlers

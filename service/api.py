@@ -9,7 +9,7 @@ from functools import lru_cache
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 from werkzeug.routing import PathConverter
 
-from indexer.live_index import Filters
+from indexer.index.live_index import Filters
 from service.errors import BadRequest
 from service.preview import render_preview
 from service.queries import read_filters, read_k

@@ -22,8 +22,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from indexer.engines import Engine
-from indexer.model import Embedder
+from indexer.embedding.engines import Engine
+from indexer.embedding.model import Embedder
 from service.api import catalog_search
 from service.search import CatalogSearch, NotReady
 

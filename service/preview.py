@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from indexer.images import ImageError, thumbnail
+from indexer.embedding.images import ImageError, thumbnail
 
 COLUMNS = 5
 

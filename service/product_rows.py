@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from indexer.store import ProductRow, Store
+from indexer.storage.store import ProductRow, Store
 
 # About 0.5 KB each: the cache stays under ~10 MB however large the catalog.
 MAX_ROWS = 20_000

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import numpy as np
 from flask import Request
 
-from indexer.images import ImageError
-from indexer.live_index import Filters
-from indexer.model import Embedder
+from indexer.embedding.images import ImageError
+from indexer.index.live_index import Filters
+from indexer.embedding.model import Embedder
 from service.errors import BadRequest
 
 

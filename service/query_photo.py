@@ -13,8 +13,8 @@ from werkzeug.exceptions import NotFound
 from werkzeug.utils import cached_property
 
 from indexer.config import Settings
-from indexer.images import Box, BoxError, ImageError, thumbnail
-from indexer.model import Embedder
+from indexer.embedding.images import Box, BoxError, ImageError, thumbnail
+from indexer.embedding.model import Embedder
 from service.errors import BadRequest
 from service.fetch import EVERYWHERE, fetch_image
 from service.query_store import Query, RecentQueries

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.images import thumbnail
-from indexer.model import Embedder
+from indexer.embedding.images import thumbnail
+from indexer.embedding.model import Embedder
 from service.queries import embed_upload
 
 log = logging.getLogger(__name__)

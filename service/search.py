@@ -3,7 +3,7 @@
 Each request checks two cheap things: whether a new base was published (a stat of the manifest) and whether
 the store's change number moved (one indexed read). New changes are applied before the search, so a write
 through any server, or a `make index`, is visible on every server without a restart or a reload.
-With index.backend = "milvus" the same view searches a Milvus collection instead (indexer.milvus_store), which
+With index.backend = "milvus" the same view searches a Milvus collection instead (indexer.index.milvus_store), which
 the same change numbers keep up to date; pymilvus is imported only then.
 """
 
@@ -22,14 +22,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.catalog import ProductFields
-from indexer.compaction import compaction_due, index_whitening
+from indexer.jobs.catalog import ProductFields
+from indexer.index.compaction import compaction_due, index_whitening
 from indexer.config import REPO_ROOT, Settings, process_memory_mb
-from indexer.live_index import NO_FILTERS, Filters, LiveIndex
-from indexer.locking import compaction_running
-from indexer.model import Embedder, ModelIdentity
-from indexer.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
-from indexer.store import Store
+from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
+from indexer.storage.locks import compaction_running
+from indexer.embedding.model import Embedder, ModelIdentity
+from indexer.index.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
+from indexer.storage.store import Store
 from service.product_rows import ProductRows
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Match:
 class IndexView:
     """What one request searches: the live index and its row cache, as they were when it started."""
 
-    live: LiveIndex  # or, with index.backend = "milvus", indexer.milvus_store.MilvusIndex (the same interface)
+    live: LiveIndex  # or, with index.backend = "milvus", indexer.index.milvus_store.MilvusIndex (the same interface)
     rows: ProductRows
 
     @property
@@ -129,7 +129,7 @@ class CatalogSearch:
         # Errors a request answers with 503 (try again) rather than 500: Milvus out of reach, when configured.
         self._unavailable: tuple[type[Exception], ...] = ()
         if settings.index_backend == "milvus":
-            from indexer.milvus_store import MilvusUnavailable
+            from indexer.index.milvus_store import MilvusUnavailable
 
             self._unavailable = (MilvusUnavailable,)
         else:
@@ -206,7 +206,7 @@ class CatalogSearch:
 
     def _load_milvus(self) -> IndexView | None:
         """The model's Milvus collection, brought up to the store's head; None (and the reason) when there is none."""
-        from indexer.milvus_store import MilvusIndex, MilvusUnavailable, built_identities
+        from indexer.index.milvus_store import MilvusIndex, MilvusUnavailable, built_identities
 
         if problem := self.store.schema_problem():
             self._problem = problem

@@ -23,9 +23,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
-from indexer.catalog import ProductFields, parse_price
-from indexer.locking import write_lock
-from indexer.store import API, ImageVector
+from indexer.jobs.catalog import ProductFields, parse_price
+from indexer.storage.locks import write_lock
+from indexer.storage.store import API, ImageVector
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import embed_upload, read_upload

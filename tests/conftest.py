@@ -18,9 +18,9 @@ from PIL import Image
 from sqlalchemy import event, make_url
 
 from indexer.config import REPO_ROOT, Settings, load_settings
-from indexer.live_index import LiveIndex
-from indexer.segments import load_base
-from indexer.store import Store
+from indexer.index.live_index import LiveIndex
+from indexer.index.segments import load_base
+from indexer.storage.store import Store
 from tests.postgres import NO_BINARIES, PostgresCluster, find_bindir
 
 # The suite runs the fp32 model, here and in every process it starts. An int8 model is calibrated on the first
@@ -128,7 +128,7 @@ def settings(tmp_path: Path, base_settings: Settings, database_url: str) -> Sett
 @pytest.fixture(scope="session")
 def embedder(base_settings: Settings):
     """The real MobileNet v1 with genuine ImageNet weights, run by the default engine (LiteRT)."""
-    from indexer.model import load_embedder
+    from indexer.embedding.model import load_embedder
 
     return load_embedder(base_settings)
 
@@ -136,7 +136,7 @@ def embedder(base_settings: Settings):
 @pytest.fixture(scope="session")
 def keras_embedder(base_settings: Settings):
     """The same model run by TensorFlow/Keras."""
-    from indexer.model import load_embedder
+    from indexer.embedding.model import load_embedder
 
     return load_embedder(base_settings, engine="keras")
 
@@ -242,7 +242,7 @@ def served_catalog(
 ) -> tuple[dict[str, str], Path]:
     """The scikit-image catalog (with products_csv as its metadata, if given) indexed into a data folder, and
     the environment for bench.server.running_server over it: the plain model, plus the variables given."""
-    from indexer.indexing import index_catalog
+    from indexer.jobs.indexing import index_catalog
 
     catalog = write_skimage_catalog(root / "catalog")
     if products_csv is not None:

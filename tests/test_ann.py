@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.ann import (
+from indexer.index.ann import (
     EF_SEARCH_CAP,
     FLAT_LIMIT,
     TARGET_RECALL,
@@ -175,7 +175,7 @@ def test_a_tiny_segment_is_tuned_with_what_it_has():
 def test_an_unreachable_target_returns_the_best_setting_with_a_warning(small, small_built, caplog):
     vectors, ids = small
     index, _ = small_built("IVF32,SQ8")
-    with caplog.at_level(logging.WARNING, logger="indexer.ann"):
+    with caplog.at_level(logging.WARNING, logger="indexer.index.ann"):
         tuning = tune(index, "IVF32,SQ8", vectors, ids, target=1.01, queries=50)
     assert 0.9 <= tuning.recall_at_10 <= 1.0 and tuning.rerank == 200
     [record] = caplog.records

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from indexer.config import REPO_ROOT
-from indexer.indexing import index_catalog
+from indexer.jobs.indexing import index_catalog
 from service import create_app
 from tests.conftest import both_databases, skimage_photo, statements_reading, write_skimage_catalog
 
@@ -364,7 +364,7 @@ def test_a_database_behind_the_code_gets_503_until_migrated(settings, embedder, 
     from alembic import command
     from alembic.config import Config
 
-    from indexer.schema import migrate
+    from indexer.storage.schema import migrate
 
     index_catalog(settings, embedder, skimage_catalog, progress=False)
     config = Config()
@@ -379,8 +379,8 @@ def test_a_database_behind_the_code_gets_503_until_migrated(settings, embedder, 
 
 
 def test_a_base_over_the_memory_budget_is_refused_and_the_old_one_kept(base_settings, embedder, tmp_path, caplog):
-    from indexer.compaction import compact
-    from indexer.store import Store
+    from indexer.index.compaction import compact
+    from indexer.storage.store import Store
 
     settings = base_settings.with_overrides(data_dir=tmp_path / "data", memory_budget_mb=1_000_000)
     index_catalog(settings, embedder, write_skimage_catalog(tmp_path / "catalog"), progress=False)

@@ -11,10 +11,10 @@ from PIL import Image, ImageOps
 from sqlalchemy import func, select
 
 from indexer.config import ConfigError, load_settings
-from indexer.images import Box, load_pixels, load_views
-from indexer.indexing import index_catalog
-from indexer.schema import LIVE, Product, ProductImage
-from indexer.store import Store
+from indexer.embedding.images import Box, load_pixels, load_views
+from indexer.jobs.indexing import index_catalog
+from indexer.storage.schema import LIVE, Product, ProductImage
+from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import SKIMAGE_CATALOG, both_databases, skimage_photo, write_skimage_catalog
 

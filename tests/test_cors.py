@@ -7,7 +7,7 @@ import io
 import pytest
 
 from indexer.config import REPO_ROOT, ConfigError, load_settings
-from indexer.indexing import index_catalog
+from indexer.jobs.indexing import index_catalog
 from service import create_app
 from tests.conftest import skimage_jpeg, write_skimage_catalog
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from indexer.config import REPO_ROOT
-from indexer.segments import load_base
+from indexer.index.segments import load_base
 from tests.conftest import read_csv, subprocess_config
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop

@@ -79,7 +79,7 @@ def test_shopper_photos_find_products_of_their_category(indexed, embedder, groce
 
 
 def test_re_running_the_indexer_embeds_nothing(indexed, small_grocery_catalog, embedder):
-    from indexer.indexing import index_catalog
+    from indexer.jobs.indexing import index_catalog
 
     catalog, metadata, count = small_grocery_catalog
     report = index_catalog(indexed, embedder, catalog, metadata, progress=False)

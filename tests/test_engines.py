@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from indexer.config import REPO_ROOT, ConfigError
-from indexer.images import load_pixels
-from indexer.model import ModelIdentity, ensure_litert_export, load_embedder
+from indexer.embedding.images import load_pixels
+from indexer.embedding.model import ModelIdentity, ensure_litert_export, load_embedder
 from tests.conftest import SKIMAGE_CATALOG, read_csv
 
 
@@ -74,7 +74,7 @@ print(json.dumps({"status": response.status_code, "engine": engine, "imported": 
 
 
 def test_a_litert_and_faiss_service_imports_neither_tensorflow_nor_pymilvus(settings, embedder, skimage_catalog):
-    from indexer.indexing import index_catalog
+    from indexer.jobs.indexing import index_catalog
 
     index_catalog(settings, embedder, skimage_catalog, progress=False)
     env = {"DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin", "PRECISION": "fp32"}

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import live_index
-from indexer.compaction import compact
-from indexer.indexing import index_catalog
-from indexer.segments import read_manifest
-from indexer.store import Store
+from indexer.index import live_index
+from indexer.index.compaction import compact
+from indexer.jobs.indexing import index_catalog
+from indexer.index.segments import read_manifest
+from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import SKIMAGE_CATALOG, skimage_photo
 

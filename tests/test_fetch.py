@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from indexer.config import ConfigError, load_settings
-from indexer.indexing import index_catalog
+from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.fetch import EVERYWHERE, FetchFailed, FetchRefused, fetch_image, refusal_reason
 from tests.conftest import skimage_photo, write_skimage_catalog
@@ -216,7 +216,7 @@ def test_search_by_image_url_finds_the_photos_product_first(open_client, base, s
 
 
 def test_image_url_with_a_box_searches_that_region(open_client, base, embedder, server, indexed):
-    from indexer.images import Box
+    from indexer.embedding.images import Box
 
     response = search_url(open_client, f"{base}/photo.jpg", box="0.1,0.1,0.9,0.9", k=1)
     assert response.status_code == 200 and response.json["box"] == [0.1, 0.1, 0.9, 0.9]

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from indexer.catalog import scan_catalog
+from indexer.jobs.catalog import scan_catalog
 from indexer.config import ACTIVE_MODEL_FILE, REPO_ROOT, load_settings
-from indexer.finetune import (
+from indexer.embedding.finetune import (
     FinetuneOptions,
     augmented_pixels,
     class_balanced_batches,
@@ -18,9 +18,9 @@ from indexer.finetune import (
     multi_similarity_loss,
     stratified_split,
 )
-from indexer.images import load_pixels
-from indexer.model import load_embedder
-from indexer.weights import WEIGHTS_FILE
+from indexer.embedding.images import load_pixels
+from indexer.embedding.model import load_embedder
+from indexer.embedding.weights import WEIGHTS_FILE
 from tests.conftest import read_csv
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.indexing import index_catalog
+from indexer.jobs.indexing import index_catalog
 from service import create_app
 from tests.conftest import skimage_photo, write_skimage_catalog
 

@@ -1,4 +1,4 @@
-"""Decoding of catalog photos and shopper uploads (indexer/images.py), on real image files."""
+"""Decoding of catalog photos and shopper uploads (indexer/embedding/images.py), on real image files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.images import MAX_PIXELS, ImageError, load_pixels, open_image
+from indexer.embedding.images import MAX_PIXELS, ImageError, load_pixels, open_image
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 ORIENTATION = 0x0112

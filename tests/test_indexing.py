@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from indexer.indexing import index_catalog
-from indexer.schema import LIVE, Product, ProductImage
-from indexer.segments import load_base, read_manifest
-from indexer.store import Store
+from indexer.jobs.indexing import index_catalog
+from indexer.storage.schema import LIVE, Product, ProductImage
+from indexer.index.segments import load_base, read_manifest
+from indexer.storage.store import Store
 from tests.conftest import both_databases, live_index, skimage_photo
 
 pytestmark = both_databases
@@ -161,7 +161,7 @@ def test_configured_faiss_factory_is_used_and_its_recall_recorded(settings, embe
 
 
 def test_removed_images_stay_resolvable_until_a_compaction_purges_them(settings, embedder, skimage_catalog):
-    from indexer.compaction import compact
+    from indexer.index.compaction import compact
 
     run(settings, embedder, skimage_catalog)
     old_base = load_base(settings.index_dir)
@@ -210,7 +210,7 @@ def test_add_only_never_removes_and_a_later_full_run_does(settings, embedder, sk
 
 
 def test_a_run_that_would_remove_over_a_fifth_of_its_folder_stops_until_pruned(settings, embedder, skimage_catalog):
-    from indexer.indexing import PruneNeeded
+    from indexer.jobs.indexing import PruneNeeded
 
     run(settings, embedder, skimage_catalog)
     (skimage_catalog / "people" / "astronaut.jpg").unlink()

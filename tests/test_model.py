@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from indexer.config import ConfigError
-from indexer.images import load_pixels, to_model_input
-from indexer.model import load_embedder, resolve_weights
+from indexer.embedding.images import load_pixels, to_model_input
+from indexer.embedding.model import load_embedder, resolve_weights
 from tests.conftest import skimage_photo
 
 

@@ -16,7 +16,7 @@ from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import allow_header_conformance, unsupported_method
 
 from bench.server import running_server
-from indexer.indexing import index_catalog
+from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.openapi import SPEC
 from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_photo, write_skimage_catalog

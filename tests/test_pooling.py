@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from indexer.config import ConfigError, load_settings
-from indexer.images import load_pixels
-from indexer.model import build_feature_model, identity_of, l2_normalize
+from indexer.embedding.images import load_pixels
+from indexer.embedding.model import build_feature_model, identity_of, l2_normalize
 from tests.conftest import read_csv
 
 pytestmark = pytest.mark.slow  # builds the Keras network three times

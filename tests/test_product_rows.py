@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from indexer.indexing import index_catalog
-from indexer.schema import ProductImage
-from indexer.store import Store
+from indexer.jobs.indexing import index_catalog
+from indexer.storage.schema import ProductImage
+from indexer.storage.store import Store
 from service.product_rows import ProductRow, ProductRows
 from tests.conftest import both_databases, statements_reading
 

@@ -13,8 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from indexer.config import REPO_ROOT
-from indexer.schema import LIVE, Product, ProductImage
-from indexer.store import Store
+from indexer.storage.schema import LIVE, Product, ProductImage
+from indexer.storage.store import Store
 from tests.conftest import subprocess_config
 
 pytest.importorskip("ray")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.images import Box, BoxError, load_pixels, open_image, open_region
-from indexer.indexing import index_catalog
+from indexer.embedding.images import Box, BoxError, load_pixels, open_image, open_region
+from indexer.jobs.indexing import index_catalog
 from service import create_app
 from tests.conftest import read_csv, skimage_photo, write_skimage_catalog
 from tests.test_images import exif_orientation, upright_layout

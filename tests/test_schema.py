@@ -17,9 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from indexer.config import REPO_ROOT
-from indexer.model import l2_normalize
-from indexer.schema import SCHEMA_REVISION, Product, ProductImage, make_engine, migrate, shown_url
-from indexer.store import Store
+from indexer.embedding.model import l2_normalize
+from indexer.storage.schema import SCHEMA_REVISION, Product, ProductImage, make_engine, migrate, shown_url
+from indexer.storage.store import Store
 from tests.conftest import both_databases
 
 
@@ -111,7 +111,7 @@ def test_upgrading_one_revision_at_a_time_keeps_the_rows_and_downgrading_undoes_
 OPEN_AND_REPORT_MODULES = """
 import sys
 from indexer.config import load_settings
-from indexer.store import Store
+from indexer.storage.store import Store
 Store.open(load_settings().with_overrides(data_dir=__import__("pathlib").Path(sys.argv[1])))
 print("alembic" in sys.modules, "psycopg" in sys.modules)
 """

@@ -19,11 +19,11 @@ from sqlalchemy.orm import Session
 
 from bench.server import running_server
 from indexer.config import REPO_ROOT, ConfigError, load_settings
-from indexer.importing import import_vectors
-from indexer.indexing import index_catalog
-from indexer.locking import write_lock
-from indexer.schema import ProductImage
-from indexer.store import API, ImageVector, Store
+from indexer.jobs.importing import import_vectors
+from indexer.jobs.indexing import index_catalog
+from indexer.storage.locks import write_lock
+from indexer.storage.schema import ProductImage
+from indexer.storage.store import API, ImageVector, Store
 from service import create_app
 from tests.conftest import both_databases, skimage_photo, subprocess_config, write_skimage_catalog
 
@@ -62,7 +62,7 @@ def restart(settings) -> None:
     """What a server's restart drops: for Milvus Lite, this process's client and embedded server (the data stays
     in the file, and the next client opens it again)."""
     if settings.index_backend == "milvus":
-        from indexer.milvus_store import close
+        from indexer.index.milvus_store import close
 
         close(settings)
 
@@ -196,7 +196,7 @@ def test_a_change_committed_without_the_vector_store_is_applied_by_the_next_sear
     store = Store.open(settings)
     vector = embedder.embed_image(jpeg("camera", angle=180))
     with write_lock(settings.data_dir, store):
-        from indexer.catalog import ProductFields
+        from indexer.jobs.catalog import ProductFields
 
         product = ProductFields("cam-2", "Upside-down cameraman", "people", 1.0, None)
         image = ImageVector(rel_path="api/direct/cam-2", path="", sha256="direct", vector=vector)
@@ -239,8 +239,8 @@ def test_imported_vectors_are_searched_exactly_with_their_filters(backend, base_
 @pytest.mark.parametrize("shop", ["milvus"], indirect=True)  # with FAISS, a compaction purges them
 def test_milvus_purges_old_tombstones_it_has_applied(shop, embedder, monkeypatch):
     settings, _, client = shop
-    from indexer import compaction
-    from indexer.milvus_store import sync_locked
+    from indexer.index import compaction
+    from indexer.index.milvus_store import sync_locked
 
     assert client.delete("/api/products/rocket-1", headers=AUTH).status_code == 200
     store = Store.open(settings)

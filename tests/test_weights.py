@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.images import to_model_input
-from indexer.model import build_classifier
-from indexer.weights import GRAPH_FILE, GRAPH_SHA256, keras_weights_from_slim, read_graph_constants, sha256_file
+from indexer.embedding.images import to_model_input
+from indexer.embedding.model import build_classifier
+from indexer.embedding.weights import GRAPH_FILE, GRAPH_SHA256, keras_weights_from_slim, read_graph_constants, sha256_file
 from tests.conftest import skimage_photo
 
 

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from indexer.images import load_pixels
-from indexer.indexing import index_catalog
-from indexer.model import load_embedder
-from indexer.store import Store
-from indexer.whitening import MIN_FIT_PHOTOS, fit, in_use
+from indexer.embedding.images import load_pixels
+from indexer.jobs.indexing import index_catalog
+from indexer.embedding.model import load_embedder
+from indexer.storage.store import Store
+from indexer.embedding.whitening import MIN_FIT_PHOTOS, fit, in_use
 from service import create_app
 from service.search import model_mismatch
 from tests.conftest import grocery_subset, live_index, read_csv, skimage_jpeg, write_csv
@@ -143,7 +143,7 @@ def test_compacting_keeps_the_index_whitening_whatever_the_compactor_is_configur
     """A server-started compaction (`python -m indexer compact`) rebuilds what the base holds, even from a server
     configured with WHITENING=off."""
     from indexer.__main__ import main
-    from indexer.segments import read_manifest
+    from indexer.index.segments import read_manifest
 
     settings, _ = indexed
     monkeypatch.setenv("WHITENING", "off")
@@ -194,7 +194,7 @@ def test_without_categories_pca_whitening_keeps_vectors_unit_norm(embedder, groc
 
 def test_imported_vectors_get_the_catalog_whitening(indexed, catalog, embedder, tmp_path):
     """`import-vectors` takes the network's vectors; in a catalog with a whitening, it stores them whitened."""
-    from indexer.importing import import_vectors
+    from indexer.jobs.importing import import_vectors
 
     settings, _ = indexed
     folder, metadata, _ = catalog

@@ -21,7 +21,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from indexer.config import Settings
-    from indexer.store import Store
+    from indexer.storage.store import Store
 
 # Fewer photos than this give a covariance too noisy to whiten with; the catalog is then searched unwhitened.
 MIN_FIT_PHOTOS = 200
@@ -143,7 +143,7 @@ def fit(batches: Iterable[tuple[np.ndarray, list[str | None]]], dims: int) -> Wh
     return Whitening("pca", mean.astype(np.float32), (directions[:, order] * scale).astype(np.float32), fitted_on)
 
 
-# --- kept in the catalog's database (indexer.store), so every server and indexer sharing it has the same ---
+# --- kept in the catalog's database (indexer.storage.store), so every server and indexer sharing it has the same ---
 
 
 def keep(store: Store, network_key: str, whitening: Whitening) -> None:

@@ -2,7 +2,7 @@
 
 Every committed write takes the next change number ("head") and stamps the image rows it touched with it,
 so a server brings itself up to date by reading only the rows changed after the last number it saw.
-Writers hold `indexer.locking.write_lock`; readers never block them (SQLite WAL; PostgreSQL's MVCC).
+Writers hold `indexer.storage.locks.write_lock`; readers never block them (SQLite WAL; PostgreSQL's MVCC).
 The statements are the same on SQLite and PostgreSQL; what differs (advisory locks) says so where it is.
 """
 
@@ -21,9 +21,9 @@ from sqlalchemy import BigInteger, Connection, bindparam, delete, func, insert, 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from indexer.catalog import ProductFields
+from indexer.jobs.catalog import ProductFields
 from indexer.config import Settings
-from indexer.schema import LIVE, Product, ProductImage, StoreState, WhiteningRow, make_engine, migrate, schema_behind
+from indexer.storage.schema import LIVE, Product, ProductImage, StoreState, WhiteningRow, make_engine, migrate, schema_behind
 
 # Where an image row came from: the catalog folder (`make index`), the write API, or a vector import.
 CATALOG, API, IMPORT = "catalog", "api", "import"
@@ -136,8 +136,8 @@ class Store:
     def advisory_lock(self, key: int, *, wait: bool) -> Iterator[bool]:
         """PostgreSQL: hold the session-level advisory lock `key` while inside, on a connection of its own (so
         every machine that uses this database takes turns); yields False at once when another session holds it
-        and wait is False. SQLite: yields True, its file lock (indexer.locking) is the whole lock.
-        Use it through indexer.locking, which takes this machine's file lock first."""
+        and wait is False. SQLite: yields True, its file lock (indexer.storage.locks) is the whole lock.
+        Use it through indexer.storage.locks, which takes this machine's file lock first."""
         if self.engine.dialect.name != "postgresql":
             yield True
             return

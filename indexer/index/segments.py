@@ -26,7 +26,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.ann import SearchTuning
+from indexer.index.ann import SearchTuning
 
 MANIFEST = "manifest.json"
 IN_USE = "in-use.lock"

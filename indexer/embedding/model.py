@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.calibration import calibration_sample, fallback_catalog
+from indexer.embedding.calibration import calibration_sample, fallback_catalog
 from indexer.config import PYPI_WEIGHTS, ConfigError, Settings
-from indexer.engines import (
+from indexer.embedding.engines import (
     INT8_RECIPE,
     Engine,
     KerasEngine,
@@ -29,9 +29,9 @@ from indexer.engines import (
     read_export,
     write_export,
 )
-from indexer.images import Box, load_pixels, load_views
-from indexer.weights import sha256_file
-from indexer.whitening import Whitening
+from indexer.embedding.images import Box, load_pixels, load_views
+from indexer.embedding.weights import sha256_file
+from indexer.embedding.whitening import Whitening
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,7 +50,7 @@ class ModelIdentity:
     quantized_sha256: str | None = None
     # "avg", or "gem3" for generalised-mean pooling with p = 3 (model.pooling, model.gem_p).
     pooling: str = "avg"
-    # The whitening fitted on the catalog (indexer/whitening.py), e.g. "learned-96", and its projection's sha256.
+    # The whitening fitted on the catalog (indexer/embedding/whitening.py), e.g. "learned-96", and its projection's sha256.
     whitening: str | None = None
     whitening_sha256: str | None = None
 
@@ -119,7 +119,7 @@ def _application(name: str):
 def resolve_weights(settings: Settings) -> str:
     """The `weights` argument for keras.applications: "imagenet" or a file path."""
     if settings.weights == PYPI_WEIGHTS:
-        from indexer.weights import ensure_pypi_weights
+        from indexer.embedding.weights import ensure_pypi_weights
 
         return str(ensure_pypi_weights(settings.models_dir))
     if settings.weights == "imagenet":
@@ -274,7 +274,7 @@ def weights_key(settings: Settings, *, convert: bool = True) -> str:
     if settings.weights == "imagenet":
         return "imagenet"
     if settings.weights == PYPI_WEIGHTS and not convert:
-        from indexer.weights import WEIGHTS_FILE
+        from indexer.embedding.weights import WEIGHTS_FILE
 
         path = settings.models_dir / WEIGHTS_FILE
         if not path.exists():

@@ -5,7 +5,7 @@ the vector, the product's category and its price, so that Milvus applies deletio
 FLAT index with inner product, which is cosine similarity on these unit vectors). It follows the store's change
 numbers as FAISS servers do: a writer (`make index`, or the server that took a write) or a server that finds the
 collection behind the store's head applies the changes committed since the number recorded in the collection's
-properties, under the writers' lock (indexer.locking.write_lock), then records the new number. Applying is
+properties, under the writers' lock (indexer.storage.locks.write_lock), then records the new number. Applying is
 idempotent, and under that lock changes are applied in commit order, so every server searches the same state.
 
 A path ending in .db is Milvus Lite, embedded in this process (one process at a time per file); an address such as
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.config import ConfigError, Settings, is_milvus_lite
-from indexer.live_index import NO_FILTERS, Filters
-from indexer.locking import write_lock
-from indexer.store import Changes, Store
+from indexer.index.live_index import NO_FILTERS, Filters
+from indexer.storage.locks import write_lock
+from indexer.storage.store import Changes, Store
 
 # pymilvus reads MILVUS_URI when imported, for a default connection of its own, and refuses a file (Milvus Lite)
 # there. Our settings have read it already and pass it to the client, so pymilvus is imported without it.
@@ -44,7 +44,7 @@ finally:
         os.environ["MILVUS_URI"] = _uri
 
 if TYPE_CHECKING:
-    from indexer.model import ModelIdentity
+    from indexer.embedding.model import ModelIdentity
 
 # Collection properties: the change number the collection holds every change through, and the model's identity.
 SYNCED = "visual_search.synced_through"
@@ -335,7 +335,7 @@ def sync_locked(settings: Settings, store: Store, identity: ModelIdentity, *, pu
     """sync() under the writers' lock, saying how many vectors the collection holds. With `purge`, then delete the
     database's tombstones that the collection has applied, once old enough that every server has seen them
     (as a FAISS compaction does; Milvus compacts its own segments)."""
-    from indexer import compaction
+    from indexer.index import compaction
 
     with write_lock(settings.data_dir, store):
         report = sync(settings, store, identity, count=True)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.images import IMAGE_SUFFIXES
+from indexer.embedding.images import IMAGE_SUFFIXES
 
 KNOWN_COLUMNS = ("sku", "image", "title", "category", "price", "url")
 METADATA_NAMES = ("products.csv", "products.jsonl")

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from indexer.store import Store
+    from indexer.storage.store import Store
 
 # PostgreSQL advisory lock keys (64-bit, per database): "vps" and a number, so that they are unlikely to
 # meet another application's keys in a shared database.
 WRITE_LOCK_KEY = 0x7670_7300_0000_0001
 COMPACTION_LOCK_KEY = 0x7670_7300_0000_0002
-# Taken inside the migration's transaction by indexer.schema.migrate.
+# Taken inside the migration's transaction by indexer.storage.schema.migrate.
 MIGRATION_LOCK_KEY = 0x7670_7300_0000_0003
 
 

@@ -4,7 +4,7 @@ The driver (`make index`) still stats, reads and hashes the photos, since it has
 store; it ships the bytes of the photos that need embedding to a pool of Ray actors, each holding one LiteRT
 interpreter (one thread) made from the model bytes put once into the object store, so the cluster's machines
 need the Python environment but neither the photos nor the models folder. Actors decode with the project's
-one preprocessing path (indexer.images.load_pixels), so rows and vectors are those of a plain run.
+one preprocessing path (indexer.embedding.images.load_pixels), so rows and vectors are those of a plain run.
 Imported only when RAY_ADDRESS is set: a plain run never imports Ray.
 """
 
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from indexer.catalog import CatalogImage
+from indexer.jobs.catalog import CatalogImage
 from indexer.config import REPO_ROOT, ConfigError, Settings
-from indexer.engines import LiteRTEngine
-from indexer.indexing import CheckedBatch, CheckedFiles, Known, check_files, decode_photos
-from indexer.model import Embedder
+from indexer.embedding.engines import LiteRTEngine
+from indexer.jobs.indexing import CheckedBatch, CheckedFiles, Known, check_files, decode_photos
+from indexer.embedding.model import Embedder
 
 # A local cluster's object store: enough for a few batches of photo bytes in flight, small enough for a laptop.
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20

@@ -1,4 +1,4 @@
-"""The catalog tables (SQLAlchemy 2 ORM), the engine, and schema migration. indexer.store reads and writes them.
+"""The catalog tables (SQLAlchemy 2 ORM), the engine, and schema migration. indexer.storage.store reads and writes them.
 
 An image row's id is its vector's id in the index, and the row keeps the vector itself, so the index can
 always be rebuilt from the database. Alembic migrations in migrations/ create and evolve these tables, on
@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from indexer.config import REPO_ROOT
-from indexer.locking import MIGRATION_LOCK_KEY
+from indexer.storage.locks import MIGRATION_LOCK_KEY
 
 # The newest migration in migrations/versions (a test checks that it is Alembic's head).
 SCHEMA_REVISION = "0006"
@@ -100,7 +100,7 @@ class ProductImage(Base):
 
 
 class WhiteningRow(Base):
-    """A whitening fitted on the catalog (indexer.whitening); the newest of a network's is the one in use."""
+    """A whitening fitted on the catalog (indexer.embedding.whitening); the newest of a network's is the one in use."""
 
     __tablename__ = "whitenings"
 
@@ -143,7 +143,7 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _postgresql_keepalives(connection, _record) -> None:
-            # A writer's session holds the write lock (indexer.locking): should its machine die without closing
+            # A writer's session holds the write lock (indexer.storage.locks): should its machine die without closing
             # the connection, the server ends the session, and so frees the lock, within about a minute.
             autocommit, connection.autocommit = connection.autocommit, True
             cursor = connection.cursor()

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.catalog import CatalogImage, scan_catalog
+from indexer.jobs.catalog import CatalogImage, scan_catalog
 from indexer.config import ACTIVE_MODEL_FILE, Settings
-from indexer.images import load_pixels, open_image
+from indexer.embedding.images import load_pixels, open_image
 
 # The last blocks of MobileNet v1 (blocks 1-13) that are trained; the layer before them is the last frozen one.
 BLOCKS = 3
@@ -215,7 +215,7 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
     """Train, pick the best epoch on the validation split, save and activate the new model version."""
     import keras
 
-    from indexer.model import build_feature_model, ensure_litert_export
+    from indexer.embedding.model import build_feature_model, ensure_litert_export
 
     options = options or FinetuneOptions()
     started = time.perf_counter()

@@ -23,17 +23,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.catalog import CatalogImage, CatalogScan, scan_catalog
-from indexer.compaction import CompactionReport, compact, compaction_due
+from indexer.jobs.catalog import CatalogImage, CatalogScan, scan_catalog
+from indexer.index.compaction import CompactionReport, compact, compaction_due
 from indexer.config import Settings, process_memory_mb
-from indexer.images import ImageError, load_views
-from indexer.locking import write_lock
-from indexer.model import Embedder
-from indexer.segments import read_manifest
-from indexer.store import ImageVector, KnownFile, Store
-from indexer.whitening import MIN_FIT_PHOTOS, configured
-from indexer.whitening import fit as whitening_fit
-from indexer.whitening import keep as keep_whitening
+from indexer.embedding.images import ImageError, load_views
+from indexer.storage.locks import write_lock
+from indexer.embedding.model import Embedder
+from indexer.index.segments import read_manifest
+from indexer.storage.store import ImageVector, KnownFile, Store
+from indexer.embedding.whitening import MIN_FIT_PHOTOS, configured
+from indexer.embedding.whitening import fit as whitening_fit
+from indexer.embedding.whitening import keep as keep_whitening
 
 # A run that would remove more than this fraction of its folder's images stops and asks for --prune.
 MOST_REMOVED = 0.2
@@ -225,7 +225,7 @@ def embedding_stage(settings: Settings, embedder: Embedder) -> Iterator[Callable
     if not os.environ.get("RAY_ADDRESS"):
         yield checked_batches
         return
-    from indexer.ray_embedding import ray_embedding
+    from indexer.jobs.distributed import ray_embedding
 
     with ray_embedding(settings, embedder) as stage:
         yield stage
@@ -312,7 +312,7 @@ def index_catalog(
     report.removed = reconciled.removed
     report.whitening = ensure_whitening(settings, store, embedder)
     if settings.index_backend == "milvus":
-        from indexer.milvus_store import sync_locked
+        from indexer.index.milvus_store import sync_locked
 
         report.vector_store = sync_locked(settings, store, embedder.identity, purge=True).summary()
     else:
@@ -352,7 +352,7 @@ def sync_vector_store(settings: Settings, store: Store, embedder: Embedder) -> N
     With FAISS, nothing: servers apply the changes to their deltas themselves, and compaction builds bases.
     pymilvus is imported only for Milvus."""
     if settings.index_backend == "milvus":
-        from indexer.milvus_store import sync
+        from indexer.index.milvus_store import sync
 
         sync(settings, store, embedder.identity)
 

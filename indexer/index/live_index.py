@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from indexer.ann import candidates
-from indexer.segments import NO_CATEGORY, BaseSegment
-from indexer.store import Changes
+from indexer.index.ann import candidates
+from indexer.index.segments import NO_CATEGORY, BaseSegment
+from indexer.storage.store import Changes
 
 # A category of at most this many base vectors is scanned exactly: it is one contiguous block of the base, and
 # approximate structures lose recall when few of the vectors they visit qualify.
