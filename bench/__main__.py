@@ -33,10 +33,10 @@ from bench.load import run_wrk, search_bodies, wrk_path
 from bench.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
 from bench.server import counter_total, running_server
 from bench.synthetic import catalog_metadata
-from indexer.jobs.catalog import in_catalog, scan_catalog
 from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import INPUT_SIZE, load_embedder
+from indexer.jobs.catalog import in_catalog, scan_catalog
 
 # The precision `make index` runs (config.toml's): the one measured on a local Ray cluster too.
 DEFAULT_PRECISION = "int8"

@@ -9,12 +9,13 @@ from functools import lru_cache
 from flask import Blueprint, Response, current_app, jsonify, request, send_file, url_for
 from werkzeug.routing import PathConverter
 
+from indexer.errors import UnknownProduct
 from indexer.index.live_index import Filters
 from service.errors import BadRequest
 from service.preview import render_preview
 from service.queries import read_filters, read_k
 from service.query_photo import read_search_query
-from service.search import CatalogSearch, IndexView, Match, UnknownProduct
+from service.search import CatalogSearch, IndexView, Match
 
 api = Blueprint("api", __name__)
 

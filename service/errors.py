@@ -6,7 +6,7 @@ from flask import Flask, Response, jsonify, make_response, render_template, requ
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from werkzeug.exceptions import HTTPException
 
-from service.search import NotReady, UnknownProduct
+from indexer.errors import NotReady, UnknownProduct
 
 
 class BadRequest(ValueError):

@@ -24,8 +24,9 @@ from prometheus_client.registry import Collector
 
 from indexer.embedding.engines import Engine
 from indexer.embedding.model import Embedder
+from indexer.errors import NotReady
 from service.api import catalog_search
-from service.search import CatalogSearch, NotReady
+from service.search import CatalogSearch
 
 log = logging.getLogger(__name__)
 

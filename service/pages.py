@@ -8,11 +8,11 @@ import io
 from flask import Blueprint, current_app, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from indexer.errors import NotReady
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import read_filters, read_k
 from service.query_photo import read_search_query
-from service.search import NotReady
 
 pages = Blueprint("pages", __name__)
 

@@ -11,8 +11,8 @@ import numpy as np
 from flask import Request
 
 from indexer.embedding.images import ImageError
-from indexer.index.live_index import Filters
 from indexer.embedding.model import Embedder
+from indexer.index.live_index import Filters
 from service.errors import BadRequest
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexer.jobs.catalog import ProductFields
-from indexer.index.compaction import compaction_due, index_whitening
 from indexer.config import REPO_ROOT, Settings, process_memory_mb
-from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
-from indexer.storage.locks import compaction_running
 from indexer.embedding.model import Embedder, ModelIdentity
+from indexer.errors import NotReady, UnknownProduct
+from indexer.index.compaction import compaction_due, index_whitening
+from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.index.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
+from indexer.jobs.catalog import ProductFields
+from indexer.storage.locks import compaction_running
 from indexer.storage.store import Store
 from service.product_rows import ProductRows
 
@@ -39,14 +40,6 @@ OVERFETCH = 3
 # A process that answers no request (one of a server's idle workers, a quiet replica) would hold the base it last
 # searched, and with it the old files' disk space and memory, until its next request: it looks this often.
 FOLLOW_BASE_EVERY_S = 2.0
-
-
-class NotReady(RuntimeError):
-    """There is no usable index yet; the message says what to do."""
-
-
-class UnknownProduct(LookupError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
+from indexer.errors import NotReady, UnknownProduct
 from indexer.jobs.catalog import ProductFields, parse_price
 from indexer.storage.locks import write_lock
 from indexer.storage.store import API, ImageVector
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import embed_upload, read_upload
-from service.search import NotReady, UnknownProduct
 
 FIELDS = ("title", "category", "price", "url")
 MAX_SKU = 512

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from indexer.jobs.catalog import ProductFields
 from indexer.config import REPO_ROOT
-from indexer.storage.locks import MIGRATION_LOCK_KEY, compaction_lock, compaction_running, write_lock
 from indexer.embedding.model import l2_normalize
+from indexer.jobs.catalog import ProductFields
+from indexer.storage.locks import MIGRATION_LOCK_KEY, compaction_lock, compaction_running, write_lock
 from indexer.storage.schema import SCHEMA_REVISION, make_engine
 from indexer.storage.store import ImageVector, Store
 from tests.conftest import both_databases

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from indexer.jobs.catalog import scan_catalog
-from indexer.jobs.demo_catalog import CATEGORIES, DEBIAN_DIR, PHOTO_SIZE, _read_idx, as_catalog_photo, write_demo_catalog
+from indexer.jobs.demo_catalog import (
+    CATEGORIES,
+    DEBIAN_DIR,
+    PHOTO_SIZE,
+    _read_idx,
+    as_catalog_photo,
+    write_demo_catalog,
+)
 
 
 def test_idx_files_are_read_with_their_shape(tmp_path):

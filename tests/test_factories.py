@@ -15,8 +15,8 @@ from PIL import Image
 
 from indexer.index import live_index
 from indexer.index.compaction import compact
-from indexer.jobs.indexing import index_catalog
 from indexer.index.segments import read_manifest
+from indexer.jobs.indexing import index_catalog
 from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import SKIMAGE_CATALOG, skimage_photo

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from indexer.jobs.catalog import scan_catalog
 from indexer.config import ACTIVE_MODEL_FILE, REPO_ROOT, load_settings
 from indexer.embedding.finetune import (
     FinetuneOptions,
@@ -21,6 +20,7 @@ from indexer.embedding.finetune import (
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import load_embedder
 from indexer.embedding.weights import WEIGHTS_FILE
+from indexer.jobs.catalog import scan_catalog
 from tests.conftest import read_csv
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from indexer.index.segments import load_base, read_manifest
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.schema import LIVE, Product, ProductImage
-from indexer.index.segments import load_base, read_manifest
 from indexer.storage.store import Store
 from tests.conftest import both_databases, live_index, skimage_photo
 

@@ -19,14 +19,14 @@ import time
 import numpy as np
 import pytest
 
-from indexer.index.ann import FLAT_LIMIT
-from indexer.jobs.catalog import CatalogError, ProductFields
-from indexer.index.compaction import compact
 from indexer.config import REPO_ROOT
-from indexer.jobs.importing import import_vectors
-from indexer.index.live_index import Filters
 from indexer.embedding.model import l2_normalize
+from indexer.index.ann import FLAT_LIMIT
+from indexer.index.compaction import compact
+from indexer.index.live_index import Filters
 from indexer.index.segments import load_base, read_manifest, remove_unused_bases
+from indexer.jobs.catalog import CatalogError, ProductFields
+from indexer.jobs.importing import import_vectors
 from indexer.storage.store import ImageVector, Store
 from service import create_app
 from tests.conftest import DATABASES, copy_database, live_index, new_database, subprocess_config

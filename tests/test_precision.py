@@ -13,8 +13,8 @@ import pytest
 
 from indexer.config import REPO_ROOT, ConfigError
 from indexer.embedding.images import load_pixels
-from indexer.jobs.indexing import index_catalog
 from indexer.embedding.model import ModelIdentity, ensure_litert_export, int8_pointer, load_embedder, weights_key
+from indexer.jobs.indexing import index_catalog
 from service import create_app
 from tests.conftest import read_csv
 

@@ -7,7 +7,13 @@ import pytest
 
 from indexer.embedding.images import to_model_input
 from indexer.embedding.model import build_classifier
-from indexer.embedding.weights import GRAPH_FILE, GRAPH_SHA256, keras_weights_from_slim, read_graph_constants, sha256_file
+from indexer.embedding.weights import (
+    GRAPH_FILE,
+    GRAPH_SHA256,
+    keras_weights_from_slim,
+    read_graph_constants,
+    sha256_file,
+)
 from tests.conftest import skimage_photo
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from indexer.embedding.images import load_pixels
-from indexer.jobs.indexing import index_catalog
 from indexer.embedding.model import load_embedder
-from indexer.storage.store import Store
 from indexer.embedding.whitening import MIN_FIT_PHOTOS, fit, in_use
+from indexer.jobs.indexing import index_catalog
+from indexer.storage.store import Store
 from service import create_app
 from service.search import model_mismatch
 from tests.conftest import grocery_subset, live_index, read_csv, skimage_jpeg, write_csv

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from indexer.index.segments import load_base, read_manifest
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.schema import ProductImage
-from indexer.index.segments import load_base, read_manifest
 from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import both_databases, skimage_jpeg, subprocess_config, write_skimage_catalog

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.embedding.calibration import calibration_sample, fallback_catalog
 from indexer.config import PYPI_WEIGHTS, ConfigError, Settings
+from indexer.embedding.calibration import calibration_sample, fallback_catalog
 from indexer.embedding.engines import (
     INT8_RECIPE,
     Engine,
@@ -50,7 +50,7 @@ class ModelIdentity:
     quantized_sha256: str | None = None
     # "avg", or "gem3" for generalised-mean pooling with p = 3 (model.pooling, model.gem_p).
     pooling: str = "avg"
-    # The whitening fitted on the catalog (indexer/embedding/whitening.py), e.g. "learned-96", and its projection's sha256.
+    # The whitening fitted on the catalog (indexer/embedding/whitening.py), e.g. "learned-96", and its sha256.
     whitening: str | None = None
     whitening_sha256: str | None = None
 

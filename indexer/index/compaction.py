@@ -18,10 +18,10 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from indexer.index.ann import build_ann, resolve_factory, tune
 from indexer.config import Settings
-from indexer.storage.locks import compaction_lock, write_lock
 from indexer.embedding.model import Embedder, ModelIdentity
+from indexer.embedding.whitening import Whitening, by_sha256, configured, in_use
+from indexer.index.ann import build_ann, resolve_factory, tune
 from indexer.index.segments import (
     NO_CATEGORY,
     new_version,
@@ -32,8 +32,8 @@ from indexer.index.segments import (
     rows_by_id,
     write_arrays,
 )
+from indexer.storage.locks import compaction_lock, write_lock
 from indexer.storage.store import Store
-from indexer.embedding.whitening import Whitening, by_sha256, configured, in_use
 
 log = logging.getLogger(__name__)
 # Tombstoned rows are deleted once a base without them has been the current one this long: by then every server,

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from indexer.jobs.catalog import CatalogImage
 from indexer.config import REPO_ROOT, ConfigError, Settings
 from indexer.embedding.engines import LiteRTEngine
-from indexer.jobs.indexing import CheckedBatch, CheckedFiles, Known, check_files, decode_photos
 from indexer.embedding.model import Embedder
+from indexer.jobs.catalog import CatalogImage
+from indexer.jobs.indexing import CheckedBatch, CheckedFiles, Known, check_files, decode_photos
 
 # A local cluster's object store: enough for a few batches of photo bytes in flight, small enough for a laptop.
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20

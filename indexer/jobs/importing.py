@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.jobs.catalog import CatalogError, ProductFields, parse_price
-from indexer.index.compaction import CompactionReport
 from indexer.config import Settings
+from indexer.embedding.model import Embedder
+from indexer.embedding.whitening import configured
+from indexer.index.compaction import CompactionReport
+from indexer.jobs.catalog import CatalogError, ProductFields, parse_price
 from indexer.jobs.indexing import compact_if_due, sync_vector_store
 from indexer.storage.locks import write_lock
-from indexer.embedding.model import Embedder
 from indexer.storage.store import IMPORT, ImageVector, Store
-from indexer.embedding.whitening import configured
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")

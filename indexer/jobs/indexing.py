@@ -23,17 +23,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.jobs.catalog import CatalogImage, CatalogScan, scan_catalog
-from indexer.index.compaction import CompactionReport, compact, compaction_due
 from indexer.config import Settings, process_memory_mb
 from indexer.embedding.images import ImageError, load_views
-from indexer.storage.locks import write_lock
 from indexer.embedding.model import Embedder
-from indexer.index.segments import read_manifest
-from indexer.storage.store import ImageVector, KnownFile, Store
 from indexer.embedding.whitening import MIN_FIT_PHOTOS, configured
 from indexer.embedding.whitening import fit as whitening_fit
 from indexer.embedding.whitening import keep as keep_whitening
+from indexer.index.compaction import CompactionReport, compact, compaction_due
+from indexer.index.segments import read_manifest
+from indexer.jobs.catalog import CatalogImage, CatalogScan, scan_catalog
+from indexer.storage.locks import write_lock
+from indexer.storage.store import ImageVector, KnownFile, Store
 
 # A run that would remove more than this fraction of its folder's images stops and asks for --prune.
 MOST_REMOVED = 0.2

@@ -21,9 +21,18 @@ from sqlalchemy import BigInteger, Connection, bindparam, delete, func, insert, 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from indexer.jobs.catalog import ProductFields
 from indexer.config import Settings
-from indexer.storage.schema import LIVE, Product, ProductImage, StoreState, WhiteningRow, make_engine, migrate, schema_behind
+from indexer.jobs.catalog import ProductFields
+from indexer.storage.schema import (
+    LIVE,
+    Product,
+    ProductImage,
+    StoreState,
+    WhiteningRow,
+    make_engine,
+    migrate,
+    schema_behind,
+)
 
 # Where an image row came from: the catalog folder (`make index`), the write API, or a vector import.
 CATALOG, API, IMPORT = "catalog", "api", "import"
