@@ -58,8 +58,8 @@ def write_catalog(rows: list[dict], path: Path) -> None:
 def old_bases_left(index_dir: Path) -> list[str]:
     """Index bases on disk besides the current one, once every server process (idle workers included) has had
     time to let go of its old one: each must be removed by then."""
+    from indexer.index.search import FOLLOW_BASE_EVERY_S
     from indexer.index.segments import read_manifest
-    from service.search import FOLLOW_BASE_EVERY_S
 
     deadline = time.monotonic() + 2 * FOLLOW_BASE_EVERY_S + 3
     while True:

@@ -138,7 +138,7 @@ def _multipart(properties: Schema, description: str, *, required: bool = True, e
     }
 
 
-# The shown fields of a product (indexer.jobs.catalog.ProductFields), in results and on their own.
+# The shown fields of a product (indexer.records.ShownProduct), in results and on their own.
 PRODUCT_FIELDS: Schema = {
     "sku": {"type": "string"},
     "title": {"type": "string"},

@@ -24,7 +24,8 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.errors import NotReady, UnknownProduct
-from indexer.jobs.catalog import ProductFields, parse_price
+from indexer.jobs.catalog import parse_price
+from indexer.records import ProductFields
 from indexer.storage.locks import write_lock
 from indexer.storage.store import API, ImageVector
 from service.api import catalog_search
@@ -117,12 +118,11 @@ def put_product(sku: str):
         # PostgreSQL stores no NUL in text or JSON: refused on every database, so both behave alike.
         raise BadRequest("product fields may not contain NUL characters")
     data = read_upload(request)
-    # The base first: the photo must be embedded as the index's vectors are, with its whitening, which a worker
-    # process loads with the base (its first request may be this write). With nothing to search, a 503 here.
-    search.current()
-    identity = search.embedder.identity
+    # The view first: the photo is embedded as its vectors are, with its whitening, which a worker process loads
+    # with the base (its first request may be this write). With nothing to search, a 503 here.
+    view = search.current()
     views = search.settings.catalog_views
-    vectors = embed_upload(data, search.embedder, views)
+    vectors = embed_upload(data, view.embedder, views)
     image_format = _format_of(data)
     fields = {name: request.form.get(name, "").strip() for name in FIELDS}
     product = ProductFields(
@@ -133,14 +133,16 @@ def put_product(sku: str):
         url=fields["url"] or None,
         attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
     )
-    if search.embedder.identity != identity:  # a new base with another whitening came in meanwhile
-        raise NotReady("the index changed models while the photo was embedded; send the write again")
     with _saving():
         path = _store_photo(data, image_format)
         image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vectors[0])
         extra = [replace(image, vector=vector, view=view) for view, vector in zip(views, vectors[1:], strict=True)]
         with write_lock(search.settings.data_dir, search.store):
-            created, _ = search.store.put_product(product, image, identity.key, API, extra)
+            # Stored under the identity it was embedded with, while that is still the index's: a new base with
+            # another whitening or model (published meanwhile) would never search it.
+            if search.current().identity != view.identity:
+                raise NotReady("the index changed models while the photo was embedded; send the write again")
+            created, _ = search.store.put_product(product, image, view.identity.key, API, extra)
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
 

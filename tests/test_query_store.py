@@ -103,7 +103,7 @@ def test_a_remembered_photo_is_embedded_again_once_the_index_whitening_changes(e
     recent = RecentQueries()
     before = recent.add(photo, own)
     projection = np.random.default_rng(0).normal(size=(own.network.dim, 8)).astype(np.float32)
-    own.use_whitening(Whitening("pca", np.zeros(own.network.dim, np.float32), projection, {}))
+    own = own.with_whitening(Whitening("pca", np.zeros(own.network.dim, np.float32), projection, {}))
     after = recent.add(photo, own)
     assert after.token == before.token and before.vector.shape == (own.network.dim,) and after.vector.shape == (8,)
     np.testing.assert_allclose(after.vector, own.embed_image(photo), atol=1e-6)

@@ -11,10 +11,11 @@ import pytest
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import load_embedder
 from indexer.embedding.whitening import MIN_FIT_PHOTOS, fit, in_use
+from indexer.index.search import model_mismatch
+from indexer.index.segments import read_manifest
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.store import Store
 from service import create_app
-from service.search import model_mismatch
 from tests.conftest import grocery_subset, live_index, read_csv, skimage_jpeg, write_csv
 
 pytestmark = pytest.mark.slow  # embeds a few hundred real photos
@@ -109,7 +110,8 @@ def test_a_second_run_keeps_the_whitening_and_embeds_nothing(indexed, catalog, e
     again = load_embedder(settings)
     report = index_catalog(settings, again, folder, metadata, progress=False)
     assert (report.embedded, report.unchanged, report.whitening) == (0, count, None)
-    assert again.whitening.sha256 == before.sha256
+    assert in_use(Store.open(settings), again.network.key).sha256 == before.sha256
+    assert read_manifest(settings.index_dir)["whitening_sha256"] == before.sha256
 
 
 def test_a_server_follows_its_index_whitening_and_says_when_the_database_lacks_it(indexed, embedder):

@@ -22,8 +22,9 @@ from indexer.config import Settings
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import configured
 from indexer.index.compaction import CompactionReport
-from indexer.jobs.catalog import CatalogError, ProductFields, parse_price
+from indexer.jobs.catalog import CatalogError, parse_price
 from indexer.jobs.indexing import compact_if_due, sync_vector_store
+from indexer.records import ProductFields
 from indexer.storage.locks import write_lock
 from indexer.storage.store import IMPORT, ImageVector, Store
 
@@ -79,7 +80,7 @@ def import_vectors(
     report = ImportReport(rows=len(rows))
     store = Store.open(settings)
     # The vectors are the network's; the catalog's whitening, when `make index` has fitted one, follows them.
-    embedder.use_whitening(configured(settings, store, embedder.network.key))
+    embedder = embedder.with_whitening(configured(settings, store, embedder.network.key))
     known = store.known_files(IMPORT)
     model_key = embedder.identity.key
     for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from indexer.config import Settings
-from indexer.jobs.catalog import ProductFields
+from indexer.records import ProductFields, ShownProduct
 from indexer.storage.schema import (
     LIVE,
     Product,
@@ -38,16 +38,6 @@ from indexer.storage.schema import (
 CATALOG, API, IMPORT = "catalog", "api", "import"
 # Rows per statement: SQLite takes up to 32,766 bound parameters.
 CHUNK = 2_000
-
-
-class ProductRow(NamedTuple):
-    """What a search result shows of a product."""
-
-    sku: str
-    title: str
-    category: str | None
-    price: float | None
-    url: str | None
 
 
 class KnownFile(NamedTuple):
@@ -327,20 +317,33 @@ class Store:
 
     # --- reads for the service -----------------------------------------------------------------
 
-    def result_rows(self, image_ids: list[int]) -> dict[int, ProductRow]:
-        """The live product row behind each image id (ids deleted since are absent)."""
+    def result_rows(self, image_ids: list[int]) -> dict[int, ShownProduct]:
+        """The live product behind each image id, as a search result shows it (ids deleted since are absent)."""
         with self.engine.connect() as connection:
             rows = connection.execute(_RESULT_ROWS, {"ids": image_ids}).all()
-        return {row[0]: ProductRow(*row[1:]) for row in rows}
+        return {
+            row.id: ShownProduct(sku=row.sku, title=row.title, category=row.category, price=row.price, url=row.url)
+            for row in rows
+        }
 
-    def product(self, sku: str) -> ProductFields | None:
+    def product(self, sku: str) -> ShownProduct | None:
+        """A live product as its own page shows it: with its attributes."""
         with self.engine.connect() as connection:
             row = connection.execute(
                 select(Product.sku, Product.title, Product.category, Product.price, Product.url, Product.attributes)
                 .where(Product.sku == sku, _HAS_LIVE_IMAGE)
                 .limit(1)
             ).first()
-        return None if row is None else ProductFields(*row[:5], attributes=row[5] or {})
+        if row is None:
+            return None
+        return ShownProduct(
+            sku=row.sku,
+            title=row.title,
+            category=row.category,
+            price=row.price,
+            url=row.url,
+            attributes=row.attributes or {},
+        )
 
     def image_path(self, sku: str) -> str | None:
         """The stored file of a product's first live image."""
