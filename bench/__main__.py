@@ -65,7 +65,7 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
 
 class Reference:
     """The raw engine's single-image rate (batch 1, one interpreter using every core: the limit)
-    and the seed-style Keras rate (the baseline), measurable again around any step."""
+    and the tutorial-style Keras rate (one image per predict call: the baseline), measurable again around any step."""
 
     def __init__(self, settings, tensors: np.ndarray, catalog: Path, metadata: Path | None):
         self.settings, self.tensors = settings, tensors
@@ -281,7 +281,7 @@ def ratios(results: dict, cpus: int) -> dict[str, float]:
         "server_inference_cpu_ms_per_request": inference_ms,
         "inference_share_of_request_cpu": round(inference_ms / request_cpu_ms, 3),
         "server_cpu_ms_per_request_outside_inference": round(request_cpu_ms - inference_ms, 2),
-        # ... and, as runs before 2026-11-29 estimated it, less the engine step's inference time per core.
+        # ... and the older estimate: less the engine step's inference time per core (bench/README.md compares them).
         "server_cpu_ms_per_request_less_engine_inference": round(request_cpu_ms - engine_inference_ms, 2),
         "server_ready_seconds": results["http"]["ready_seconds"],
         "server_rss_mb_minus_index": round(results["http"]["memory_after_load"]["rss_mb"] - results["index_mb"], 1),
@@ -289,7 +289,7 @@ def ratios(results: dict, cpus: int) -> dict[str, float]:
 
 
 def comparison(fp32: dict, int8: dict) -> dict[str, float]:
-    """int8 against fp32, both measured in this run (the issue's Done-when lines)."""
+    """int8 against fp32, both measured in this run: the engine, `make index`, HTTP and CPU ratios."""
 
     def http(result: dict, clients: int) -> float:
         return next(r for r in result["http"]["load"] if r["clients"] == clients)["requests_per_s"]

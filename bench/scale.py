@@ -692,7 +692,7 @@ def _get(report: dict | None, *keys: str):
 
 
 def done_when(results: dict) -> list[dict]:
-    """The issue's acceptance lines, each with its figure at N and whether it holds (None: not measured)."""
+    """The scale checks, each with its figure at N and whether it holds (None: not measured)."""
     small, large = results["catalogs"].get(str(results["small"])), results["catalogs"].get(str(results["products"]))
     lines = []
 

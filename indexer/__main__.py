@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=BLOCKS,
         choices=range(1, 8),
-        help="last blocks of the network trained (3: blocks 11-13; 2, blocks 12-13, was the recipe before "
-        "2026-11-29: eval/README.md#whitening)",
+        help="last blocks of the network trained (3: blocks 11-13; 2: blocks 12-13, the 12-epoch recipe "
+        "measured in eval/README.md#whitening)",
     )
     tune.add_argument(
         "--metric-loss",

@@ -54,7 +54,7 @@ class Settings:
     batch_size: int = 32
     engine: str = "litert"
     # "int8": the LiteRT model quantised to 8-bit integers, calibrated on catalog photos (as good as fp32 on
-    # every protocol measured, 2.3x as fast: README "Precision"); or "fp32".
+    # every protocol measured, 2.3x as fast: docs/model.md "Precision"); or "fp32".
     precision: str = "int8"
     # Whitening learned on the catalog (indexer/embedding/whitening.py), fitted by the first `make index` of a catalog;
     # `whitening_dims` directions are kept. None ("auto"): the plain network's vectors are whitened, a fine-tuned

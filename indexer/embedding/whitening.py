@@ -32,7 +32,7 @@ MIN_CATEGORIES = 2
 # 0.2 with 96 is the best R@1 that costs no category more than 0.10 of its R@1 (eval/README.md#whitening).
 REGULARISATION = 0.2
 # PCA whitening's power: 0.5 shrinks each direction by the square root of its spread, which measured better
-# than full whitening (power 1) on grocery shop photos (README "Retrieval options").
+# than full whitening (power 1) on grocery shop photos (eval/README.md#whitening).
 PCA_POWER = 0.5
 
 
