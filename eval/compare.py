@@ -29,7 +29,7 @@ import numpy as np
 from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, product_labels, read_queries, run_queries
 from indexer.jobs.catalog import in_catalog
-from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings
+from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings, run_with_config
 
 OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
 # Query photos timed one at a time for the latency column.
@@ -167,4 +167,4 @@ def summary_line(name: str, run: dict, labels: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))
