@@ -33,7 +33,7 @@ from bench.load import run_wrk, search_bodies, wrk_path
 from bench.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
 from bench.server import counter_total, running_server
 from bench.synthetic import catalog_metadata
-from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings
+from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings, run_with_config
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import INPUT_SIZE, load_embedder
 from indexer.jobs.catalog import in_catalog, scan_catalog
@@ -427,4 +427,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))

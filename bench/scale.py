@@ -38,7 +38,7 @@ from bench.synthetic import (
     real_photos,
     row_of,
 )
-from indexer.config import REPO_ROOT, load_settings
+from indexer.config import REPO_ROOT, load_settings, run_with_config
 from indexer.embedding.model import load_embedder
 
 KEY = "bench-scale-key"
@@ -940,4 +940,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))

@@ -42,7 +42,7 @@ import requests
 
 from bench.load import multipart_body
 from bench.server import running_server
-from indexer.config import REPO_ROOT
+from indexer.config import REPO_ROOT, run_with_config
 
 KEY = "soak-test-key"
 VISIBLE_WITHIN_MS = 1000  # --servers 2: the p95 bound on a write through A reaching B
@@ -491,4 +491,4 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], queries: l
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))

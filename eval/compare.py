@@ -28,7 +28,7 @@ import numpy as np
 
 from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, catalog_path, product_labels, read_queries, repository_path, run_queries
-from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings
+from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings, run_with_config
 from indexer.jobs.catalog import in_catalog
 
 OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
@@ -172,4 +172,4 @@ def summary_line(name: str, run: dict, labels: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))

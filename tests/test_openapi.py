@@ -65,8 +65,8 @@ def test_every_route_is_documented_and_every_documented_operation_is_served(app,
         for method, operation in item.items()
         if method != "parameters"
     }
-    assert sorted(set(served) - set(documented)) == [], "routes missing from service/openapi.py"
-    assert sorted(set(documented) - set(served)) == [], "service/openapi.py documents operations nobody serves"
+    assert sorted(set(served) - set(documented)) == [], "routes missing from service/openapi/paths.py"
+    assert sorted(set(documented) - set(served)) == [], "service/openapi/paths.py documents operations nobody serves"
     # x-endpoint names the view that serves it, so a route moved to another view cannot keep a stale description.
     assert {key: documented[key] for key in served} == served
 
