@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from indexer.config import ConfigError, Settings, load_settings
-from indexer.embedding.finetune import BLOCKS, FinetuneOptions
 from indexer.embedding.weights import WeightsError
 from indexer.jobs.catalog import CatalogError, in_catalog
+from indexer.jobs.finetune import BLOCKS, FinetuneOptions
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
@@ -149,7 +149,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         active.unlink(missing_ok=True)
         print("the plain ImageNet model is active again; run `make index` to re-embed the catalog")
         return 0
-    from indexer.embedding.finetune import finetune, split_layer
+    from indexer.jobs.finetune import finetune, split_layer
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)
