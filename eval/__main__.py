@@ -17,9 +17,9 @@ from pathlib import Path
 
 from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, product_labels, read_queries, run_queries
-from indexer.jobs.catalog import in_catalog
 from indexer.config import REPO_ROOT, load_settings
 from indexer.index.segments import read_manifest
+from indexer.jobs.catalog import in_catalog
 from indexer.storage.store import Store
 
 OUT_DIR = REPO_ROOT / "eval"
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = Path(args.catalog).resolve()
     # A FAISS index has a base segment on disk; a Milvus collection is checked when the service loads it.
     manifest = read_manifest(settings.index_dir) if settings.index_backend == "faiss" else {}
-    if manifest is None or not Store.open(settings).holds_catalog(str(catalog)):
+    if manifest is None or not Store.open(settings).vectors.holds_catalog(str(catalog)):
         print(f"error: the index in {settings.data_dir} is missing or not of {catalog};"
               f" run `make index CATALOG={args.catalog}` first (same DATA_DIR)", file=sys.stderr)  # fmt: skip
         return 2

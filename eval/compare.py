@@ -28,8 +28,8 @@ import numpy as np
 
 from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, product_labels, read_queries, run_queries
-from indexer.jobs.catalog import in_catalog
 from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings
+from indexer.jobs.catalog import in_catalog
 
 OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
 # Query photos timed one at a time for the latency column.
@@ -62,9 +62,9 @@ def baseline_of(name: str) -> str:
 
 def build_index(settings: Settings, catalog: Path, metadata: Path | None) -> float:
     """`make index` into settings.data_dir; returns its wall-clock seconds."""
-    from indexer.jobs.indexing import index_catalog
     from indexer.embedding.model import load_embedder
-    from indexer.storage.schema import migrate
+    from indexer.jobs.indexing import index_catalog
+    from indexer.storage.database import migrate
 
     started = time.perf_counter()
     migrate(settings.db_url)

@@ -15,7 +15,7 @@ K = 10
 
 def product_labels(app, label: str) -> dict[str, str | None]:
     """sku -> the product's label: its category, or another metadata column (an attribute)."""
-    return app.extensions["catalog_search"].store.product_labels(label)
+    return app.extensions["catalog_search"].store.products.labels(label)
 
 
 def read_queries(path: Path, catalog: Path, label: str) -> list[dict[str, str]]:

@@ -16,15 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from indexer.jobs.catalog import CatalogError, in_catalog
 from indexer.config import ConfigError, Settings, load_settings
 from indexer.embedding.finetune import BLOCKS, FinetuneOptions
 from indexer.embedding.weights import WeightsError
+from indexer.jobs.catalog import CatalogError, in_catalog
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.jobs.indexing import PruneNeeded, index_catalog
     from indexer.embedding.model import load_embedder
+    from indexer.jobs.indexing import PruneNeeded, index_catalog
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)
@@ -57,8 +57,8 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.index.compaction import compact, compaction_due, follow_catalog_whitening
     from indexer.embedding.model import load_embedder
+    from indexer.index.compaction import compact, compaction_due, follow_catalog_whitening
     from indexer.index.segments import read_manifest
     from indexer.storage.store import Store
 
@@ -92,8 +92,8 @@ def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_import_vectors(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.jobs.importing import import_vectors
     from indexer.embedding.model import load_embedder
+    from indexer.jobs.importing import import_vectors
 
     embedder = load_embedder(settings, create_export=False)
     report = import_vectors(settings, embedder, Path(args.vectors), Path(args.products), progress=not args.quiet)
@@ -126,7 +126,7 @@ def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.storage.schema import migrate, shown_url
+    from indexer.storage.database import migrate, shown_url
 
     migrate(settings.db_url)
     print(f"database schema is current: {shown_url(settings.db_url)}")

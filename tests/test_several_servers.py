@@ -22,10 +22,10 @@ from sqlalchemy import func, select
 from bench.server import running_server
 from indexer.index import compaction
 from indexer.index.compaction import compact
+from indexer.index.segments import load_base, read_manifest, remove_unused_bases
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.locks import write_lock
 from indexer.storage.schema import ProductImage
-from indexer.index.segments import load_base, read_manifest, remove_unused_bases
 from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import both_databases, new_database, served_catalog, skimage_jpeg, wait_until
@@ -260,7 +260,7 @@ def test_tombstones_wait_until_a_base_without_them_has_been_current_for_a_while(
 
     rows = image_rows()
     with write_lock(settings.data_dir, store):
-        assert store.delete_product("space/rocket") is not None
+        assert store.products.delete("space/rocket") is not None
     compact(settings, store, embedder)  # the first base without it: just published, so it is kept
     assert image_rows() == rows
     compact(settings, store, embedder)  # that base has been current long enough: purged
