@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = Path(args.catalog).resolve()
     # A FAISS index has a base segment on disk; a Milvus collection is checked when the service loads it.
     manifest = read_manifest(settings.index_dir) if settings.index_backend == "faiss" else {}
-    if manifest is None or not Store.open(settings).holds_catalog(str(catalog)):
+    if manifest is None or not Store.open(settings).vectors.holds_catalog(str(catalog)):
         print(f"error: the index in {settings.data_dir} is missing or not of {catalog};"
               f" run `make index CATALOG={args.catalog}` first (same DATA_DIR)", file=sys.stderr)  # fmt: skip
         return 2

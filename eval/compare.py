@@ -64,7 +64,7 @@ def build_index(settings: Settings, catalog: Path, metadata: Path | None) -> flo
     """`make index` into settings.data_dir; returns its wall-clock seconds."""
     from indexer.embedding.model import load_embedder
     from indexer.jobs.indexing import index_catalog
-    from indexer.storage.schema import migrate
+    from indexer.storage.database import migrate
 
     started = time.perf_counter()
     migrate(settings.db_url)

@@ -16,7 +16,7 @@ K = 10
 
 def product_labels(app, label: str) -> dict[str, str | None]:
     """sku -> the product's label: its category, or another metadata column (an attribute)."""
-    return app.extensions["catalog_search"].store.product_labels(label)
+    return app.extensions["catalog_search"].store.products.labels(label)
 
 
 def repository_path(path: str | Path) -> str:

@@ -126,7 +126,7 @@ def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.storage.schema import migrate, shown_url
+    from indexer.storage.database import migrate, shown_url
 
     migrate(settings.db_url)
     print(f"database schema is current: {shown_url(settings.db_url)}")

@@ -11,7 +11,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from indexer.storage.store import ProductRow, Store
+from indexer.storage.products import ProductRow
+from indexer.storage.store import Store
 
 # About 0.5 KB each: the cache stays under ~10 MB however large the catalog.
 MAX_ROWS = 20_000
@@ -39,7 +40,7 @@ class ProductRows:
         missing = [i for i in image_ids if i not in found]
         if missing:
             generation = self._generation
-            read = dict.fromkeys(missing) | self.store.result_rows(missing)
+            read = dict.fromkeys(missing) | self.store.products.result_rows(missing)
             found |= read
             with self._lock:
                 if generation != self._generation:

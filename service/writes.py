@@ -26,7 +26,8 @@ from werkzeug.exceptions import Forbidden, Unauthorized
 from indexer.errors import NotReady, UnknownProduct
 from indexer.jobs.catalog import ProductFields, parse_price
 from indexer.storage.locks import write_lock
-from indexer.storage.store import API, ImageVector
+from indexer.storage.schema import API
+from indexer.storage.vectors import ImageVector
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import embed_upload, read_upload
@@ -140,7 +141,7 @@ def put_product(sku: str):
         image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vectors[0])
         extra = [replace(image, vector=vector, view=view) for view, vector in zip(views, vectors[1:], strict=True)]
         with write_lock(search.settings.data_dir, search.store):
-            created, _ = search.store.put_product(product, image, identity.key, API, extra)
+            created, _ = search.store.products.put(product, image, identity.key, API, extra)
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
 
@@ -149,7 +150,7 @@ def delete_product(sku: str):
     search = catalog_search()
     with _saving(), write_lock(search.settings.data_dir, search.store):
         # tombstones: a request still holding an older state can resolve every id it found
-        change = search.store.delete_product(sku)
+        change = search.store.products.delete(sku)
     if change is None:
         raise UnknownProduct(sku)
     return jsonify({"sku": sku, "deleted": True, **_visible()})

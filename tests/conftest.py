@@ -214,7 +214,9 @@ def live_index(settings: Settings, embedder) -> LiveIndex:
     base = load_base(settings.index_dir)
     assert base is not None, "nothing has been indexed"
     live = LiveIndex(base)
-    live.apply(Store.open(settings).changes_since(base.built_through, embedder.identity.key, embedder.identity.dim))
+    live.apply(
+        Store.open(settings).vectors.changes_since(base.built_through, embedder.identity.key, embedder.identity.dim)
+    )
     return live
 
 

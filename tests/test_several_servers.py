@@ -260,7 +260,7 @@ def test_tombstones_wait_until_a_base_without_them_has_been_current_for_a_while(
 
     rows = image_rows()
     with write_lock(settings.data_dir, store):
-        assert store.delete_product("space/rocket") is not None
+        assert store.products.delete("space/rocket") is not None
     compact(settings, store, embedder)  # the first base without it: just published, so it is kept
     assert image_rows() == rows
     compact(settings, store, embedder)  # that base has been current long enough: purged

@@ -15,7 +15,7 @@ import numpy as np
 
 from indexer.index.ann import candidates
 from indexer.index.segments import NO_CATEGORY, BaseSegment
-from indexer.storage.store import Changes
+from indexer.storage.vectors import Changes
 
 # A category of at most this many base vectors is scanned exactly: it is one contiguous block of the base, and
 # approximate structures lose recall when few of the vectors they visit qualify.

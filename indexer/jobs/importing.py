@@ -25,7 +25,9 @@ from indexer.index.compaction import CompactionReport
 from indexer.jobs.catalog import CatalogError, ProductFields, parse_price
 from indexer.jobs.indexing import compact_if_due, sync_vector_store
 from indexer.storage.locks import write_lock
-from indexer.storage.store import IMPORT, ImageVector, Store
+from indexer.storage.schema import IMPORT
+from indexer.storage.store import Store
+from indexer.storage.vectors import ImageVector
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")
@@ -80,7 +82,7 @@ def import_vectors(
     store = Store.open(settings)
     # The vectors are the network's; the catalog's whitening, when `make index` has fitted one, follows them.
     embedder.use_whitening(configured(settings, store, embedder.network.key))
-    known = store.known_files(IMPORT)
+    known = store.vectors.known_files(IMPORT)
     model_key = embedder.identity.key
     for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):
         part = rows[start : start + BATCH]
@@ -107,9 +109,9 @@ def import_vectors(
                 ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, row.get("url") or None)
             )
         with write_lock(settings.data_dir, store):
-            product_ids = store.upsert_products(products)
+            product_ids = store.products.upsert(products)
             if images:
-                store.store_vectors(
+                store.vectors.upsert(
                     [ImageVector(i.rel_path, i.path, i.sha256, i.vector, product_ids[sku]) for sku, i in images],
                     model_key,
                     source=IMPORT,

@@ -33,7 +33,8 @@ from indexer.index.compaction import CompactionReport, compact, compaction_due
 from indexer.index.segments import read_manifest
 from indexer.jobs.catalog import CatalogImage, CatalogScan, scan_catalog
 from indexer.storage.locks import write_lock
-from indexer.storage.store import ImageVector, KnownFile, Store
+from indexer.storage.store import Store
+from indexer.storage.vectors import ImageVector, KnownFile
 
 # A run that would remove more than this fraction of its folder's images stops and asks for --prune.
 MOST_REMOVED = 0.2
@@ -261,7 +262,7 @@ def index_catalog(
     fit_pending = settings.whitens and fitted is None
 
     views = settings.catalog_views
-    known = store.known_files()
+    known = store.vectors.known_files()
     failed: set[str] = set()
     with (
         ThreadPoolExecutor(max_workers=settings.embed_workers, thread_name_prefix="embed") as pool,
@@ -272,7 +273,7 @@ def index_catalog(
         # While the first batches are embedded: every product's metadata, which the embeddings' rows
         # point to. Products whose photos all fail are removed again by reconcile_catalog.
         with write_lock(settings.data_dir, store):
-            product_ids = store.upsert_products(image.product for image in scan.images)
+            product_ids = store.products.upsert(image.product for image in scan.images)
         bar = tqdm(total=len(scan.images), desc="Indexing", unit="img", disable=not progress)
         for batch in results:
             for image, problem in batch.failures:
@@ -280,12 +281,12 @@ def index_catalog(
                 report.problems.append(f"{image.rel_path}: {problem}")
             if batch.embedded:
                 with write_lock(settings.data_dir, store):
-                    store.store_vectors(_image_vectors(batch, product_ids, views), model_key)
+                    store.vectors.upsert(_image_vectors(batch, product_ids, views), model_key)
                     if not fit_pending:
                         sync_vector_store(settings, store, embedder)
             if batch.restated:
                 with write_lock(settings.data_dir, store):
-                    store.record_file_stats(batch.restated)
+                    store.vectors.record_file_stats(batch.restated)
             report.embedded += len(batch.embedded)
             report.unchanged += batch.unchanged
             bar.update(len(batch.embedded) + batch.unchanged + len(batch.failures))
@@ -298,7 +299,7 @@ def index_catalog(
         if image.rel_path not in failed
     }
     with write_lock(settings.data_dir, store):
-        reconciled = store.reconcile_catalog(
+        reconciled = store.vectors.reconcile_catalog(
             keep, str(scan.root), remove=not add_only, most_removed=None if prune else MOST_REMOVED
         )
     if reconciled.refused:
@@ -317,7 +318,7 @@ def index_catalog(
         report.vector_store = sync_locked(settings, store, embedder.identity, purge=True).summary()
     else:
         report.compaction, report.pending = compact_if_due(settings, store, embedder, progress=progress)
-    report.indexed, report.products = store.counts()
+    report.indexed, report.products = store.products.counts()
     report.seconds = time.perf_counter() - started
     report.peak_memory_mb = process_memory_mb("VmHWM")
     return report
@@ -331,15 +332,15 @@ def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> st
         return None
     network_key, dim = embedder.network.key, embedder.network.dim
     # Fitted on the photos alone, so that the projection does not depend on the extra views configured.
-    photos = store.labelled_vectors(network_key, dim, views=False)
+    photos = store.vectors.labelled(network_key, dim, views=False)
     whitening = whitening_fit(((vectors, categories) for _, vectors, categories in photos), settings.whitening_dims)
     if whitening is None:
         return f"whitening not fitted yet: it needs {MIN_FIT_PHOTOS} photos or more"
     keep_whitening(store, network_key, whitening)
     embedder.use_whitening(whitening)
     with write_lock(settings.data_dir, store):
-        for ids, vectors, _ in store.labelled_vectors(network_key, dim):
-            store.replace_vectors(ids, whitening.apply(vectors), embedder.identity.key)
+        for ids, vectors, _ in store.vectors.labelled(network_key, dim):
+            store.vectors.replace(ids, whitening.apply(vectors), embedder.identity.key)
     fitted = whitening.fitted_on
     return (
         f"fitted {whitening.name} whitening on {fitted['photos']} photos of {fitted['categories']} categories "
@@ -369,7 +370,7 @@ def compact_if_due(
             break
         if (report := compact(settings, store, embedder, progress=progress, if_base=seen)) is not None:
             return report, 0
-    return None, store.pending_changes(int((read_manifest(settings.index_dir) or {}).get("built_through", 0)))
+    return None, store.vectors.pending_changes(int((read_manifest(settings.index_dir) or {}).get("built_through", 0)))
 
 
 def _image_vectors(batch: CheckedBatch, product_ids: dict[str, int], views: tuple[str, ...]) -> list[ImageVector]:
