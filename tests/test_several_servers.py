@@ -19,16 +19,16 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from bench.server import running_server
 from indexer.index import compaction
 from indexer.index.compaction import compact
+from indexer.index.segments import load_base, read_manifest, remove_unused_bases
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.locks import write_lock
 from indexer.storage.schema import ProductImage
-from indexer.index.segments import load_base, read_manifest, remove_unused_bases
 from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import both_databases, new_database, served_catalog, skimage_jpeg, wait_until
+from tests.support.server import running_server
 
 KEY = "several-servers-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
