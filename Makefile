@@ -90,7 +90,7 @@ demo: demo-catalog weights migrate
 # wrk is the benchmark's load generator; one test runs it against the real server. Debian's chromium is
 # the browser that Playwright drives in tests/test_browser.py (Playwright's own browser download is not used).
 # Debian's postgresql gives the server binaries (initdb, postgres) of the cluster that the tests start themselves
-# in a temporary folder (bench/postgres.py; PG_BINDIR names another folder of them).
+# in a temporary folder (tests/support/postgres.py; PG_BINDIR names another folder of them).
 test: weights dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk; its test will be skipped"
 	@test -x /usr/bin/chromium || $(call apt_install,chromium) \

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck
 from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import allow_header_conformance, unsupported_method
 
-from bench.server import running_server
 from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.openapi import SPEC
 from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_photo, write_skimage_catalog
+from tests.support.server import running_server
 
 API_KEY = "openapi-test-key"
 # Generated cases per operation in the fuzzing phase (fewer where there is little to vary); the examples and

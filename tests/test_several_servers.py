@@ -19,7 +19,6 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from bench.server import running_server
 from indexer.index import compaction
 from indexer.index.compaction import compact
 from indexer.index.segments import load_base, read_manifest, remove_unused_bases
@@ -29,6 +28,7 @@ from indexer.storage.schema import ProductImage
 from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import both_databases, new_database, served_catalog, skimage_jpeg, wait_until
+from tests.support.server import running_server
 
 KEY = "several-servers-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -5,13 +5,21 @@ within a second while both are searched and the base is compacted."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from bench.soak import main as soak
+from indexer.config import REPO_ROOT
 from tests.conftest import new_database
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
+
+
+def soak(arguments: list[str]) -> int:
+    """`python -m bench.soak` as `make soak` runs it, in a process of its own; its exit status."""
+    done = subprocess.run([sys.executable, "-m", "bench.soak", *arguments], cwd=REPO_ROOT, timeout=1800)
+    return done.returncode
 
 
 def test_no_failed_or_wrong_search_across_a_reindex_a_compaction_and_100_writes(grocery, tmp_path):

@@ -17,7 +17,6 @@ import requests
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from bench.server import running_server
 from indexer.config import REPO_ROOT, ConfigError, load_settings
 from indexer.jobs.importing import import_vectors
 from indexer.jobs.indexing import index_catalog
@@ -27,6 +26,7 @@ from indexer.storage.store import Store
 from indexer.storage.vectors import ImageVector
 from service import create_app
 from tests.conftest import both_databases, skimage_photo, subprocess_config, write_skimage_catalog
+from tests.support.server import running_server
 
 KEY = "vector-backends-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
