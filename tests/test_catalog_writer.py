@@ -17,7 +17,7 @@ from indexer.jobs.indexing import distributor
 from indexer.storage.locks import write_lock
 from indexer.storage.store import API, IMPORT, Store
 from indexer.writes import CatalogWriter, ModelChanged, Photo, SaveFailed
-from tests.conftest import skimage_jpeg
+from tests.conftest import both_databases, skimage_jpeg
 
 
 @pytest.fixture
@@ -31,6 +31,7 @@ def photo_vectors(embedder, name: str):
     return embedder.embed_views(skimage_jpeg(name), ())
 
 
+@both_databases
 def test_a_batch_writes_products_and_photos_and_a_put_replaces_a_products_photos(settings, store, embedder):
     identity = embedder.identity
     writer = CatalogWriter(settings, store, IMPORT)
@@ -52,6 +53,7 @@ def test_a_batch_writes_products_and_photos_and_a_put_replaces_a_products_photos
     assert store.counts() == (1, 1) and not store.has_product("a")
 
 
+@both_databases
 def test_vectors_of_another_model_are_refused_before_the_file_and_again_under_the_lock(settings, store, embedder):
     identity = embedder.identity
     other = replace(identity, whitening="learned-96", whitening_sha256="0" * 64)
