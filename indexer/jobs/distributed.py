@@ -19,13 +19,20 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from indexer.jobs.catalog import CatalogImage
 from indexer.config import REPO_ROOT, ConfigError, Settings
 from indexer.embedding.engines import LiteRTEngine
 from indexer.jobs.indexing import CheckedBatch, CheckedFiles, Known, check_files, decode_photos
 from indexer.embedding.model import Embedder
+
+try:
+    import ray
+except ModuleNotFoundError as exc:  # Ray is not in the default install (requirements.txt)
+    raise ConfigError(
+        f"RAY_ADDRESS is set, so the indexing runs on Ray, which is not installed here ({exc}): "
+        "pip install -r requirements-ray.txt (make does when RAY_ADDRESS is set), or unset RAY_ADDRESS"
+    ) from exc
 
 # A local cluster's object store: enough for a few batches of photo bytes in flight, small enough for a laptop.
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
