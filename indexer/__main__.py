@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         # The serve-only install (requirements-serve.txt) runs the LiteRT models that TensorFlow made elsewhere.
         print(
             f"error: building or converting the model needs TensorFlow, which is not installed here ({exc}): "
-            "pip install -r requirements.txt, or prepare the models folder where it is (make weights, then "
-            "make index) and copy it here",
+            "pip install -r requirements.txt, or make the models folder on a host with the default install "
+            "(make weights, then make index) and copy it here",
             file=sys.stderr,
         )
         return 2
