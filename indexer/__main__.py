@@ -280,6 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CatalogError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tensorflow", "keras"):
+            raise
+        # The serve-only install (requirements-serve.txt) runs the LiteRT models that TensorFlow made elsewhere.
+        print(
+            f"error: building or converting the model needs TensorFlow, which is not installed here ({exc}): "
+            "pip install -r requirements.txt, or make the models folder on a host with the default install "
+            "(make weights, then make index) and copy it here",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ from indexer.storage.vectors import Changes
 _uri = os.environ.pop("MILVUS_URI", None)
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
+except ModuleNotFoundError as exc:  # pymilvus is not in the default install (requirements.txt)
+    raise ConfigError(
+        f'index.backend (or VECTOR_STORE) is "milvus", whose client is not installed here ({exc}): '
+        "pip install -r requirements-milvus.txt (make does when VECTOR_STORE=milvus)"
+    ) from exc
 finally:
     if _uri is not None:
         os.environ["MILVUS_URI"] = _uri
