@@ -33,16 +33,9 @@ except ModuleNotFoundError as missing:  # Ray is an optional install: only a run
     if missing.name != "ray":
         raise
     raise ConfigError(
-        "indexing on Ray (RAY_ADDRESS is set) needs Ray, which this install lacks: pip install -r requirements-ray.txt"
+        "RAY_ADDRESS is set, so the indexing runs on Ray, which this install lacks: pip install -r "
+        "requirements-ray.txt (make does when RAY_ADDRESS is set), or unset RAY_ADDRESS"
     ) from None
-
-try:
-    import ray
-except ModuleNotFoundError as exc:  # Ray is not in the default install (requirements.txt)
-    raise ConfigError(
-        f"RAY_ADDRESS is set, so the indexing runs on Ray, which is not installed here ({exc}): "
-        "pip install -r requirements-ray.txt (make does when RAY_ADDRESS is set), or unset RAY_ADDRESS"
-    ) from exc
 
 # A local cluster's object store: enough for a few batches of photo bytes in flight, small enough for a laptop.
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
