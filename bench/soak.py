@@ -119,7 +119,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="--servers 2: a PostgreSQL database the soak may fill (default: DATABASE_URL; "
                              "without either, a throwaway cluster)")  # fmt: skip
     parser.add_argument("--visible-within-ms", type=float, default=VISIBLE_WITHIN_MS,
-                        help="--servers 2: p95 bound on a write through A reaching B (default %(default)s)")  # fmt: skip
+                        help="--servers 2: p95 bound for a write through A to reach B (ms)")  # fmt: skip
     parser.add_argument("--out", help="default bench/soak.json, with --servers 2 bench/soak-two-servers.json")
     args = parser.parse_args(argv)
     if args.writes is None:
