@@ -84,7 +84,7 @@ _NONE = (np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
 class LiveIndex:
-    """The base plus the delta, searched as one; apply() brings it up to a newer change number."""
+    """The base plus the delta, searched as one (a VectorIndex); apply() brings it up to a newer change number."""
 
     def __init__(self, base: BaseSegment):
         self.base = base

@@ -384,8 +384,8 @@ class _Description:
 
 
 class MilvusIndex:
-    """What a server searches with index.backend = "milvus", in LiveIndex's terms: the model's collection, kept up
-    with the store's change numbers, and each live image's category (in memory, for the category list)."""
+    """What a server searches with index.backend = "milvus", a VectorIndex like LiveIndex: the model's collection,
+    kept up with the store's change numbers, and each live image's category (in memory, for the category list)."""
 
     def __init__(
         self,
