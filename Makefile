@@ -4,7 +4,7 @@
 #   make demo                                   build, index and serve the Fashion-MNIST demo
 #   make test                                   run the test suite
 #   make index CATALOG=<folder> [METADATA=<csv or jsonl>] [ADD=1 | PRUNE=1] [REFIT=1]
-#   make serve [PORT=8000]
+#   make serve [PORT=8000] [SERVE_ONLY=1]       SERVE_ONLY=1: the service without TensorFlow (Installs below)
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
 #   make bench-scale [N=1000000]                  N synthetic products beside 10,000 at scale, to bench/
 #   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
@@ -12,12 +12,28 @@
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog (then make index)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
+#
+# Installs (into .venv/, by whichever target needs them; docs/install.md gives their sizes):
+#   requirements.txt         the default: the indexer (with TensorFlow) and the service
+#   requirements-serve.txt   make serve SERVE_ONLY=1: the service alone, no TensorFlow, on a host whose
+#                            models folder was prepared by `make weights` and `make index` elsewhere
+#   requirements-ray.txt     added when RAY_ADDRESS is set (indexing on a Ray cluster; `local` starts one)
+#   requirements-milvus.txt  added when VECTOR_STORE=milvus (Milvus, or Milvus Lite, as the vector store)
+#   requirements-dev.txt     make test, lint and the benchmarks: everything above plus the test tools
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+SERVE_INSTALLED := $(VENV)/.installed-serve
+RAY_INSTALLED := $(VENV)/.installed-ray
+MILVUS_INSTALLED := $(VENV)/.installed-milvus
 DEV_INSTALLED := $(VENV)/.installed-dev
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+# The runtime packages this run needs: the service alone with SERVE_ONLY=1, else the default install; Ray and
+# Milvus on top only when configured (RAY_ADDRESS, VECTOR_STORE=milvus).
+RUNTIME := $(if $(SERVE_ONLY),$(SERVE_INSTALLED),$(INSTALLED)) $(if $(RAY_ADDRESS),$(RAY_INSTALLED)) \
+  $(if $(filter milvus,$(VECTOR_STORE)),$(MILVUS_INSTALLED))
 PORT ?= 8000
 DEMO_CATALOG := demo-catalog
 
@@ -32,18 +48,39 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
 
-$(INSTALLED): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# Each install leaves a stamp in .venv/, remade when its requirements file changes.
+define new_venv
+test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PIP_INSTALL) --upgrade pip
+endef
+
+# requirements.txt includes requirements-serve.txt, so the default install is the serve-only one too.
+$(INSTALLED): requirements.txt requirements-serve.txt
+	$(new_venv)
+	$(PIP_INSTALL) -r requirements.txt
+	touch $@ $(SERVE_INSTALLED)
+
+$(SERVE_INSTALLED): requirements-serve.txt
+	$(new_venv)
+	$(PIP_INSTALL) -r requirements-serve.txt
 	touch $@
 
-venv: $(INSTALLED)
-
-# Test, lint and benchmark tools (requirements-dev.txt), on top of the runtime packages.
-$(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+# Ray and Milvus go on top of whichever runtime install this run has (| : without reinstalling when it changes).
+$(RAY_INSTALLED): requirements-ray.txt | $(firstword $(RUNTIME))
+	$(PIP_INSTALL) -r requirements-ray.txt
 	touch $@
+
+$(MILVUS_INSTALLED): requirements-milvus.txt | $(firstword $(RUNTIME))
+	$(PIP_INSTALL) -r requirements-milvus.txt
+	touch $@
+
+venv: $(RUNTIME)
+
+# Test, lint and benchmark tools (requirements-dev.txt), on top of the default install, Ray and Milvus: the
+# tests exercise both, and `make bench` indexes on a local Ray cluster.
+$(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt requirements-ray.txt requirements-milvus.txt
+	$(PIP_INSTALL) -r requirements-dev.txt
+	touch $@ $(RAY_INSTALLED) $(MILVUS_INSTALLED)
 
 dev: $(DEV_INSTALLED)
 
@@ -90,7 +127,7 @@ demo: demo-catalog weights migrate
 # wrk is the benchmark's load generator; one test runs it against the real server. Debian's chromium is
 # the browser that Playwright drives in tests/test_browser.py (Playwright's own browser download is not used).
 # Debian's postgresql gives the server binaries (initdb, postgres) of the cluster that the tests start themselves
-# in a temporary folder (bench/postgres.py; PG_BINDIR names another folder of them).
+# in a temporary folder (tests/support/postgres.py; PG_BINDIR names another folder of them).
 test: weights dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk) || echo "apt-get could not install wrk; its test will be skipped"
 	@test -x /usr/bin/chromium || $(call apt_install,chromium) \

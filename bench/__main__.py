@@ -20,7 +20,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,14 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.load import run_wrk, search_bodies, wrk_path
-from bench.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
-from bench.server import counter_total, running_server
+from bench.record import machine, portable, relative
 from bench.synthetic import catalog_metadata
-from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings
+from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings, run_with_config
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import INPUT_SIZE, load_embedder
 from indexer.jobs.catalog import in_catalog, scan_catalog
+from tests.support.load import run_wrk, search_bodies, wrk_path
+from tests.support.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
+from tests.support.server import counter_total, running_server
 
 # The precision `make index` runs (config.toml's): the one measured on a local Ray cluster too.
 DEFAULT_PRECISION = "int8"
@@ -65,7 +65,7 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
 
 class Reference:
     """The raw engine's single-image rate (batch 1, one interpreter using every core: the limit)
-    and the seed-style Keras rate (the baseline), measurable again around any step."""
+    and the tutorial-style Keras rate (one image per predict call: the baseline), measurable again around any step."""
 
     def __init__(self, settings, tensors: np.ndarray, catalog: Path, metadata: Path | None):
         self.settings, self.tensors = settings, tensors
@@ -281,7 +281,7 @@ def ratios(results: dict, cpus: int) -> dict[str, float]:
         "server_inference_cpu_ms_per_request": inference_ms,
         "inference_share_of_request_cpu": round(inference_ms / request_cpu_ms, 3),
         "server_cpu_ms_per_request_outside_inference": round(request_cpu_ms - inference_ms, 2),
-        # ... and, as runs before 2026-11-29 estimated it, less the engine step's inference time per core.
+        # ... and the older estimate: less the engine step's inference time per core (bench/README.md compares them).
         "server_cpu_ms_per_request_less_engine_inference": round(request_cpu_ms - engine_inference_ms, 2),
         "server_ready_seconds": results["http"]["ready_seconds"],
         "server_rss_mb_minus_index": round(results["http"]["memory_after_load"]["rss_mb"] - results["index_mb"], 1),
@@ -289,7 +289,7 @@ def ratios(results: dict, cpus: int) -> dict[str, float]:
 
 
 def comparison(fp32: dict, int8: dict) -> dict[str, float]:
-    """int8 against fp32, both measured in this run (the issue's Done-when lines)."""
+    """int8 against fp32, both measured in this run: the engine, `make index`, HTTP and CPU ratios."""
 
     def http(result: dict, clients: int) -> float:
         return next(r for r in result["http"]["load"] if r["clients"] == clients)["requests_per_s"]
@@ -343,12 +343,6 @@ def chart(results: dict, path: Path) -> None:
     figure.savefig(path)
 
 
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpus": cpu_count(), "processor": model, "python": platform.python_version()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -374,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    results: dict = {"machine": machine(), "catalog": str(catalog), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: dict = {"machine": machine(), "catalog": relative(catalog), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     wrk_path()  # say at once when the load generator is missing, not after the indexing run
     references = {p: Reference(settings.with_overrides(precision=p), tensors, catalog, metadata) for p in PRECISIONS}
     per: dict[str, dict] = {p: {} for p in PRECISIONS}
@@ -414,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         result["ratios"] = ratios(result, results["machine"]["cpus"])
     results["precisions"] = per
     results["int8_over_fp32"] = comparison(per["fp32"], per["int8"])
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    # The indexer's summaries name the catalog and the data folders: relative to the repository, <work-dir>.
+    (out / "results.json").write_text(json.dumps(portable(results, Path(tmp), (catalog, metadata)), indent=2))
     chart(results, out / "results.png")
     ray_local = per[DEFAULT_PRECISION]["indexing_ray_local"]
     print(json.dumps({"int8_over_fp32": results["int8_over_fp32"], "whitening": results["whitening"]["on_over_off"],
@@ -427,4 +422,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))

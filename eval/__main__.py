@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from eval.metrics import hit_matrix, per_label, summarise
-from eval.protocols import K, product_labels, read_queries, run_queries
-from indexer.config import REPO_ROOT, load_settings
+from eval.protocols import K, catalog_path, product_labels, read_queries, repository_path, run_queries
+from indexer.config import REPO_ROOT, load_settings, run_with_config
 from indexer.index.segments import read_manifest
 from indexer.jobs.catalog import in_catalog
 from indexer.storage.store import Store
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = Path(args.catalog).resolve()
     # A FAISS index has a base segment on disk; a Milvus collection is checked when the service loads it.
     manifest = read_manifest(settings.index_dir) if settings.index_backend == "faiss" else {}
-    if manifest is None or not Store.open(settings).holds_catalog(str(catalog)):
+    if manifest is None or not Store.open(settings).vectors.holds_catalog(str(catalog)):
         print(f"error: the index in {settings.data_dir} is missing or not of {catalog};"
               f" run `make index CATALOG={args.catalog}` first (same DATA_DIR)", file=sys.stderr)  # fmt: skip
         return 2
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "protocol": "queries" if queries is not None else "leave-one-out",
         "label": args.label,
-        "catalog": str(catalog),
-        "queries_file": args.queries,
+        "catalog": repository_path(catalog),
+        "queries_file": catalog_path(in_catalog(catalog, args.queries), catalog) if args.queries else None,
         "index": {
             **{
                 key: manifest.get(key)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(seconds, 1),
         "summary": summary,
         "per_label": table,
-        "hardest": hardest,
+        "hardest": [{**row, "query_path": catalog_path(row["query_path"], catalog)} for row in hardest],
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
     hardest_figure(hardest, app, out / "hardest.png", args.hardest)
@@ -121,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))

@@ -6,7 +6,7 @@ For the plain model and, when `make finetune` has made one, the fine-tuned model
 catalog's whitening, and with the whitening and extra catalog views (--views, flip and crop unless "none"):
 `make index` into <work>/<configuration>, then the shop-photo queries (fine labels, and
 coarse ones with --coarse-label), leave-one-out, and the in-process query latency (p50 of POST /api/search, one
-at a time). Writes eval/configurations.json; the table goes to the README and eval/README.md.
+at a time). Writes eval/configurations.json; the table goes to docs/model.md and eval/README.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from eval.metrics import hit_matrix, per_label, summarise
-from eval.protocols import K, product_labels, read_queries, run_queries
-from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings
+from eval.protocols import K, catalog_path, product_labels, read_queries, repository_path, run_queries
+from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings, run_with_config
 from indexer.jobs.catalog import in_catalog
 
 OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
@@ -64,7 +64,7 @@ def build_index(settings: Settings, catalog: Path, metadata: Path | None) -> flo
     """`make index` into settings.data_dir; returns its wall-clock seconds."""
     from indexer.embedding.model import load_embedder
     from indexer.jobs.indexing import index_catalog
-    from indexer.storage.schema import migrate
+    from indexer.storage.database import migrate
 
     started = time.perf_counter()
     migrate(settings.db_url)
@@ -131,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     queries_csv = in_catalog(catalog, args.queries)
     labels = ["category"] + ([args.coarse_label] if args.coarse_label else [])
     base = load_settings()
-    report: dict = {"catalog": str(catalog), "queries": str(queries_csv), "precision": base.precision, "runs": {}}
+    report: dict = {
+        "catalog": repository_path(catalog),
+        "queries": catalog_path(queries_csv, catalog),
+        "precision": base.precision,
+        "runs": {},
+    }
     views = catalog_views(args.views)
     for name, settings in configurations(base, args.only, views):
         settings = settings.with_overrides(data_dir=Path(args.work_dir) / name, database_url="")
@@ -167,4 +172,4 @@ def summary_line(name: str, run: dict, labels: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_with_config(main))

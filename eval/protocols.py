@@ -5,17 +5,33 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from indexer.config import cpu_count
+from indexer.config import REPO_ROOT, cpu_count
 
 K = 10
 
 
 def product_labels(app, label: str) -> dict[str, str | None]:
     """sku -> the product's label: its category, or another metadata column (an attribute)."""
-    return app.extensions["catalog_search"].store.product_labels(label)
+    return app.extensions["catalog_search"].store.products.labels(label)
+
+
+def repository_path(path: str | Path) -> str:
+    """`path` relative to the repository (e.g. ../shared/datasets/grocery-store), as saved results name a folder:
+    they travel with the repository, so they never hold a folder of the machine that made them."""
+    return Path(os.path.relpath(Path(path).resolve(), REPO_ROOT)).as_posix()
+
+
+def catalog_path(path: str | Path, catalog: Path) -> str:
+    """`path` relative to the catalog folder when it lies inside it (as metadata names photos), else relative to
+    the repository."""
+    resolved, catalog = Path(path).resolve(), catalog.resolve()
+    if resolved.is_relative_to(catalog):
+        return resolved.relative_to(catalog).as_posix()
+    return repository_path(resolved)
 
 
 def read_queries(path: Path, catalog: Path, label: str) -> list[dict[str, str]]:

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from indexer.config import ConfigError, Settings, load_settings
-from indexer.embedding.finetune import BLOCKS, FinetuneOptions
 from indexer.embedding.weights import WeightsError
 from indexer.jobs.catalog import CatalogError, in_catalog
+from indexer.jobs.finetune import BLOCKS, FinetuneOptions
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
@@ -125,7 +125,7 @@ def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from indexer.storage.schema import migrate, shown_url
+    from indexer.storage.database import migrate, shown_url
 
     migrate(settings.db_url)
     print(f"database schema is current: {shown_url(settings.db_url)}")
@@ -148,7 +148,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         active.unlink(missing_ok=True)
         print("the plain ImageNet model is active again; run `make index` to re-embed the catalog")
         return 0
-    from indexer.embedding.finetune import finetune, split_layer
+    from indexer.jobs.finetune import finetune, split_layer
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)
@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=BLOCKS,
         choices=range(1, 8),
-        help="last blocks of the network trained (3: blocks 11-13; 2, blocks 12-13, was the recipe before "
-        "2026-11-29: eval/README.md#whitening)",
+        help="last blocks of the network trained (3: blocks 11-13; 2: blocks 12-13, the 12-epoch recipe "
+        "measured in eval/README.md#whitening)",
     )
     tune.add_argument(
         "--metric-loss",
@@ -278,6 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(settings, args)
     except (ConfigError, CatalogError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tensorflow", "keras"):
+            raise
+        # The serve-only install (requirements-serve.txt) runs the LiteRT models that TensorFlow made elsewhere.
+        print(
+            f"error: building or converting the model needs TensorFlow, which is not installed here ({exc}): "
+            "pip install -r requirements.txt, or make the models folder on a host with the default install "
+            "(make weights, then make index) and copy it here",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -1,20 +1,21 @@
-"""Settings for the indexer and the service, read once from config.toml.
+"""Settings for the indexer and the service, read once from config.toml (SEARCH_CONFIG names another file).
 
-Environment variables override the paths so one checkout can serve several
-catalogs: DATA_DIR, CATALOG, METADATA, MODELS_DIR, DATABASE_URL (PRECISION and WHITENING for the model), and
-SEARCH_CONFIG to point at another config file (and API_KEY, MEMORY_BUDGET_MB,
-FETCH_ALLOW_PRIVATE, CORS_ORIGINS for the service; VECTOR_STORE, MILVUS_URI, MILVUS_TOKEN and CATALOG_VIEWS
-for the index).
+Each default is a field default of Settings; KEYS maps each key of config.toml to its field, and to the environment
+variable that overrides it (DATA_DIR, CATALOG, ... : one checkout can serve several catalogs).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.toml"
@@ -47,14 +48,17 @@ def is_milvus_lite(uri: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    catalog_dir: Path
-    metadata_path: Path | None
+    # Relative paths (these defaults, and the configured ones) are relative to the config file's folder:
+    # load_settings resolves them.
+    catalog_dir: Path = Path("catalog")
+    # The catalog's products.csv or .jsonl; None: <catalog>/products.csv when it exists.
+    metadata_path: Path | None = None
     model_name: str = "mobilenet_v1"
     weights: str = PYPI_WEIGHTS
     batch_size: int = 32
     engine: str = "litert"
     # "int8": the LiteRT model quantised to 8-bit integers, calibrated on catalog photos (as good as fp32 on
-    # every protocol measured, 2.3x as fast: README "Precision"); or "fp32".
+    # every protocol measured, 2.3x as fast: docs/model.md "Precision"); or "fp32".
     precision: str = "int8"
     # Whitening learned on the catalog (indexer/embedding/whitening.py), fitted by the first `make index` of a catalog;
     # `whitening_dims` directions are kept. None ("auto"): the plain network's vectors are whitened, a fine-tuned
@@ -65,13 +69,15 @@ class Settings:
     # How the last feature map becomes one vector: "avg" (average pooling) or "gem" (generalised mean, with p).
     pooling: str = "avg"
     gem_p: float = 3.0
+    # Search with the version of this model that `make finetune` activated, if there is one.
+    use_finetuned: bool = True
     # Weights of a fine-tuned version of this model (from models/active-model.json), if any.
     finetuned: Path | None = None
     # Inference threads per interpreter, and indexing threads (each decodes a batch and embeds it
     # with its own interpreter); 0 = automatic.
     model_threads: int = 0
     index_workers: int = 0
-    data_dir: Path = REPO_ROOT / "data"
+    data_dir: Path = Path("data")
     database_url: str = ""
     index_factory: str = "auto"
     # Where vectors are searched: "faiss" (base segments in <data_dir>/index plus a delta in each server) or
@@ -88,7 +94,7 @@ class Settings:
     milvus_collection: str = "visual_search"
     # Changed images the delta may hold before a compaction folds them into a new base.
     compact_after: int = 5_000
-    models_dir: Path = REPO_ROOT / "models"
+    models_dir: Path = Path("models")
     host: str = "127.0.0.1"
     port: int = 8000
     default_k: int = 12
@@ -229,75 +235,40 @@ def catalog_views(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(view for view in CATALOG_VIEWS if view in names)
 
 
-def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
-    """Read config.toml, apply environment overrides, then explicit keyword overrides."""
-    config_path = Path(config_path or os.environ.get("SEARCH_CONFIG") or DEFAULT_CONFIG)
+# How a value, from TOML or an environment variable's text, becomes a field's: (value, the key's name in messages).
+Parse = Callable[[Any, str], Any]
+
+
+def _text(value: Any, name: str) -> str:
+    return str(value)
+
+
+def _whole(value: Any, name: str) -> int:
     try:
-        raw = tomllib.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {config_path} not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{config_path} is not valid TOML: {exc}") from None
-    base = config_path.resolve().parent
-    catalog = raw.get("catalog", {})
-    model = raw.get("model", {})
-    index = raw.get("index", {})
-    service = raw.get("service", {})
-    env = os.environ
-
-    catalog_dir = _path(base, env.get("CATALOG") or catalog.get("path", "catalog"))
-    metadata = env.get("METADATA") or catalog.get("metadata") or ""
-    settings = Settings(
-        catalog_dir=catalog_dir,
-        metadata_path=_path(base, metadata) if metadata else None,
-        model_name=model.get("name", "mobilenet_v1"),
-        weights=str(model.get("weights", PYPI_WEIGHTS)),
-        batch_size=int(model.get("batch_size", 32)),
-        engine=env.get("ENGINE") or model.get("engine", "litert"),
-        precision=env.get("PRECISION") or model.get("precision", Settings.precision),
-        whitening=_flag_or_auto(
-            "model.whitening (or WHITENING)", env.get("WHITENING") or model.get("whitening", "auto")
-        ),
-        whitening_dims=int(model.get("whitening_dims", Settings.whitening_dims)),
-        pooling=model.get("pooling", Settings.pooling),
-        gem_p=float(model.get("gem_p", Settings.gem_p)),
-        model_threads=int(model.get("threads", 0)),
-        index_workers=int(index.get("workers", 0)),
-        data_dir=_path(base, env.get("DATA_DIR") or index.get("data_dir", "data")),
-        database_url=env.get("DATABASE_URL") or index.get("database_url", ""),
-        index_factory=index.get("factory", "auto"),
-        index_backend=env.get("VECTOR_STORE") or index.get("backend", Settings.index_backend),
-        milvus_uri=_uri(base, env.get("MILVUS_URI") or index.get("milvus_uri", Settings.milvus_uri)),
-        milvus_token=env.get("MILVUS_TOKEN") or index.get("milvus_token", Settings.milvus_token),
-        milvus_collection=index.get("milvus_collection", Settings.milvus_collection),
-        catalog_views=catalog_views(env.get("CATALOG_VIEWS") or index.get("catalog_views", Settings.catalog_views)),
-        compact_after=int(index.get("compact_after", 5_000)),
-        models_dir=_path(base, env.get("MODELS_DIR") or index.get("models_dir", "models")),
-        host=service.get("host", "127.0.0.1"),
-        port=int(service.get("port", 8000)),
-        default_k=int(service.get("default_k", 12)),
-        max_k=int(service.get("max_k", 100)),
-        max_upload_bytes=int(service.get("max_upload_bytes", 10_000_000)),
-        fetch_timeout_s=float(service.get("fetch_timeout_s", Settings.fetch_timeout_s)),
-        fetch_allow_private=_flag(
-            "service.fetch_allow_private (or FETCH_ALLOW_PRIVATE)",
-            env.get("FETCH_ALLOW_PRIVATE") or service.get("fetch_allow_private", Settings.fetch_allow_private),
-        ),
-        workers=int(service.get("workers", Settings.workers)),
-        threads=int(service.get("threads", Settings.threads)),
-        query_ttl_s=float(service.get("query_ttl_s", Settings.query_ttl_s)),
-        api_key=env.get("API_KEY") or service.get("api_key", ""),
-        memory_budget_mb=int(env.get("MEMORY_BUDGET_MB") or service.get("memory_budget_mb", 0)),
-        cors_origins=_names(env.get("CORS_ORIGINS") or service.get("cors_origins", ())),
-    )
-    settings = replace(settings, **overrides) if overrides else settings
-    if model.get("use_finetuned", True) and "finetuned" not in overrides:
-        settings = replace(settings, finetuned=active_finetuned(settings))
-    validate(settings)
-    return settings
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {value!r}: use a whole number") from None
 
 
-def _flag(name: str, value: object) -> bool:
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {value!r}: use a number") from None
+
+
+def _folder(value: Any, name: str) -> Path:
+    """A path as given; load_settings takes a relative one from the config file's folder (_in_folder)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} = {value!r}: use a path, as a string")
+    return Path(value)
+
+
+def _optional_folder(value: Any, name: str) -> Path | None:
+    return _folder(value, name) if value else None
+
+
+def _flag(value: Any, name: str) -> bool:
     """A true/false setting from TOML (a boolean) or the environment (1/0, true/false, yes/no, on/off)."""
     if isinstance(value, bool):
         return value
@@ -309,14 +280,165 @@ def _flag(name: str, value: object) -> bool:
     raise ConfigError(f"{name} = {value!r}: use true or false")
 
 
-def _flag_or_auto(name: str, value: object) -> bool | None:
+def _flag_or_auto(value: Any, name: str) -> bool | None:
     """_flag, or None for "auto" (the setting's default decides, by the model)."""
     if str(value).strip().lower() == "auto":
         return None
     try:
-        return _flag(name, value)
+        return _flag(value, name)
     except ConfigError:
         raise ConfigError(f'{name} = {value!r}: use "auto", true or false') from None
+
+
+def _views(value: Any, name: str) -> tuple[str, ...]:
+    return catalog_views(value)
+
+
+def _list(value: Any, name: str) -> tuple[str, ...]:
+    return _names(value)
+
+
+@dataclass(frozen=True)
+class Key:
+    """A key of config.toml: the Settings field it sets (whose default is the key's), how a value becomes that
+    field's, and the environment variable that overrides it, if any (an empty variable counts as unset)."""
+
+    field: str
+    parse: Parse
+    env: str = ""
+
+    def shown(self, key: str) -> str:
+        """The key as messages name it: "model.whitening (or WHITENING)"."""
+        return f"{key} (or {self.env})" if self.env else key
+
+
+# Every key config.toml may hold, in its order.
+KEYS: dict[str, Key] = {
+    "catalog.path": Key("catalog_dir", _folder, "CATALOG"),
+    "catalog.metadata": Key("metadata_path", _optional_folder, "METADATA"),
+    "model.name": Key("model_name", _text),
+    "model.weights": Key("weights", _text),
+    "model.use_finetuned": Key("use_finetuned", _flag),
+    "model.batch_size": Key("batch_size", _whole),
+    "model.engine": Key("engine", _text, "ENGINE"),
+    "model.precision": Key("precision", _text, "PRECISION"),
+    "model.whitening": Key("whitening", _flag_or_auto, "WHITENING"),
+    "model.whitening_dims": Key("whitening_dims", _whole),
+    "model.pooling": Key("pooling", _text),
+    "model.gem_p": Key("gem_p", _number),
+    "model.threads": Key("model_threads", _whole),
+    "index.data_dir": Key("data_dir", _folder, "DATA_DIR"),
+    "index.database_url": Key("database_url", _text, "DATABASE_URL"),
+    "index.factory": Key("index_factory", _text),
+    "index.compact_after": Key("compact_after", _whole),
+    "index.catalog_views": Key("catalog_views", _views, "CATALOG_VIEWS"),
+    "index.backend": Key("index_backend", _text, "VECTOR_STORE"),
+    "index.milvus_uri": Key("milvus_uri", _text, "MILVUS_URI"),
+    "index.milvus_token": Key("milvus_token", _text, "MILVUS_TOKEN"),
+    "index.milvus_collection": Key("milvus_collection", _text),
+    "index.models_dir": Key("models_dir", _folder, "MODELS_DIR"),
+    "index.workers": Key("index_workers", _whole),
+    "service.host": Key("host", _text),
+    "service.port": Key("port", _whole),
+    "service.default_k": Key("default_k", _whole),
+    "service.max_k": Key("max_k", _whole),
+    "service.max_upload_bytes": Key("max_upload_bytes", _whole),
+    "service.fetch_timeout_s": Key("fetch_timeout_s", _number),
+    "service.fetch_allow_private": Key("fetch_allow_private", _flag, "FETCH_ALLOW_PRIVATE"),
+    "service.workers": Key("workers", _whole),
+    "service.threads": Key("threads", _whole),
+    "service.query_ttl_s": Key("query_ttl_s", _number),
+    "service.api_key": Key("api_key", _text, "API_KEY"),
+    "service.memory_budget_mb": Key("memory_budget_mb", _whole, "MEMORY_BUDGET_MB"),
+    "service.cors_origins": Key("cors_origins", _list, "CORS_ORIGINS"),
+}
+
+
+def read_config(config_path: Path) -> dict[str, dict[str, Any]]:
+    """config.toml's sections, every one and every key in them known: an unknown one is a ConfigError that names
+    it and the nearest known one."""
+    try:
+        raw = tomllib.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path} is not valid TOML: {exc}") from None
+    sections = {key.split(".")[0] for key in KEYS}
+    for section, table in raw.items():
+        if section in sections and not isinstance(table, dict):
+            raise ConfigError(f"{config_path}: {section} is a section: write its keys under [{section}]")
+        if not isinstance(table, dict):
+            # A key above every [section] header: the key of that name in whichever section has it.
+            meant = _meant(section)
+            hint = f"; did you mean {meant}?" if meant else ""
+            raise ConfigError(f"{config_path}: unknown key {section} outside any [section]{hint}")
+        if section not in sections:
+            near = difflib.get_close_matches(section, sections, n=1)
+            hint = f"; did you mean [{near[0]}]?" if near else f"; the sections are {', '.join(sorted(sections))}"
+            raise ConfigError(f"{config_path}: unknown section [{section}]{hint}")
+        for name in table:
+            if f"{section}.{name}" not in KEYS:
+                own = ", ".join(key.split(".")[1] for key in KEYS if key.startswith(f"{section}."))
+                meant = _meant(name, section)
+                hint = f"; did you mean {meant}?" if meant else f"; [{section}] holds {own}"
+                raise ConfigError(f"{config_path}: unknown key {section}.{name}{hint}")
+    return raw
+
+
+def _meant(name: str, section: str = "") -> str:
+    """The key(s) whose name is nearest to `name`: the one in `section` if it has one, else each that has it."""
+    near = difflib.get_close_matches(name, {key.split(".")[1] for key in KEYS}, n=1)
+    if not near:
+        return ""
+    if f"{section}.{near[0]}" in KEYS:
+        return f"{section}.{near[0]}"
+    return " or ".join(key for key in KEYS if key.endswith(f".{near[0]}"))
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
+    """Read config.toml, apply environment overrides, then explicit keyword overrides. What a key leaves unset is
+    Settings' default; a relative path, configured or default, is taken from the config file's folder."""
+    config_path = Path(config_path or os.environ.get("SEARCH_CONFIG") or DEFAULT_CONFIG)
+    raw = read_config(config_path)
+    values = {}
+    for key, spec in KEYS.items():
+        section, name = key.split(".")
+        table = raw.get(section, {})
+        if spec.env and (value := os.environ.get(spec.env)):
+            values[spec.field] = spec.parse(value, spec.shown(key))
+        elif name in table:
+            values[spec.field] = spec.parse(table[name], spec.shown(key))
+    settings = _in_folder(Settings(**values), config_path.resolve().parent)
+    settings = replace(settings, **overrides) if overrides else settings
+    if settings.use_finetuned and "finetuned" not in overrides:
+        settings = replace(settings, finetuned=active_finetuned(settings))
+    validate(settings)
+    return settings
+
+
+def run_with_config(main: Callable[[], int]) -> int:
+    """A command line's exit status: main's, once config.toml has been read. A configuration that cannot work (a
+    misspelt key, a value out of range) ends the command at start, as it does later, with its message and status 2,
+    not a traceback."""
+    try:
+        load_settings()
+        return main()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _in_folder(settings: Settings, folder: Path) -> Settings:
+    """The settings with their relative paths, the defaults' and the configured ones, taken from `folder`."""
+    metadata = settings.metadata_path
+    return replace(
+        settings,
+        catalog_dir=_path(folder, settings.catalog_dir),
+        metadata_path=None if metadata is None else _path(folder, metadata),
+        data_dir=_path(folder, settings.data_dir),
+        models_dir=_path(folder, settings.models_dir),
+        milvus_uri=_uri(folder, settings.milvus_uri),
+    )
 
 
 def active_finetuned(settings: Settings) -> Path | None:

@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations on the connection that indexer.storage.schema.migrate hands in."""
+"""Alembic environment: runs migrations on the connection that indexer.storage.database.migrate hands in."""
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool

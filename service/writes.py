@@ -1,33 +1,26 @@
 """Write API for storefronts: add, replace or remove one product, visible to searches at once.
 
 Off unless service.api_key (or API_KEY) is set; callers send "Authorization: Bearer <key>".
-Each change is committed to the store under the lock the indexer takes, so writers (threads, processes,
-`make index`) are serialised and the change survives restarts. This server applies it before answering;
-every other server applies it on its next request. Nothing rebuilds the index per write.
+Each change goes through the core's one write path (indexer.writes), under the lock the indexer takes, so writers
+(threads, processes, `make index`) are serialised and the change survives restarts. This server applies it before
+answering; every other server applies it on its next request. Nothing rebuilds the index per write.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
-from pathlib import Path
 
 from flask import Blueprint, current_app, jsonify, request
 from PIL import Image
-from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.errors import NotReady, UnknownProduct
 from indexer.jobs.catalog import parse_price
 from indexer.records import ProductFields
-from indexer.storage.locks import write_lock
-from indexer.storage.store import API, ImageVector
+from indexer.storage.schema import API
+from indexer.writes import CatalogWriter
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.queries import embed_upload, read_upload
@@ -62,34 +55,6 @@ def _price(value: str | None) -> float | None:
         return parse_price(value)
     except ValueError:
         raise BadRequest(f"price must be a finite number, not {(value or '')[:40]!r}") from None
-
-
-def _store_photo(data: bytes, image_format: str) -> Path:
-    """Keep the uploaded photo under <data_dir>/uploads/, named by its content."""
-    digest = hashlib.sha256(data).hexdigest()
-    folder = catalog_search().settings.data_dir / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest}.{(image_format or 'img').lower()}"
-    if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        partial.replace(path)
-    return path
-
-
-@contextmanager
-def _saving() -> Iterator[None]:
-    """A change that cannot be saved (a full or failing disk, a database error) is a 503 with the reason;
-    the store's transaction rolled back, so nothing was changed and the caller can retry."""
-    try:
-        yield
-    except (OSError, SQLAlchemyError) as exc:
-        current_app.logger.error("write failed, nothing changed: %s", exc)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise NotReady(f"the change could not be saved ({reason}); nothing was changed, try again later") from None
 
 
 def _visible() -> dict:
@@ -133,26 +98,24 @@ def put_product(sku: str):
         url=fields["url"] or None,
         attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
     )
-    with _saving():
-        path = _store_photo(data, image_format)
-        image = ImageVector(rel_path=f"api/{path.stem}/{sku}", path=str(path), sha256=path.stem, vector=vectors[0])
-        extra = [replace(image, vector=vector, view=view) for view, vector in zip(views, vectors[1:], strict=True)]
-        with write_lock(search.settings.data_dir, search.store):
-            # Stored under the identity it was embedded with, while that is still the index's: a new base with
-            # another whitening or model (published meanwhile) would never search it.
-            if search.current().identity != view.identity:
-                raise NotReady("the index changed models while the photo was embedded; send the write again")
-            created, _ = search.store.put_product(product, image, view.identity.key, API, extra)
+    # Stored only while the index keeps the identity the photo was embedded with (a new base with another
+    # whitening or model may come in meanwhile): else a 503 asking to send the write again.
+    created = CatalogWriter(search.settings, search.store, API).put_upload(
+        product,
+        data,
+        image_format,
+        vectors,
+        views,
+        model=view.identity,
+        current_model=lambda: search.current().identity,
+    )
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 
 
 @writes.delete("/api/products/<path:sku>")
 def delete_product(sku: str):
     search = catalog_search()
-    with _saving(), write_lock(search.settings.data_dir, search.store):
-        # tombstones: a request still holding an older state can resolve every id it found
-        change = search.store.delete_product(sku)
-    if change is None:
+    if not CatalogWriter(search.settings, search.store, API).write(removed=[sku]).removed:
         raise UnknownProduct(sku)
     return jsonify({"sku": sku, "deleted": True, **_visible()})
 

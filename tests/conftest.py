@@ -1,5 +1,5 @@
 """Shared fixtures: settings in a temporary folder, the real embedding model, small real catalogs, and the
-databases: SQLite (a file in the data folder) and PostgreSQL (a throwaway cluster, tests/postgres.py)."""
+databases: SQLite (a file in the data folder) and PostgreSQL (a throwaway cluster, tests/support/postgres.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from indexer.config import REPO_ROOT, Settings, load_settings
 from indexer.index.live_index import LiveIndex
 from indexer.index.segments import load_base
 from indexer.storage.store import Store
-from tests.postgres import NO_BINARIES, PostgresCluster, find_bindir
+from tests.support.postgres import NO_BINARIES, PostgresCluster, find_bindir
 
 # The suite runs the fp32 model, here and in every process it starts. An int8 model is calibrated on the first
 # catalog indexed, and the suite's tiny catalogs would leave that calibration in the repository's models/
@@ -214,7 +214,9 @@ def live_index(settings: Settings, embedder) -> LiveIndex:
     base = load_base(settings.index_dir)
     assert base is not None, "nothing has been indexed"
     live = LiveIndex(base)
-    live.apply(Store.open(settings).changes_since(base.built_through, embedder.identity.key, embedder.identity.dim))
+    live.apply(
+        Store.open(settings).vectors.changes_since(base.built_through, embedder.identity.key, embedder.identity.dim)
+    )
     return live
 
 
@@ -241,7 +243,7 @@ def served_catalog(
     **env: str,
 ) -> tuple[dict[str, str], Path]:
     """The scikit-image catalog (with products_csv as its metadata, if given) indexed into a data folder, and
-    the environment for bench.server.running_server over it: the plain model, plus the variables given."""
+    the environment for tests.support.server.running_server over it: the plain model, plus the variables given."""
     from indexer.jobs.indexing import index_catalog
 
     catalog = write_skimage_catalog(root / "catalog")

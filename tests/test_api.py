@@ -364,7 +364,7 @@ def test_a_database_behind_the_code_gets_503_until_migrated(settings, embedder, 
     from alembic import command
     from alembic.config import Config
 
-    from indexer.storage.schema import migrate
+    from indexer.storage.database import migrate
 
     index_catalog(settings, embedder, skimage_catalog, progress=False)
     config = Config()

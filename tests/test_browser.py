@@ -18,8 +18,8 @@ import requests
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from bench.server import running_server
 from tests.conftest import served_catalog, skimage_photo
+from tests.support.server import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's own browser download is not reachable
 SCREENSHOTS = Path(__file__).with_name("screenshots")

@@ -17,9 +17,10 @@ from sqlalchemy import text
 from indexer.config import REPO_ROOT
 from indexer.embedding.model import l2_normalize
 from indexer.records import ProductFields
+from indexer.storage.database import SCHEMA_REVISION, make_engine
 from indexer.storage.locks import MIGRATION_LOCK_KEY, compaction_lock, compaction_running, write_lock
-from indexer.storage.schema import SCHEMA_REVISION, make_engine
-from indexer.storage.store import ImageVector, Store
+from indexer.storage.store import Store
+from indexer.storage.vectors import ImageVector
 from tests.conftest import both_databases
 
 DIM = 8
@@ -35,7 +36,7 @@ def machine(settings, name: str):
 def write(store: Store, data_dir, sku: str, seed: int) -> int:
     vector = l2_normalize(np.random.default_rng(seed).normal(size=(1, DIM)))[0].astype(np.float32)
     with write_lock(data_dir, store):
-        _, change = store.put_product(ProductFields(sku, sku), ImageVector(f"api/{sku}", "", sku, vector), "m")
+        _, change = store.products.put(ProductFields(sku, sku), ImageVector(f"api/{sku}", "", sku, vector), "m")
     return change
 
 
@@ -53,7 +54,7 @@ def test_concurrent_writers_get_distinct_change_numbers_in_commit_order(settings
         nonlocal seen
         while True:
             last = done.is_set()
-            changes = reader.changes_since(seen, "m", DIM)
+            changes = reader.vectors.changes_since(seen, "m", DIM)
             found.update(changes.ids.tolist())
             seen = changes.head
             if last:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,10 @@ def test_make_eval_reproduces_the_plain_model_figure(indexed, grocery, tmp_path,
     assert evaluate(["--catalog", str(grocery), "--queries", str(queries_csv), "--out", str(out)]) == 0
     report = json.loads((out / "results.json").read_text())
     assert report["summary"]["queries"] == len(queries)
+    # Paths relative to the repository (the catalog) or the catalog (queries), never this machine's folders.
+    assert (REPO_ROOT / report["catalog"]).resolve() == grocery.resolve()
+    assert not Path(report["queries_file"]).is_absolute()
+    assert all((grocery / row["query_path"]).is_file() for row in report["hardest"])
     assert report["summary"]["recall@1"] == pytest.approx(0.90, abs=0.03)
     assert report["summary"]["map@10"] > report["summary"]["recall@1"] - 0.1
     assert report["per_label"][0]["recall@1"] <= report["per_label"][-1]["recall@1"]

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from indexer.config import ACTIVE_MODEL_FILE, REPO_ROOT, load_settings
-from indexer.embedding.finetune import (
+from indexer.embedding.images import load_pixels
+from indexer.embedding.model import load_embedder
+from indexer.embedding.weights import WEIGHTS_FILE
+from indexer.jobs.catalog import scan_catalog
+from indexer.jobs.finetune import (
     FinetuneOptions,
     augmented_pixels,
     class_balanced_batches,
@@ -17,10 +21,6 @@ from indexer.embedding.finetune import (
     multi_similarity_loss,
     stratified_split,
 )
-from indexer.embedding.images import load_pixels
-from indexer.embedding.model import load_embedder
-from indexer.embedding.weights import WEIGHTS_FILE
-from indexer.jobs.catalog import scan_catalog
 from tests.conftest import read_csv
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop

@@ -107,7 +107,7 @@ class Swapper:
             ids, features = self._checked_features()
             if target.whitening is not None:
                 keep(self.store, target.network.key, target.whitening)
-            self.store.replace_vectors(ids, target.finish(features), target.identity.key)
+            self.store.vectors.replace(ids, target.finish(features), target.identity.key)
             compact(self.settings, self.store, target)
             self.identity_of[read_manifest(self.settings.index_dir)["version"]] = target.identity.key
         self.current = target

@@ -130,7 +130,7 @@ def test_metadata_changes_update_products_without_re_embedding(settings, embedde
     csv.write_text("sku,image,title,category,price\nA1,animals/chelsea.jpg,Chelsea (new),felines,12\n")
     report = run(settings, embedder, skimage_catalog)
     assert (report.embedded, report.indexed) == (0, 1)  # only the listed row is the catalog
-    product = Store.open(settings).product("A1")
+    product = Store.open(settings).products.by_sku("A1")
     assert (product.title, product.category, product.price) == ("Chelsea (new)", "felines", 12.0)
     # the category a filter sees moved with it
     assert live_index(settings, embedder).live_categories() == ["felines"]
@@ -184,10 +184,10 @@ def test_removed_images_stay_resolvable_until_a_compaction_purges_them(settings,
     def built_through() -> int:
         return read_manifest(settings.index_dir)["built_through"]
 
-    assert store.purge_tombstones(built_through(), timedelta(seconds=0)) == 0  # the base still holds it
+    assert store.vectors.purge_tombstones(built_through(), timedelta(seconds=0)) == 0  # the base still holds it
     compact(settings, store, embedder)
-    assert store.purge_tombstones(built_through(), timedelta(seconds=0)) == 1
-    assert store.product("space/rocket") is None
+    assert store.vectors.purge_tombstones(built_through(), timedelta(seconds=0)) == 1
+    assert store.products.by_sku("space/rocket") is None
 
 
 def test_indexing_another_folder_adds_its_products_and_removes_none(settings, embedder, skimage_catalog, tmp_path):

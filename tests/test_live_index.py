@@ -28,7 +28,8 @@ from indexer.index.segments import load_base, read_manifest, remove_unused_bases
 from indexer.jobs.catalog import CatalogError
 from indexer.jobs.importing import import_vectors
 from indexer.records import ProductFields
-from indexer.storage.store import ImageVector, Store
+from indexer.storage.store import Store
+from indexer.storage.vectors import ImageVector
 from service import create_app
 from tests.conftest import DATABASES, copy_database, live_index, new_database, subprocess_config
 
@@ -139,24 +140,24 @@ def test_changes_reach_a_live_index_without_a_rebuild(fresh, embedder):
 
     # a new product next to p5
     image = ImageVector("api/new/n1", "", "n1", new)
-    store.put_product(ProductFields("n1", "New", "c-new", 5.0), image, key)
-    live.apply(store.changes_since(live.seen, key, dim))
+    store.products.put(ProductFields("n1", "New", "c-new", 5.0), image, key)
+    live.apply(store.vectors.changes_since(live.seen, key, dim))
     ids, _ = live.search(new, 2)
     assert len(live) == COUNT + 1 and "c-new" in live.live_categories()
     assert rows_of(live, ids)[1] == 5 and live.search(new, 1, Filters(category="c-new"))[0].size == 1
 
     # p5 replaced by another photo: its base vector is masked, its new one is in the delta
     replacement = vectors[900]
-    store.put_product(ProductFields("p5", "Five"), ImageVector("api/five/p5", "", "p5", replacement), key)
-    live.apply(store.changes_since(live.seen, key, dim))
+    store.products.put(ProductFields("p5", "Five"), ImageVector("api/five/p5", "", "p5", replacement), key)
+    live.apply(store.vectors.changes_since(live.seen, key, dim))
     ids, _ = live.search(target, 3)
     assert 5 not in rows_of(live, ids[1:])  # p5's old image is gone (the first hit is n1)
     assert len(live) == COUNT + 1 and live.masked_count == 1
 
     # a base product deleted, and the new one too
-    store.delete_product("p900")
-    store.delete_product("n1")
-    live.apply(store.changes_since(live.seen, key, dim))
+    store.products.delete("p900")
+    store.products.delete("n1")
+    live.apply(store.vectors.changes_since(live.seen, key, dim))
     assert len(live) == COUNT - 1 and "c-new" not in live.live_categories()
     assert 899 not in rows_of(live, live.search(replacement, 5)[0])
     assert read_manifest(settings.index_dir)["version"] == base_version  # nothing rebuilt
@@ -171,14 +172,14 @@ def test_a_deletion_during_compaction_never_comes_back(fresh, embedder):
     compaction.start()
     while compaction.is_alive() and len(deleted) < 600:  # before, while and after its snapshot
         number = 37 * len(deleted) + 1
-        store.delete_product(f"p{number}")
+        store.products.delete(f"p{number}")
         deleted.append(number)
         time.sleep(0.005)
     still_compacting = compaction.is_alive()
     compaction.join()
     assert len(deleted) > 10 and (still_compacting or len(deleted) < 600)
     for index in (live_index(settings, embedder), live):  # a server starting now, and one that was running
-        index.apply(store.changes_since(index.seen, embedder.identity.key, embedder.identity.dim))
+        index.apply(store.vectors.changes_since(index.seen, embedder.identity.key, embedder.identity.dim))
         assert len(index) == COUNT - len(deleted)
         for number in deleted[::10]:
             assert number not in rows_of(index, index.search(vectors[number], 3)[0])

@@ -15,11 +15,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procfs import process_tree_cpu_seconds
-from bench.server import running_server
 from indexer.jobs.indexing import index_catalog
 from service import create_app
 from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_jpeg, write_skimage_catalog
+from tests.support.procfs import process_tree_cpu_seconds
+from tests.support.server import running_server
 
 KEY = "metrics-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

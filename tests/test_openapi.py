@@ -15,11 +15,11 @@ from hypothesis import HealthCheck
 from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import allow_header_conformance, unsupported_method
 
-from bench.server import running_server
 from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.openapi import SPEC
 from tests.conftest import SKIMAGE_CATALOG, served_catalog, skimage_photo, write_skimage_catalog
+from tests.support.server import running_server
 
 API_KEY = "openapi-test-key"
 # Generated cases per operation in the fuzzing phase (fewer where there is little to vary); the examples and
@@ -65,8 +65,8 @@ def test_every_route_is_documented_and_every_documented_operation_is_served(app,
         for method, operation in item.items()
         if method != "parameters"
     }
-    assert sorted(set(served) - set(documented)) == [], "routes missing from service/openapi.py"
-    assert sorted(set(documented) - set(served)) == [], "service/openapi.py documents operations nobody serves"
+    assert sorted(set(served) - set(documented)) == [], "routes missing from service/openapi/paths.py"
+    assert sorted(set(documented) - set(served)) == [], "service/openapi/paths.py documents operations nobody serves"
     # x-endpoint names the view that serves it, so a route moved to another view cannot keep a stale description.
     assert {key: documented[key] for key in served} == served
 

@@ -17,8 +17,6 @@ import pytest
 import requests
 from PIL import Image
 
-from bench.procfs import process_tree
-from bench.server import running_server
 from indexer.config import REPO_ROOT, cpu_count
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import Whitening
@@ -26,6 +24,8 @@ from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.query_store import PRUNED_MARKER, QueryFolder, RecentQueries
 from tests.conftest import served_catalog, skimage_photo, write_skimage_catalog
+from tests.support.procfs import process_tree
+from tests.support.server import running_server
 
 
 def side_by_side(left: str, right: str, size: int = 320) -> bytes:

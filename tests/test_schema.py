@@ -18,7 +18,8 @@ from sqlalchemy.orm import sessionmaker
 
 from indexer.config import REPO_ROOT
 from indexer.embedding.model import l2_normalize
-from indexer.storage.schema import SCHEMA_REVISION, Product, ProductImage, make_engine, migrate, shown_url
+from indexer.storage.database import SCHEMA_REVISION, make_engine, migrate, shown_url
+from indexer.storage.schema import Product, ProductImage
 from indexer.storage.store import Store
 from tests.conftest import both_databases
 

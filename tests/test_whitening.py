@@ -65,8 +65,8 @@ def test_first_index_fits_a_learned_whitening_and_stores_whitened_unit_vectors(i
     whitening, identity = fitted(settings, embedder)
     assert whitening.kind == "learned" and identity.whitening == "learned-96" and identity.dim == 96
     store = Store.open(settings)
-    assert store.snapshot(embedder.network.key).ids.size == 0  # no vector is left unwhitened
-    vectors = np.concatenate([v for _, v in store.stream_vectors(identity.key, 96)])
+    assert store.vectors.snapshot(embedder.network.key).ids.size == 0  # no vector is left unwhitened
+    vectors = np.concatenate([v for _, v in store.vectors.stream(identity.key, 96)])
     assert len(vectors) == count
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
@@ -78,7 +78,7 @@ def test_whitened_vectors_are_the_projection_of_the_network_vectors(indexed, cat
     whitening, identity = fitted(settings, embedder)
     row = read_csv(metadata)[5]
     expected = whitening.apply(embedder.embed_pixels(load_pixels(folder / row["image"], 224)[None]))[0]
-    stored = Store.open(settings).vector_of(row["sku"], identity.key, identity.dim)
+    stored = Store.open(settings).vectors.of_product(row["sku"], identity.key, identity.dim)
     assert float(stored @ expected) > 0.9999
 
 
@@ -150,7 +150,7 @@ def test_compacting_keeps_the_index_whitening_whatever_the_compactor_is_configur
     settings, _ = indexed
     monkeypatch.setenv("WHITENING", "off")
     assert main(["--data-dir", str(settings.data_dir), "compact", "--quiet"]) == 0
-    images, _ = Store.open(settings).counts()
+    images, _ = Store.open(settings).products.counts()
     assert f"Compacted {images} vectors" in capsys.readouterr().out
     assert read_manifest(settings.index_dir)["whitening"] == "learned-96"
 
@@ -209,7 +209,7 @@ def test_imported_vectors_get_the_catalog_whitening(indexed, catalog, embedder, 
                             progress=False)  # fmt: skip
     assert report.stored == 3
     whitening, identity = fitted(settings, embedder)
-    stored = Store.open(settings).vector_of("imported-1", identity.key, identity.dim)
+    stored = Store.open(settings).vectors.of_product("imported-1", identity.key, identity.dim)
     np.testing.assert_allclose(stored, whitening.apply(network_vectors[1:2])[0], atol=1e-6)
 
 

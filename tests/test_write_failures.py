@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.server import running_server
 from tests.conftest import served_catalog, skimage_photo
+from tests.support.server import running_server
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 

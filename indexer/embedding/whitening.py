@@ -32,7 +32,7 @@ MIN_CATEGORIES = 2
 # 0.2 with 96 is the best R@1 that costs no category more than 0.10 of its R@1 (eval/README.md#whitening).
 REGULARISATION = 0.2
 # PCA whitening's power: 0.5 shrinks each direction by the square root of its spread, which measured better
-# than full whitening (power 1) on grocery shop photos (README "Retrieval options").
+# than full whitening (power 1) on grocery shop photos (eval/README.md#whitening).
 PCA_POWER = 0.5
 
 
@@ -148,12 +148,12 @@ def fit(batches: Iterable[tuple[np.ndarray, list[str | None]]], dims: int) -> Wh
 
 def keep(store: Store, network_key: str, whitening: Whitening) -> None:
     """Keep a fitted whitening with the catalog; it becomes the one `make index` uses with this network."""
-    store.save_whitening(network_key, whitening.sha256, whitening.name, whitening.to_bytes())
+    store.models.save_whitening(network_key, whitening.sha256, whitening.name, whitening.to_bytes())
 
 
 def in_use(store: Store, network_key: str) -> Whitening | None:
     """The whitening `make index` uses with this network: the newest fitted; None before the first fit."""
-    data = store.whitening_data(network_key=network_key)
+    data = store.models.whitening_data(network_key=network_key)
     return None if data is None else Whitening.from_bytes(data)
 
 
@@ -164,5 +164,5 @@ def configured(settings: Settings, store: Store, network_key: str) -> Whitening 
 
 def by_sha256(store: Store, sha256: str) -> Whitening | None:
     """The whitening an index names (its manifest's whitening_sha256)."""
-    data = store.whitening_data(sha256=sha256)
+    data = store.models.whitening_data(sha256=sha256)
     return None if data is None else Whitening.from_bytes(data)

@@ -105,7 +105,7 @@ def compaction_due(settings: Settings, store: Store, embedder: Embedder) -> str 
         return "the base was built with another model"
     if manifest.get("configured_factory") != settings.index_factory:
         return f"index.factory changed to {settings.index_factory!r}"
-    pending = store.pending_changes(int(manifest.get("built_through", 0)))
+    pending = store.vectors.pending_changes(int(manifest.get("built_through", 0)))
     if pending >= settings.compact_after:
         return f"{pending} changed images since the base (index.compact_after = {settings.compact_after})"
     return None
@@ -140,7 +140,7 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
     remove_partial_bases(index_dir)  # a compaction that died (we hold the lock, so none is running)
     previous = read_manifest(index_dir)
 
-    snapshot = store.snapshot(model_key)
+    snapshot = store.vectors.snapshot(model_key)
     names = sorted({c for c in snapshot.categories if c})
     code_of = {name: code for code, name in enumerate(names)}
     codes = np.array([code_of.get(c, NO_CATEGORY) for c in snapshot.categories], dtype=np.int32)
@@ -183,7 +183,7 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
     base = publish_base(index_dir, folder, manifest)
     if (purge_through := _settled_through(previous)) is not None:
         with write_lock(settings.data_dir, store):
-            store.purge_tombstones(purge_through, PURGE_AFTER)
+            store.vectors.purge_tombstones(purge_through, PURGE_AFTER)
     if tuning.recall_at_10 is not None and tuning.recall_at_10 < 0.95:
         log.warning("%s reaches recall@10 %.3f only; consider index.factory = 'auto'", factory, tuning.recall_at_10)
     return CompactionReport(
@@ -224,7 +224,7 @@ def _write_vectors(
         return np.load(path)
     vectors = open_memmap(path, mode="w+", dtype=np.float32, shape=(count, dim))
     with tqdm(total=count, desc="Compacting", unit="vec", disable=not progress) as bar:
-        for ids, batch in store.stream_vectors(model_key, dim):
+        for ids, batch in store.vectors.stream(model_key, dim):
             inside = ids < len(row_of_id)
             rows = np.full(len(ids), -1, dtype=np.int64)
             rows[inside] = row_of_id[ids[inside]]

@@ -15,7 +15,7 @@ import numpy as np
 
 from indexer.index.ann import candidates
 from indexer.index.segments import NO_CATEGORY, BaseSegment
-from indexer.storage.store import Changes
+from indexer.storage.vectors import Changes
 
 # A category of at most this many base vectors is scanned exactly: it is one contiguous block of the base, and
 # approximate structures lose recall when few of the vectors they visit qualify.
@@ -84,7 +84,7 @@ _NONE = (np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
 class LiveIndex:
-    """The base plus the delta, searched as one; apply() brings it up to a newer change number."""
+    """The base plus the delta, searched as one (a VectorIndex); apply() brings it up to a newer change number."""
 
     def __init__(self, base: BaseSegment):
         self.base = base

@@ -32,13 +32,19 @@ import numpy as np
 from indexer.config import ConfigError, Settings, is_milvus_lite
 from indexer.index.live_index import NO_FILTERS, Filters
 from indexer.storage.locks import write_lock
-from indexer.storage.store import Changes, Store
+from indexer.storage.store import Store
+from indexer.storage.vectors import Changes
 
 # pymilvus reads MILVUS_URI when imported, for a default connection of its own, and refuses a file (Milvus Lite)
 # there. Our settings have read it already and pass it to the client, so pymilvus is imported without it.
 _uri = os.environ.pop("MILVUS_URI", None)
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
+except ModuleNotFoundError as exc:  # pymilvus is not in the default install (requirements.txt)
+    raise ConfigError(
+        f'index.backend (or VECTOR_STORE) is "milvus", whose client is not installed here ({exc}): '
+        "pip install -r requirements-milvus.txt (make does when VECTOR_STORE=milvus)"
+    ) from exc
 finally:
     if _uri is not None:
         os.environ["MILVUS_URI"] = _uri
@@ -302,7 +308,7 @@ def _sync_collection(
         through, applied = known.head, len(known)
         vectors.mark_synced(through)
     if store.head() > through:
-        changes = store.changes_since(through, identity.key, identity.dim)
+        changes = store.vectors.changes_since(through, identity.key, identity.dim)
         vectors.apply(changes)
         through, applied = changes.head, applied + len(changes)
         vectors.mark_synced(through)
@@ -319,10 +325,10 @@ def _sync_collection(
 def _load_everything(vectors: MilvusVectors, store: Store, identity: ModelIdentity) -> tuple[int, int]:
     """Every live vector of the model into an emptied collection, as of the store's head (no writer commits
     meanwhile: the caller holds the write lock). Returns (that change number, vectors loaded)."""
-    snapshot = store.snapshot(identity.key)
+    snapshot = store.vectors.snapshot(identity.key)
     vectors.clear()  # leftovers of a load that died may include images deleted since
     position = {int(image_id): row for row, image_id in enumerate(snapshot.ids)}
-    for ids, batch in store.stream_vectors(identity.key, identity.dim):
+    for ids, batch in store.vectors.stream(identity.key, identity.dim):
         rows = np.array([position[int(i)] for i in ids], dtype=np.int64)
         vectors.upsert(ids, batch, [snapshot.categories[r] for r in rows], snapshot.prices[rows])
     # An empty store stays at 0, so the next writer loads it again (from nothing: as cheap as a change).
@@ -340,7 +346,7 @@ def sync_locked(settings: Settings, store: Store, identity: ModelIdentity, *, pu
     with write_lock(settings.data_dir, store):
         report = sync(settings, store, identity, count=True)
         if purge:
-            store.purge_tombstones(report.synced_through, compaction.PURGE_AFTER)
+            store.vectors.purge_tombstones(report.synced_through, compaction.PURGE_AFTER)
     return report
 
 
@@ -378,8 +384,8 @@ class _Description:
 
 
 class MilvusIndex:
-    """What a server searches with index.backend = "milvus", in LiveIndex's terms: the model's collection, kept up
-    with the store's change numbers, and each live image's category (in memory, for the category list)."""
+    """What a server searches with index.backend = "milvus", a VectorIndex like LiveIndex: the model's collection,
+    kept up with the store's change numbers, and each live image's category (in memory, for the category list)."""
 
     def __init__(
         self,
@@ -394,7 +400,7 @@ class MilvusIndex:
         self.identity = identity
         self.vectors = vectors
         self._lock = threading.Lock()
-        snapshot = store.snapshot(identity.key)
+        snapshot = store.vectors.snapshot(identity.key)
         self.categories: list[str] = sorted({c for c in snapshot.categories if c})
         self.code_of: dict[str, int] = {name: code for code, name in enumerate(self.categories)}
         self._code_by_id = np.full(0, ABSENT, dtype=np.int32)

@@ -41,7 +41,7 @@ class ProductRows:
         missing = [i for i in image_ids if i not in found]
         if missing:
             generation = self._generation
-            read = dict.fromkeys(missing) | self.store.result_rows(missing)
+            read = dict.fromkeys(missing) | self.store.products.result_rows(missing)
             found |= read
             with self._lock:
                 if generation != self._generation:

@@ -159,7 +159,7 @@ class CatalogSearch:
         if marker is not None and up_to_date is not None and up_to_date[0] is view.live and up_to_date[1] == marker:
             return
         identity = view.identity
-        changes = self.store.changes_since(view.live.seen, identity.key, identity.dim)
+        changes = self.store.vectors.changes_since(view.live.seen, identity.key, identity.dim)
         if changes.head > view.live.seen:
             view.rows.forget(view.live.apply(changes))
             if view.live.delta_size >= self.settings.compact_after:
@@ -327,9 +327,9 @@ class CatalogSearch:
     def similar(self, view: IndexView, sku: str, k: int, filters: Filters = NO_FILTERS) -> list[ShownProduct]:
         """'More like this': neighbours of a catalog product's own vector (read from the store), without itself."""
         identity = view.identity
-        vector = self.store.vector_of(sku, identity.key, identity.dim)
+        vector = self.store.vectors.of_product(sku, identity.key, identity.dim)
         if vector is None:
-            if self.store.has_product(sku):
+            if self.store.products.is_live(sku):
                 raise NotReady("the product's photo is being embedded with the current model; try again shortly")
             raise UnknownProduct(sku)
         return self.search(view, vector, k, filters, exclude_sku=sku)
@@ -356,14 +356,14 @@ class CatalogSearch:
 
     def product(self, sku: str) -> ShownProduct:
         """A live product as its own page shows it, with its attributes."""
-        product = self.store.product(sku)
+        product = self.store.products.by_sku(sku)
         if product is None:
             raise UnknownProduct(sku)
         return product
 
     def image_path(self, sku: str) -> Path:
         """The stored file of a product's first image; only paths stored by the indexer or the write API."""
-        path = self.store.image_path(sku)
+        path = self.store.products.image_path(sku)
         if path is None or not Path(path).is_file():
             raise UnknownProduct(sku)
         return Path(path)

@@ -23,10 +23,11 @@ from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import configured
 from indexer.index.compaction import CompactionReport
 from indexer.jobs.catalog import CatalogError, parse_price
-from indexer.jobs.indexing import compact_if_due, sync_vector_store
+from indexer.jobs.indexing import compact_if_due
 from indexer.records import ProductFields
-from indexer.storage.locks import write_lock
-from indexer.storage.store import IMPORT, ImageVector, Store
+from indexer.storage.schema import IMPORT
+from indexer.storage.store import Store
+from indexer.writes import CatalogWriter, Photo
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")
@@ -81,12 +82,13 @@ def import_vectors(
     store = Store.open(settings)
     # The vectors are the network's; the catalog's whitening, when `make index` has fitted one, follows them.
     embedder = embedder.with_whitening(configured(settings, store, embedder.network.key))
-    known = store.known_files(IMPORT)
-    model_key = embedder.identity.key
+    known = store.vectors.known_files(IMPORT)
+    identity = embedder.identity
+    writer = CatalogWriter(settings, store, IMPORT)
     for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):
         part = rows[start : start + BATCH]
         batch = embedder.finish(np.asarray(vectors[start : start + BATCH], dtype=np.float32))
-        products, images = [], []
+        products, photos = [], []
         for number, (row, vector) in enumerate(zip(part, batch, strict=True), start=start + 2):
             sku = row.get("sku", "")
             try:
@@ -100,23 +102,15 @@ def import_vectors(
             rel_path = f"import/{row.get('image') or sku}"
             digest = hashlib.sha256(vector.tobytes()).hexdigest()
             stored = known.get(rel_path)
-            if stored is not None and (stored.sha256, stored.model_key) == (digest, model_key):
+            if stored is not None and (stored.sha256, stored.model_key) == (digest, identity.key):
                 report.unchanged += 1
             else:
-                images.append((sku, ImageVector(rel_path, row.get("image", ""), digest, vector)))
+                photos.append(Photo(sku, rel_path, row.get("image", ""), digest, vector[None]))
             products.append(
                 ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, row.get("url") or None)
             )
-        with write_lock(settings.data_dir, store):
-            product_ids = store.upsert_products(products)
-            if images:
-                store.store_vectors(
-                    [ImageVector(i.rel_path, i.path, i.sha256, i.vector, product_ids[sku]) for sku, i in images],
-                    model_key,
-                    source=IMPORT,
-                )
-            sync_vector_store(settings, store, embedder)  # nothing with FAISS
-        report.stored += len(images)
+        writer.write(products, photos, model=identity, sync=True)  # sync: nothing with FAISS
+        report.stored += len(photos)
     if settings.index_backend != "milvus":
         report.compaction, _ = compact_if_due(settings, store, embedder, progress=progress)
     report.seconds = time.perf_counter() - started

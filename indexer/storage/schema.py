@@ -1,42 +1,21 @@
-"""The catalog tables (SQLAlchemy 2 ORM), the engine, and schema migration. indexer.storage.store reads and writes them.
+"""The catalog tables (SQLAlchemy 2 ORM) and the conditions every query shares (which rows are live).
 
 An image row's id is its vector's id in the index, and the row keeps the vector itself, so the index can
 always be rebuilt from the database. Alembic migrations in migrations/ create and evolve these tables, on
-SQLite (the default, a file in the data folder) and on PostgreSQL (`DATABASE_URL=postgresql+psycopg://...`).
+SQLite (the default, a file in the data folder) and on PostgreSQL (`DATABASE_URL=postgresql+psycopg://...`);
+indexer.storage.database opens the engine and runs them.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Float,
-    ForeignKey,
-    LargeBinary,
-    String,
-    UniqueConstraint,
-    create_engine,
-    event,
-    func,
-    literal,
-    select,
-    text,
-)
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, LargeBinary, String, UniqueConstraint, select
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from indexer.config import REPO_ROOT
-from indexer.storage.locks import MIGRATION_LOCK_KEY
-
-# The newest migration in migrations/versions (a test checks that it is Alembic's head).
-SCHEMA_REVISION = "0006"
-
+# Where an image row came from (its `source`): the catalog folder (`make index`), the write API, or a vector import.
+CATALOG, API, IMPORT = "catalog", "api", "import"
 
 # The types that differ between the two databases (the migrations spell out the same): JSON documents are
 # JSONB on PostgreSQL; times carry their time zone (timestamptz; SQLite keeps the UTC wall-clock text either
@@ -83,8 +62,9 @@ class ProductImage(Base):
     path: Mapped[str] = mapped_column(String(4096))
     sha256: Mapped[str] = mapped_column(String(64))
     model_key: Mapped[str] = mapped_column(String(128))
-    # "catalog" rows follow the catalog folder (make index); "api" rows belong to the write API.
-    source: Mapped[str] = mapped_column(String(16), default="catalog", server_default="catalog", index=True)
+    # CATALOG rows follow the catalog folder (make index); API rows belong to the write API; IMPORT rows to
+    # import-vectors.
+    source: Mapped[str] = mapped_column(String(16), default=CATALOG, server_default=CATALOG, index=True)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime] = mapped_column(TIMESTAMP, default=_now, onupdate=_now)
     # Set when the image leaves the catalog: the row stays (hidden) while index versions that
@@ -122,78 +102,9 @@ class StoreState(Base):
 
 # Images that searches may show; products are live while they have one.
 LIVE = ProductImage.deleted_at.is_(None)
-
-
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
-    if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(connection, _record) -> None:
-            cursor = connection.cursor()
-            # WAL lets the service read while the indexer writes.
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    elif engine.dialect.name == "postgresql":
-
-        @event.listens_for(engine, "connect")
-        def _postgresql_keepalives(connection, _record) -> None:
-            # A writer's session holds the write lock (indexer.storage.locks): should its machine die without closing
-            # the connection, the server ends the session, and so frees the lock, within about a minute.
-            autocommit, connection.autocommit = connection.autocommit, True
-            cursor = connection.cursor()
-            cursor.execute(
-                "SELECT set_config('tcp_keepalives_idle', '30', false), "
-                "set_config('tcp_keepalives_interval', '10', false), set_config('tcp_keepalives_count', '3', false)"
-            )
-            cursor.close()
-            connection.autocommit = autocommit
-
-    return engine
-
-
-def migrate(url: str) -> None:
-    """Bring the database schema to the newest Alembic revision. On PostgreSQL the whole upgrade is one
-    transaction (its DDL is transactional) under an advisory lock, so machines that migrate at the same
-    time take turns and the later ones find nothing left to do."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
-    # Alembic reads the URL back through configparser, which takes % (a URL-escaped password) as interpolation.
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    engine = make_engine(url)
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(select(func.pg_advisory_xact_lock(literal(MIGRATION_LOCK_KEY, BigInteger))))
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-    engine.dispose()
-
-
-def shown_url(url: str) -> str:
-    """The database URL to print or log: without its password."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def schema_behind(engine: Engine) -> str | None:
-    """None when the database is at this code's migration (SCHEMA_REVISION); else what to do.
-    Reads alembic_version directly: the service should not carry Alembic in memory."""
-    try:
-        with engine.connect() as connection:
-            current = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except ProgrammingError:  # PostgreSQL: no alembic_version table, never migrated
-        current = None
-    except OperationalError as exc:
-        if "no such table" not in str(exc.orig):  # not SQLite's "never migrated": a server that cannot be reached
-            return "the catalog database is unavailable right now; try again shortly"
-        current = None
-    if current == SCHEMA_REVISION:
-        return None
-    return f"the database schema is at {current or 'nothing'}, this code needs {SCHEMA_REVISION}: run `make migrate`"
+# A product is live while it has a live image. EXISTS, not IN (SELECT ...): SQLite would materialise the
+# live image ids of the whole catalog (seconds at a million) for a lookup of one product.
+HAS_LIVE_IMAGE = select(ProductImage.id).where(ProductImage.product_id == Product.id, LIVE).exists()
+# NOT EXISTS, not NOT IN (SELECT ...): PostgreSQL runs it as an anti-join; NOT IN over a subquery larger than
+# work_mem would scan the subquery once per product.
+HAS_IMAGE = select(ProductImage.id).where(ProductImage.product_id == Product.id).exists()

@@ -210,16 +210,19 @@ def recall_at_1(vectors: np.ndarray, labels: np.ndarray, query: np.ndarray, cata
     return float(np.mean(labels[catalog][nearest] == labels[query]))
 
 
-def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, options: FinetuneOptions | None = None,
-             *, progress: bool = True) -> dict:  # fmt: skip
-    """Train, pick the best epoch on the validation split, save and activate the new model version."""
-    import keras
+@dataclass
+class _TrainingSet:
+    """The catalog's labelled photos and their stratified train / validation split."""
 
-    from indexer.embedding.model import build_feature_model, ensure_litert_export
+    root: Path
+    images: list[CatalogImage]
+    categories: list[str]
+    labels: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
 
-    options = options or FinetuneOptions()
-    started = time.perf_counter()
-    keras.utils.set_random_seed(options.seed)
+
+def _training_set(catalog_dir: Path, metadata: Path | None, options: FinetuneOptions) -> _TrainingSet:
     scan = scan_catalog(catalog_dir, metadata)
     images = [image for image in scan.images if image.category]
     categories = sorted({image.category for image in images})
@@ -227,10 +230,11 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
         raise ValueError("fine-tuning needs a catalog with at least two categories")
     labels = np.array([categories.index(image.category) for image in images])
     train, val = stratified_split([image.category for image in images], options.val_fraction, options.seed)
+    return _TrainingSet(Path(scan.root), images, categories, labels, train, val)
 
-    plain = settings.with_overrides(finetuned=None)
-    feature_model = build_feature_model(plain)
-    lower, upper = split_model(feature_model, options.split_layer)
+
+def _work_dir(settings: Settings, plain: Settings, options: FinetuneOptions, images: list[CatalogImage]) -> Path:
+    """The folder of this run's feature cache and checkpoints, named by what they depend on (so a run resumes)."""
     cache_key = [
         plain.model_name,
         plain.weights,
@@ -243,30 +247,39 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
     fingerprint = hashlib.sha256(json.dumps(cache_key).encode()).hexdigest()[:16]
     work_dir = settings.models_dir / "finetune-work" / fingerprint
     work_dir.mkdir(parents=True, exist_ok=True)
-    maps = fill_cache(work_dir / "maps.npy", lower, images, options, progress)
+    return work_dir
+
+
+def _compile_trainer(upper, classes: int, options: FinetuneOptions, steps: int):
+    """The trainable top of the network with a cosine classifier head (and the metric loss when configured)."""
+    import keras
 
     features = keras.Input(shape=upper.input_shape[1:])
     label_input = keras.Input(shape=(), dtype="int32")
-    classifier = _cosine_classifier(len(categories), options.scale, options.margin)
+    classifier = _cosine_classifier(classes, options.scale, options.margin)
     if options.metric_loss not in ("none", "multi_similarity"):
         raise ValueError(f"unknown metric loss {options.metric_loss!r}")
     metric = options.metric_loss != "none"
     embeddings = upper(features)
     logits = classifier([embeddings, label_input])
     trainer = keras.Model([features, label_input], [logits, embeddings] if metric else logits)
-    steps = int(np.ceil(len(train) / options.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(options.learning_rate, decay_steps=steps * options.epochs)
     cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     trainer.compile(optimizer=keras.optimizers.Adam(schedule),
                     loss=[cross_entropy, multi_similarity_loss] if metric else cross_entropy,
                     loss_weights=[1.0, options.metric_weight] if metric else None)  # fmt: skip
+    return trainer, classifier, metric
+
+
+def _views_dataset(maps: np.ndarray, data: _TrainingSet, options: FinetuneOptions, steps: int, metric: bool):
+    """Each epoch, every training photo once (or as many class-balanced batches), as one of its cached views at
+    random."""
+    import keras
 
     rng = np.random.default_rng(options.seed)
+    labels, train = data.labels, data.train
 
     class Views(keras.utils.PyDataset):
-        """Each epoch, every training photo once (or as many class-balanced batches), as one of its
-        cached views at random."""
-
         def __len__(self):
             return steps
 
@@ -284,15 +297,28 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
                 order = rng.permutation(train)
                 self.batches = [order[s : s + options.batch_size] for s in range(0, len(order), options.batch_size)]
 
+    views = Views()
+    views.on_epoch_end()
+    return views
+
+
+def _train(trainer, upper, classifier, maps: np.ndarray, data: _TrainingSet, dataset, work_dir: Path,
+           options: FinetuneOptions, progress: bool) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Fit, keeping the weights of the epoch with the best validation R@1 (epoch 0: the plain network); resumable.
+    Returns the best epoch and the history."""
+    import keras
+
+    labels, train, val = data.labels, data.train, data.val
+
     def embed_view0() -> np.ndarray:
         return np.concatenate([upper.predict(maps[0, s : s + 128].astype(np.float32), verbose=0)
-                               for s in range(0, len(images), 128)])  # fmt: skip
+                               for s in range(0, len(data.images), 128)])  # fmt: skip
 
     plain_vectors = embed_view0()
     # Start each class centre at its photos' mean direction: the untrained head then already
     # agrees with the pretrained features, and its first gradients do not scramble them.
     unit = plain_vectors / np.linalg.norm(plain_vectors, axis=1, keepdims=True)
-    centres = np.stack([unit[train][labels[train] == c].mean(axis=0) for c in range(len(categories))], axis=1)
+    centres = np.stack([unit[train][labels[train] == c].mean(axis=0) for c in range(len(data.categories))], axis=1)
     classifier.centres.assign(centres / np.linalg.norm(centres, axis=0, keepdims=True))
     best_weights = work_dir / "best.weights.h5"
     progress_file = work_dir / "progress.json"
@@ -315,15 +341,18 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
                 upper.save_weights(best_weights)
             progress_file.write_text(json.dumps({"history": history, "best": best}))
 
-    data = Views()
-    data.on_epoch_end()
-    trainer.fit(data, epochs=options.epochs, verbose=1 if progress else 0,
+    trainer.fit(dataset, epochs=options.epochs, verbose=1 if progress else 0,
                 callbacks=[keras.callbacks.BackupAndRestore(str(work_dir / "backup")), Validate()])  # fmt: skip
     upper.load_weights(best_weights)
+    return best, history
 
+
+def _save_and_activate(settings: Settings, plain: Settings, feature_model, data: _TrainingSet, trained: dict):
+    """Write the new version's weights and its summary (what `trained` says of the run), then make it the active
+    model with an atomic rename. Returns the weights' path and the summary."""
     out_dir = settings.models_dir / "finetuned"
     out_dir.mkdir(parents=True, exist_ok=True)
-    version = f"{settings.model_name}-{Path(scan.root).name}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    version = f"{settings.model_name}-{data.root.name}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     weights_path = out_dir / f"{version}.weights.h5"
     feature_model.save_weights(weights_path)
     summary = {
@@ -331,10 +360,43 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
         "weights": str(weights_path.relative_to(settings.models_dir)),
         "base_model": plain.model_name,
         "base_weights": plain.weights,
-        "catalog": str(scan.root),
-        "categories": len(categories),
-        "train_images": len(train),
-        "validation_images": len(val),
+        "catalog": str(data.root),
+        **trained,
+    }
+    weights_path.with_suffix("").with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    partial = settings.models_dir / (ACTIVE_MODEL_FILE + ".partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    partial.replace(settings.models_dir / ACTIVE_MODEL_FILE)
+    return weights_path, summary
+
+
+def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, options: FinetuneOptions | None = None,
+             *, progress: bool = True) -> dict:  # fmt: skip
+    """Train, pick the best epoch on the validation split, save and activate the new model version."""
+    import keras
+
+    from indexer.embedding.model import build_feature_model, ensure_litert_export
+
+    options = options or FinetuneOptions()
+    started = time.perf_counter()
+    keras.utils.set_random_seed(options.seed)
+    data = _training_set(catalog_dir, metadata, options)
+
+    plain = settings.with_overrides(finetuned=None)
+    feature_model = build_feature_model(plain)
+    lower, upper = split_model(feature_model, options.split_layer)
+    work_dir = _work_dir(settings, plain, options, data.images)
+    maps = fill_cache(work_dir / "maps.npy", lower, data.images, options, progress)
+
+    steps = int(np.ceil(len(data.train) / options.batch_size))
+    trainer, classifier, metric = _compile_trainer(upper, len(data.categories), options, steps)
+    dataset = _views_dataset(maps, data, options, steps, metric)
+    best, history = _train(trainer, upper, classifier, maps, data, dataset, work_dir, options, progress)
+
+    trained = {
+        "categories": len(data.categories),
+        "train_images": len(data.train),
+        "validation_images": len(data.val),
         "options": options.__dict__,
         "best_epoch": best["epoch"],
         "validation_recall@1": round(best["val_recall@1"], 4),
@@ -342,12 +404,9 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
         "seconds": round(time.perf_counter() - started, 1),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    weights_path.with_suffix("").with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    partial = settings.models_dir / (ACTIVE_MODEL_FILE + ".partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    partial.replace(settings.models_dir / ACTIVE_MODEL_FILE)
+    weights_path, summary = _save_and_activate(settings, plain, feature_model, data, trained)
     if settings.engine == "litert":
         ensure_litert_export(settings.with_overrides(finetuned=weights_path), catalog=catalog_dir, metadata=metadata)
     shutil.rmtree(work_dir / "backup", ignore_errors=True)
-    progress_file.unlink(missing_ok=True)
+    (work_dir / "progress.json").unlink(missing_ok=True)
     return summary

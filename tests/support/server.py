@@ -1,4 +1,4 @@
-"""The production server as `make serve` starts it, on a free loopback port, for bench and soak."""
+"""The production server as `make serve` starts it, on a free loopback port, for the tests, the bench and the soak."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import requests
 
-from bench.procfs import process_tree
 from indexer.config import REPO_ROOT
+from tests.support.procfs import process_tree
 
 
 def free_port() -> int:

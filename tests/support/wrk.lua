@@ -1,6 +1,6 @@
 -- wrk script for `make bench`: POSTs prepared request bodies round-robin and reports
 -- requests, errors and latency percentiles as one JSON line.
---   wrk -t1 -c4 -d10s -s bench/wrk.lua <url> -- <folder of *.body files> <content type>
+--   wrk -t1 -c4 -d10s -s tests/support/wrk.lua <url> -- <folder of *.body files> <content type>
 local requests = {}
 local next_request = 1
 

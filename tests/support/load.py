@@ -1,4 +1,5 @@
-"""HTTP load for `make bench`: wrk, a load generator in C, POSTing real photos to the server on loopback.
+"""HTTP load for `make bench` and the server's tests: wrk, a load generator in C, POSTing real photos to the
+server on loopback.
 
 A load generator written in Python would spend a few per cent of the same two cores that the
 server needs (measured: 0.4 ms of CPU per request with http.client, against 0.1 ms for
@@ -20,25 +21,10 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from tests.support.http import LOOPBACK, multipart_body
+
 WRK_SCRIPT = Path(__file__).with_name("wrk.lua")
 INSTALL_WRK = "install wrk (Debian/Ubuntu: apt-get install wrk; macOS: brew install wrk) and run make bench again"
-
-
-def multipart_body(photo: bytes, fields: dict[str, str], boundary: str | None = None) -> tuple[bytes, str]:
-    """A multipart/form-data body with the photo as 'image', built once and sent many times."""
-    boundary = boundary or uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query.jpg"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n".encode()
-        + photo
-        + b"\r\n"
-    )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 @contextmanager
@@ -67,7 +53,7 @@ def wrk_path() -> str:
 def run_wrk(url: str, bodies: Path, content_type: str, clients: int, seconds: int) -> dict[str, float]:
     """`clients` keep-alive connections POSTing the bodies round-robin for `seconds`; requests/s,
     latency percentiles and errors (any non-2xx answer or socket error counts as one)."""
-    if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+    if urlsplit(url).hostname not in LOOPBACK:
         raise ValueError("the benchmark's load only targets this machine (loopback)")
     command = [wrk_path(), "--threads", "1", "--connections", str(clients), "--duration", f"{seconds}s",
                "--timeout", "30s", "--script", str(WRK_SCRIPT), url, "--", str(bodies), content_type]  # fmt: skip

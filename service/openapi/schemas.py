@@ -1,0 +1,166 @@
+"""The JSON shapes of the service's answers, as the OpenAPI document's component schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from indexer.config import PRECISIONS
+
+JSON = "application/json"
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(kind: str) -> Schema:
+    return {"type": [kind, "null"]}
+
+
+# The shown fields of a product (indexer.records.ShownProduct), in results and on their own.
+PRODUCT_FIELDS: Schema = {
+    "sku": {"type": "string"},
+    "title": {"type": "string"},
+    "category": nullable("string"),
+    "price": nullable("number"),
+    "url": nullable("string"),
+}
+RESULT: Schema = {
+    "type": "object",
+    "required": [*PRODUCT_FIELDS, "score", "image_url", "product_url"],
+    "additionalProperties": False,
+    "properties": {
+        **PRODUCT_FIELDS,
+        "score": {"type": "number", "description": "Cosine similarity to the query (higher is closer)."},
+        "image_url": {"type": "string", "description": "The product's photo (GET /images/{sku})."},
+        "product_url": {"type": "string", "description": "The product's page (GET /products/{sku})."},
+    },
+}
+FILTERS_ECHO: Schema = {
+    "k": {"type": "integer", "minimum": 1},
+    "category": nullable("string"),
+    "min_price": nullable("number"),
+    "max_price": nullable("number"),
+}
+SEARCH_RESULTS: Schema = {
+    "type": "object",
+    "required": ["results", "k", "category", "min_price", "max_price", "box", "query", "index_version", "took_ms"],
+    "additionalProperties": False,
+    "properties": {
+        "results": {"type": "array", "items": ref("Result"), "description": "Best first, one per product."},
+        **FILTERS_ECHO,
+        "box": {
+            "type": ["array", "null"],
+            "items": {"type": "number", "minimum": 0, "maximum": 1},
+            "minItems": 4,
+            "maxItems": 4,
+            "description": "The region searched for, x0, y0, x1, y1; null for the whole photo.",
+        },
+        "query": {
+            "type": "string",
+            "description": "Token for this photo: GET /api/search/preview.png?query=, "
+            "or POST /api/search with query= to search again without uploading it.",
+        },
+        "index_version": {"type": "string", "description": "The base version + the change number applied."},
+        "took_ms": {"type": "number"},
+    },
+}
+SIMILAR_RESULTS: Schema = {
+    "type": "object",
+    "required": ["sku", "results", "k", "category", "min_price", "max_price", "took_ms"],
+    "additionalProperties": False,
+    "properties": {
+        "sku": {"type": "string"},
+        "results": {"type": "array", "items": ref("Result")},
+        **FILTERS_ECHO,
+        "took_ms": {"type": "number"},
+    },
+}
+PRODUCT: Schema = {
+    "type": "object",
+    "required": [*PRODUCT_FIELDS, "attributes", "image_url"],
+    "additionalProperties": False,
+    "properties": {
+        **PRODUCT_FIELDS,
+        "attributes": {"type": "object", "additionalProperties": {"type": "string"}},
+        "image_url": {"type": "string"},
+    },
+}
+MODEL: Schema = {
+    "type": "object",
+    "required": ["model", "weights_sha256", "dim", "precision"],
+    "properties": {
+        "model": {"type": "string"},
+        "weights_sha256": {"type": "string"},
+        "dim": {"type": "integer"},
+        "precision": {"type": "string", "enum": list(PRECISIONS)},
+        "quantized_sha256": {"type": "string", "description": "the int8 model file's sha256 (its calibration)"},
+    },
+}
+TUNING: Schema = {
+    "type": ["object", "null"],
+    "description": "How the base is searched, and the recall@10 that setting reached against exact search.",
+    "properties": {
+        "factory": {"type": "string"},
+        "nprobe": nullable("integer"),
+        "ef_search": nullable("integer"),
+        "rerank": {"type": "integer"},
+        "recall_at_10": nullable("number"),
+        "queries": {"type": "integer"},
+    },
+}
+READY: Schema = {
+    "type": "object",
+    "required": ["ready", "items", "model", "model_version", "engine", "index_version", "search", "change"],
+    "properties": {
+        "ready": {"const": True},
+        "items": {"type": "integer", "description": "Searchable images."},
+        "model": ref("Model"),
+        "model_version": {"type": "string", "description": "`plain`, or the fine-tuned version in use."},
+        "engine": {"type": "string"},
+        "index_version": {"type": "string"},
+        "index_created": nullable("string"),
+        "factory": nullable("string"),
+        "search": TUNING,
+        "base": {
+            "type": "object",
+            "required": ["items", "built_through"],
+            "properties": {"items": {"type": "integer"}, "built_through": {"type": "integer"}},
+        },
+        "change": {"type": "integer", "description": "The newest change number applied."},
+        "delta": {"type": "integer", "description": "Changed images held outside the base."},
+        "deleted_from_base": {"type": "integer"},
+    },
+}
+NOT_READY: Schema = {
+    "type": "object",
+    "required": ["ready", "reason", "model"],
+    "properties": {"ready": {"const": False}, "reason": {"type": "string"}, "model": ref("Model")},
+}
+VISIBLE: Schema = {
+    "index_version": {"type": "string", "description": "The index version that includes the change."},
+    "items": {"type": "integer"},
+    "change": {"type": "integer", "description": "The change number that includes the change."},
+}
+PUT_RESULT: Schema = {
+    "type": "object",
+    "required": ["sku", "created", "index_version", "items", "change"],
+    "additionalProperties": False,
+    "properties": {"sku": {"type": "string"}, "created": {"type": "boolean"}, **VISIBLE},
+}
+DELETE_RESULT: Schema = {
+    "type": "object",
+    "required": ["sku", "deleted", "index_version", "items", "change"],
+    "additionalProperties": False,
+    "properties": {"sku": {"type": "string"}, "deleted": {"const": True}, **VISIBLE},
+}
+ERROR: Schema = {
+    "type": "object",
+    "required": ["error", "message"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {"type": "string", "description": "Machine-readable: bad_request, not_found, not_ready, ..."},
+        "message": {"type": "string", "description": "What went wrong and what to do, for people."},
+    },
+}
