@@ -170,9 +170,11 @@ def test_extra_catalog_views_are_whitened_but_the_fit_is_on_the_photos_alone(ind
     flipped = load_embedder(with_views)
     report = index_catalog(with_views, flipped, folder, metadata, progress=False)
     assert f"on {count} photos" in report.whitening
-    assert flipped.whitening.sha256 == fitted(settings, embedder)[0].sha256  # the same projection as without views
-    live = live_index(with_views, flipped)
-    assert len(live) == 2 * count and flipped.identity.dim == 96  # every view's vector whitened and searchable
+    whitening = in_use(Store.open(with_views), flipped.network.key)
+    assert whitening.sha256 == fitted(settings, embedder)[0].sha256  # the same projection as without views
+    whitened = flipped.with_whitening(whitening)
+    live = live_index(with_views, whitened)
+    assert len(live) == 2 * count and whitened.identity.dim == 96  # every view's vector whitened and searchable
 
 
 def test_a_catalog_too_small_to_fit_stays_unwhitened(whitening_settings, skimage_catalog, tmp_path):
