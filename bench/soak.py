@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     first, second = rows[:600], rows[100:700]  # the re-index drops 100 products and adds 100
     every_photo = [(catalog / row["image"]).read_bytes() for row in rows]
     photos = every_photo[::7]  # what writes send
-    # What searches send: more distinct photos than the servers remember (service/query_store.py), so that
+    # What searches send: more distinct photos than the servers remember (service/recent_queries.py), so that
     # each search decodes and embeds its photo, as a shopper's does.
     queries = [multipart_body(photo, {"k": "10"}) for photo in every_photo]
 

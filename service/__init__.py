@@ -28,8 +28,8 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     from service.metrics import TimedEmbedder, instrument
     from service.openapi import openapi
     from service.pages import pages
-    from service.query_photo import ServiceRequest
-    from service.query_store import QueryFolder, RecentQueries
+    from service.recent_queries import QueryFolder, RecentQueries
+    from service.search_photo import ServiceRequest
     from service.widget import widget
     from service.writes import writes
 

@@ -14,9 +14,9 @@ from indexer.index.live_index import Filters
 from indexer.index.search import CatalogSearch, IndexView
 from indexer.records import ShownProduct
 from service.errors import BadRequest
+from service.params import read_filters, read_k
 from service.preview import render_preview
-from service.queries import read_filters, read_k
-from service.query_photo import read_search_query
+from service.search_photo import read_search_query
 
 api = Blueprint("api", __name__)
 

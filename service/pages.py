@@ -11,8 +11,8 @@ from werkzeug.exceptions import HTTPException
 from indexer.errors import NotReady
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.queries import read_filters, read_k
-from service.query_photo import read_search_query
+from service.params import read_filters, read_k
+from service.search_photo import read_search_query
 
 pages = Blueprint("pages", __name__)
 

@@ -23,7 +23,7 @@ from indexer.storage.schema import API
 from indexer.writes import CatalogWriter
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.queries import embed_upload, read_upload
+from service.params import embed_upload, read_upload
 
 FIELDS = ("title", "category", "price", "url")
 MAX_SKU = 512

@@ -37,7 +37,7 @@ from PIL import Image
 
 from indexer.embedding.images import thumbnail
 from indexer.embedding.model import Embedder
-from service.queries import embed_upload
+from service.params import embed_upload
 
 log = logging.getLogger(__name__)
 
