@@ -186,20 +186,20 @@ def measure_whitening(settings, catalog: Path, metadata: Path | None, work: Path
 
 def measure_in_process(settings, data_dir: Path, photos: list[bytes]) -> dict:
     """Query latency inside the service (decode + embed + search + product lookup), and its parts alone."""
+    from indexer.index.search import CatalogSearch
     from indexer.storage.store import Store
-    from service.search import CatalogSearch
 
     settings = settings.with_overrides(data_dir=data_dir)
-    embedder = load_embedder(settings)
-    search = CatalogSearch(settings, embedder, Store.open(settings))
+    search = CatalogSearch(settings, load_embedder(settings), Store.open(settings))
     view = search.current()
+    embedder = view.embedder  # followed by the index's whitening, as the service embeds queries
     embed_ms, search_ms, query_ms, decode_ms = [], [], [], []
     for photo in photos:  # interleaved, so that a slow patch of the machine hits all of them alike
         vector = embedder.embed_image(photo)
         decode_ms.append(_timed(lambda p: load_pixels(p, embedder.input_size), photo))
         embed_ms.append(_timed(embedder.embed_image, photo))
         search_ms.append(_timed(lambda v: view.live.search(v, settings.default_k * 3), vector))
-        query_ms.append(_timed(lambda p: search.search(embedder.embed_image(p), settings.default_k), photo))
+        query_ms.append(_timed(lambda p: search.search(view, embedder.embed_image(p), settings.default_k), photo))
     one_embedding_and_search = float(np.median(embed_ms) + np.median(search_ms))
     return {
         **percentiles(query_ms),

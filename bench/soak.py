@@ -62,8 +62,8 @@ def write_catalog(rows: list[dict], path: Path) -> None:
 def old_bases_left(index_dir: Path) -> list[str]:
     """Index bases on disk besides the current one, once every server process (idle workers included) has had
     time to let go of its old one: each must be removed by then."""
+    from indexer.index.search import FOLLOW_BASE_EVERY_S
     from indexer.index.segments import read_manifest
-    from service.search import FOLLOW_BASE_EVERY_S
 
     deadline = time.monotonic() + 2 * FOLLOW_BASE_EVERY_S + 3
     while True:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     first, second = rows[:600], rows[100:700]  # the re-index drops 100 products and adds 100
     every_photo = [(catalog / row["image"]).read_bytes() for row in rows]
     photos = every_photo[::7]  # what writes send
-    # What searches send: more distinct photos than the servers remember (service/query_store.py), so that
+    # What searches send: more distinct photos than the servers remember (service/recent_queries.py), so that
     # each search decodes and embeds its photo, as a shopper's does.
     queries = [multipart_body(photo, {"k": "10"}) for photo in every_photo]
 

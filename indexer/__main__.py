@@ -58,13 +58,12 @@ def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
     from indexer.embedding.model import load_embedder
-    from indexer.index.compaction import compact, compaction_due, follow_catalog_whitening
+    from indexer.index.compaction import compact, compaction_due, with_catalog_whitening
     from indexer.index.segments import read_manifest
     from indexer.storage.store import Store
 
-    embedder = load_embedder(settings)
     store = Store.open(settings)
-    follow_catalog_whitening(settings, store, embedder)
+    embedder = with_catalog_whitening(settings, store, load_embedder(settings))
     if settings.index_backend == "milvus":
         from indexer.index.milvus_store import sync_locked
 

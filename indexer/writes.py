@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from indexer.config import Settings
 from indexer.errors import NotReady
-from indexer.jobs.catalog import ProductFields
+from indexer.records import ProductFields
 from indexer.storage.locks import write_lock
 from indexer.storage.schema import CATALOG
 from indexer.storage.store import Store

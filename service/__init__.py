@@ -20,16 +20,16 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     """Application factory: settings and the model are loaded once, here, not at import time (nor numpy: the
     server's main process imports this package, and sets up the environment its workers load numpy with)."""
     from indexer.embedding.model import load_embedder
+    from indexer.index.search import CatalogSearch
     from indexer.storage.store import Store
     from service.api import api
     from service.cors import enable_cors
     from service.errors import register_error_handlers
-    from service.metrics import instrument
+    from service.metrics import TimedEmbedder, instrument
     from service.openapi import openapi
     from service.pages import pages
-    from service.query_photo import ServiceRequest
-    from service.query_store import QueryFolder, RecentQueries
-    from service.search import CatalogSearch
+    from service.recent_queries import QueryFolder, RecentQueries
+    from service.search_photo import ServiceRequest
     from service.widget import widget
     from service.writes import writes
 
@@ -46,8 +46,9 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         interpreters = min(cpu_count(), settings.server_threads)
         cores = settings.sharing_cores(interpreters * settings.server_workers)
         embedder = load_embedder(cores, create_export=False, concurrency=interpreters)
-    # `make serve` migrates first; a service never changes the schema under a running indexer.
-    search = CatalogSearch(settings, embedder, Store.open(settings, upgrade=False))
+    # `make serve` migrates first; a service never changes the schema under a running indexer. The embedder given
+    # may be shared (tests): the search gets a timed one of its own, and never changes either.
+    search = CatalogSearch(settings, TimedEmbedder.of(embedder), Store.open(settings, upgrade=False))
     app.extensions["catalog_search"] = search
     # Query photos by token, in memory and (query_ttl_s > 0) in the data folder that every worker and host shares.
     folder = QueryFolder(settings.data_dir / "queries", settings.query_ttl_s) if settings.query_ttl_s > 0 else None

@@ -11,11 +11,12 @@ from werkzeug.routing import PathConverter
 
 from indexer.errors import UnknownProduct
 from indexer.index.live_index import Filters
+from indexer.index.search import CatalogSearch, IndexView
+from indexer.records import ShownProduct
 from service.errors import BadRequest
+from service.params import read_filters, read_k
 from service.preview import render_preview
-from service.queries import read_filters, read_k
-from service.query_photo import read_search_query
-from service.search import CatalogSearch, IndexView, Match
+from service.search_photo import read_search_query
 
 api = Blueprint("api", __name__)
 
@@ -39,12 +40,12 @@ def sku_url(endpoint: str) -> Callable[[str], str]:
     return made[key]
 
 
-def results_json(matches: list[Match]) -> list[dict[str, object]]:
+def results_json(matches: list[ShownProduct]) -> list[dict[str, object]]:
     image_url, product_url = sku_url("api.product_image"), sku_url("pages.product_page")
     return [{**m.as_dict(), "image_url": image_url(m.sku), "product_url": product_url(m.sku)} for m in matches]
 
 
-def _search_inputs(view: IndexView | None = None) -> tuple[int, Filters]:
+def _search_inputs(view: IndexView) -> tuple[int, Filters]:
     search = catalog_search()
     k = read_k(request, search.settings.default_k, search.settings.max_k)
     return k, read_filters(request, lambda: search.categories(view))
@@ -58,11 +59,13 @@ def _filters_json(filters: Filters) -> dict[str, object]:
 def search_by_photo():
     started = time.perf_counter()
     search = catalog_search()
-    view = search.current()  # 503 before reading the upload when there is nothing to search
+    # Once per request: the query is embedded as this view's vectors were, and searched in it. A 503 before reading
+    # the upload when there is nothing to search.
+    view = search.current()
     k, filters = _search_inputs(view)
     recent = current_app.extensions["recent_queries"]
-    query = read_search_query(request, search.settings, search.embedder, recent)
-    matches = search.search(query.vector, k, filters, view=view)
+    query = read_search_query(request, search.settings, view.embedder, recent)
+    matches = search.search(view, query.vector, k, filters)
     return jsonify(
         {
             "results": results_json(matches),
@@ -83,7 +86,7 @@ def similar_products(sku: str):
     view = search.current()  # once per request: the filters and the search see the same state
     k, filters = _search_inputs(view)
     try:
-        matches = search.similar(sku, k, filters, view=view)
+        matches = search.similar(view, sku, k, filters)
     except UnknownProduct:
         # The widget asks this way: a 404 would put a red "failed to load" line in the shop's console.
         if request.args.get("unknown") != "empty":
@@ -103,17 +106,7 @@ def similar_products(sku: str):
 @api.get("/api/products/<path:sku>")
 def product_details(sku: str):
     product = catalog_search().product(sku)
-    return jsonify(
-        {
-            "sku": product.sku,
-            "title": product.title,
-            "category": product.category,
-            "price": product.price,
-            "url": product.url,
-            "attributes": product.attributes,
-            "image_url": url_for("api.product_image", sku=product.sku),
-        }
-    )
+    return jsonify({**product.as_dict(), "image_url": url_for("api.product_image", sku=product.sku)})
 
 
 @api.get("/api/categories")
@@ -132,16 +125,16 @@ def search_preview():
     """A Matplotlib grid of a query and its matches: POST a photo or image_url, or GET with ?query=<token> or
     ?sku=; a box searches (and shows) that region of the photo."""
     search = catalog_search()
-    search.current()
-    k, filters = _search_inputs()
+    view = search.current()
+    k, filters = _search_inputs(view)
     recent = current_app.extensions["recent_queries"]
     if request.method == "POST" or request.args.get("query") or request.args.get("image_url"):
-        query = read_search_query(request, search.settings, search.embedder, recent)
-        thumbnail, matches = query.thumbnail(), search.search(query.vector, k, filters)
+        query = read_search_query(request, search.settings, view.embedder, recent)
+        thumbnail, matches = query.thumbnail(), search.search(view, query.vector, k, filters)
     elif sku := request.args.get("sku"):
         if request.args.get("box"):
             raise BadRequest("box applies to a photo (image, image_url or query), not to sku")
-        thumbnail, matches = search.image_path(sku), search.similar(sku, k, filters)
+        thumbnail, matches = search.image_path(sku), search.similar(view, sku, k, filters)
     else:
         raise BadRequest(
             "POST a photo as 'image' (or its image_url), or GET with ?query=<token from a search> or ?sku=<sku>"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask import Flask, Response, jsonify, make_response, render_template, request
-from sqlalchemy.exc import OperationalError, ProgrammingError
 from werkzeug.exceptions import HTTPException
 
 from indexer.errors import NotReady, UnknownProduct
@@ -49,22 +48,11 @@ def register_error_handlers(app: Flask) -> None:
                 response.headers[name] = value
         return response
 
-    @app.errorhandler(OperationalError)
-    def database_unavailable(exc: OperationalError):
-        # A database the service cannot read (never migrated, locked, gone) is a wait, not a crash.
-        app.logger.error("database unavailable on %s %s: %s", request.method, request.path, exc.orig)
-        problem = app.extensions["catalog_search"].store.schema_problem()
-        return not_ready(NotReady(problem or "the catalog database is unavailable right now; try again shortly"))
-
-    @app.errorhandler(ProgrammingError)
-    def schema_missing(exc: ProgrammingError):
-        # PostgreSQL reports a table that is not there (a database never migrated) as a programming error.
-        if problem := app.extensions["catalog_search"].store.schema_problem():
-            app.logger.error("database behind on %s %s: %s", request.method, request.path, exc.orig)
-            return not_ready(NotReady(problem))
-        return internal_error(exc)
-
     @app.errorhandler(Exception)
     def internal_error(exc: Exception):
+        # A database the core cannot read (never migrated, locked, gone) is a wait, not a crash: the core says so.
+        if (waiting := app.extensions["catalog_search"].unavailable(exc)) is not None:
+            app.logger.error("database unavailable on %s %s: %s", request.method, request.path, exc)
+            return not_ready(waiting)
         app.logger.exception("unhandled error on %s %s", request.method, request.path)
         return _respond(500, "internal_error", "something went wrong on our side; the error has been logged")

@@ -6,7 +6,6 @@ and a scrape sums them; without it (Flask's test client) the process's own regis
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -25,8 +24,8 @@ from prometheus_client.registry import Collector
 from indexer.embedding.engines import Engine
 from indexer.embedding.model import Embedder
 from indexer.errors import NotReady
+from indexer.index.search import CatalogSearch
 from service.api import catalog_search
-from service.search import CatalogSearch
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +67,9 @@ metrics = Blueprint("metrics", __name__)
 
 
 def instrument(app: Flask) -> None:
-    """Count and time every request, time embeddings and searches, and serve GET /metrics."""
+    """Count and time every request and search, and serve GET /metrics; embeddings are timed by the search's
+    embedder (TimedEmbedder), which every index view's embedder is made from."""
     search: CatalogSearch = app.extensions["catalog_search"]
-    search.embedder = TimedEmbedder(search.embedder)
     search.search = _timed(search.search, SEARCH_SECONDS)  # similar() goes through it too
     app.before_request(_start_clock)
     app.after_request(_count)
@@ -89,23 +88,25 @@ def scrape() -> Response:
     return Response(encode(registry), content_type=content_type, headers={"Cache-Control": "no-store"})
 
 
-class TimedEmbedder:
+class TimedEmbedder(Embedder):
     """The service's embedder, recording how long each uploaded photo takes to decode and embed, and the CPU time
-    of the network alone (what the rest of a request costs is then the server's CPU time less that)."""
+    of the network alone (what the rest of a request costs is then the server's CPU time less that). Its
+    with_whitening keeps the timing: the index views' embedders are timed too."""
 
-    def __init__(self, embedder: Embedder):
-        # A copy with a timed engine: the embedder given may be shared (tests), and must not be timed twice.
-        self._embedder = copy.copy(embedder)
-        self._embedder.engine = InferenceClock(embedder.engine)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._embedder, name)
+    @classmethod
+    def of(cls, embedder: Embedder) -> TimedEmbedder:
+        """A timed embedder with the same network, whitening and engine (behind a clock); the one given is left as
+        it is, and one already timed is returned as it is (never timed twice)."""
+        if isinstance(embedder, cls):
+            return embedder
+        engine = InferenceClock(embedder.engine)
+        return cls(engine, embedder.network, embedder.tflite_sha256, embedder.version, embedder.whitening)
 
     def embed_image(self, *args: object, **kwargs: object) -> np.ndarray:
-        return self._timed(self._embedder.embed_image, *args, **kwargs)
+        return self._timed(super().embed_image, *args, **kwargs)
 
     def embed_views(self, *args: object, **kwargs: object) -> np.ndarray:
-        return self._timed(self._embedder.embed_views, *args, **kwargs)
+        return self._timed(super().embed_views, *args, **kwargs)
 
     @staticmethod
     def _timed(embed: Callable[..., np.ndarray], *args: object, **kwargs: object) -> np.ndarray:

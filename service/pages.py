@@ -11,8 +11,8 @@ from werkzeug.exceptions import HTTPException
 from indexer.errors import NotReady
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.queries import read_filters, read_k
-from service.query_photo import read_search_query
+from service.params import read_filters, read_k
+from service.search_photo import read_search_query
 
 pages = Blueprint("pages", __name__)
 
@@ -37,12 +37,12 @@ def search_page():
     }
     if request.method == "POST":
         try:
-            search.current()
+            view = search.current()  # the query is embedded as this view's vectors were, and searched in it
             context["k"] = read_k(request, search.settings.default_k, search.settings.max_k)
             filters = read_filters(request, context["categories"])
             context["category"] = filters.category
             recent = current_app.extensions["recent_queries"]
-            query = read_search_query(request, search.settings, search.embedder, recent)
+            query = read_search_query(request, search.settings, view.embedder, recent)
         except (BadRequest, NotReady) as exc:
             context["error"] = str(exc)
             return render_template("search.html", **context), 400 if isinstance(exc, BadRequest) else 503
@@ -53,7 +53,7 @@ def search_page():
             query=query,
             # The whole photo, with the box drawn on it: the shopper drags a new box on this picture.
             query_image=_data_url(query.query.thumbnail()),
-            matches=search.search(query.vector, context["k"], filters),
+            matches=search.search(view, query.vector, context["k"], filters),
         )
     return render_template("search.html", **context)
 
@@ -63,4 +63,4 @@ def product_page(sku: str):
     search = catalog_search()
     product = search.product(sku)
     k = read_k(request, search.settings.default_k, search.settings.max_k)
-    return render_template("product.html", product=product, matches=search.similar(sku, k), k=k)
+    return render_template("product.html", product=product, matches=search.similar(search.current(), sku, k), k=k)

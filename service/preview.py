@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from indexer.embedding.images import ImageError, thumbnail
+from indexer.records import ShownProduct
 
 COLUMNS = 5
 
@@ -34,7 +35,7 @@ class Panel:
     colour: str = "black"
 
 
-def render_preview(query: Image.Image | Path, matches: list[tuple[object, Path]]) -> bytes:
+def render_preview(query: Image.Image | Path, matches: list[tuple[ShownProduct, Path]]) -> bytes:
     """PNG bytes of a grid: the query first, then each (match, image path), COLUMNS to a row."""
     panels = [Panel(query, "query", "#c0392b")] + [
         Panel(path, f"{textwrap.shorten(match.title, 28)}\nscore {match.score:.3f}") for match, path in matches

@@ -17,12 +17,13 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.errors import NotReady, UnknownProduct
-from indexer.jobs.catalog import ProductFields, parse_price
+from indexer.jobs.catalog import parse_price
+from indexer.records import ProductFields
 from indexer.storage.schema import API
 from indexer.writes import CatalogWriter
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.queries import embed_upload, read_upload
+from service.params import embed_upload, read_upload
 
 FIELDS = ("title", "category", "price", "url")
 MAX_SKU = 512
@@ -82,12 +83,11 @@ def put_product(sku: str):
         # PostgreSQL stores no NUL in text or JSON: refused on every database, so both behave alike.
         raise BadRequest("product fields may not contain NUL characters")
     data = read_upload(request)
-    # The base first: the photo must be embedded as the index's vectors are, with its whitening, which a worker
-    # process loads with the base (its first request may be this write). With nothing to search, a 503 here.
-    search.current()
-    identity = search.embedder.identity
+    # The view first: the photo is embedded as its vectors are, with its whitening, which a worker process loads
+    # with the base (its first request may be this write). With nothing to search, a 503 here.
+    view = search.current()
     views = search.settings.catalog_views
-    vectors = embed_upload(data, search.embedder, views)
+    vectors = embed_upload(data, view.embedder, views)
     image_format = _format_of(data)
     fields = {name: request.form.get(name, "").strip() for name in FIELDS}
     product = ProductFields(
@@ -98,10 +98,16 @@ def put_product(sku: str):
         url=fields["url"] or None,
         attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
     )
-    # Stored only while the index keeps the model the photo was embedded with (a new base with another whitening
-    # may come in meanwhile): else a 503 asking to send the write again.
+    # Stored only while the index keeps the identity the photo was embedded with (a new base with another
+    # whitening or model may come in meanwhile): else a 503 asking to send the write again.
     created = CatalogWriter(search.settings, search.store, API).put_upload(
-        product, data, image_format, vectors, views, model=identity, current_model=lambda: search.embedder.identity
+        product,
+        data,
+        image_format,
+        vectors,
+        views,
+        model=view.identity,
+        current_model=lambda: search.current().identity,
     )
     return jsonify({"sku": sku, "created": created, **_visible()}), 201 if created else 200
 

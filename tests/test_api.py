@@ -346,13 +346,13 @@ def test_a_changed_title_shows_in_results_after_make_index(client, app_settings,
 def test_result_links_are_the_ones_url_for_builds(app):
     from flask import url_for
 
+    from indexer.records import ShownProduct
     from service.api import results_json
-    from service.search import Match
 
     skus = ["plain", "with space", "a/b", "q?x=1#frag", "100%", "ünïcode", "x:y@z;(1)", "sku"]
     # Mounted under a path prefix, as behind a reverse proxy.
     with app.test_request_context(base_url="http://shop.example/visual-search"):
-        results = results_json([Match(sku, "t", None, None, None, 1.0) for sku in skus])
+        results = results_json([ShownProduct(sku, "t", score=1.0) for sku in skus])
         for sku, result in zip(skus, results, strict=True):
             assert result["image_url"] == url_for("api.product_image", sku=sku)
             assert result["product_url"] == url_for("pages.product_page", sku=sku)

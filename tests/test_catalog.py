@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer.jobs.catalog import CatalogError, CatalogImage, ProductFields, read_metadata, scan_catalog
+from indexer.jobs.catalog import CatalogError, CatalogImage, read_metadata, scan_catalog
+from indexer.records import ProductFields
 
 
 def photo(root: Path, rel: str, colour=(200, 30, 30)) -> Path:

@@ -12,8 +12,8 @@ import pytest
 
 from indexer.config import ConfigError
 from indexer.errors import NotReady
-from indexer.jobs.catalog import ProductFields
 from indexer.jobs.indexing import distributor
+from indexer.records import ProductFields
 from indexer.storage.locks import write_lock
 from indexer.storage.schema import API, IMPORT
 from indexer.storage.store import Store

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from indexer.config import REPO_ROOT
 from indexer.embedding.model import l2_normalize
-from indexer.jobs.catalog import ProductFields
+from indexer.records import ProductFields
 from indexer.storage.database import SCHEMA_REVISION, make_engine
 from indexer.storage.locks import MIGRATION_LOCK_KEY, compaction_lock, compaction_running, write_lock
 from indexer.storage.store import Store

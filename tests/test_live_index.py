@@ -25,8 +25,9 @@ from indexer.index.ann import FLAT_LIMIT
 from indexer.index.compaction import compact
 from indexer.index.live_index import Filters
 from indexer.index.segments import load_base, read_manifest, remove_unused_bases
-from indexer.jobs.catalog import CatalogError, ProductFields
+from indexer.jobs.catalog import CatalogError
 from indexer.jobs.importing import import_vectors
+from indexer.records import ProductFields
 from indexer.storage.store import Store
 from indexer.storage.vectors import ImageVector
 from service import create_app

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from indexer.index.rows import ProductRows
 from indexer.jobs.indexing import index_catalog
+from indexer.records import ShownProduct
 from indexer.storage.schema import ProductImage
 from indexer.storage.store import Store
-from service.product_rows import ProductRow, ProductRows
 from tests.conftest import both_databases, statements_reading
 
 
@@ -22,7 +23,7 @@ def test_rows_are_read_once_and_the_least_recently_used_leave_first(settings, em
     with statements_reading(store.engine, "FROM images JOIN products") as reads:
         found = rows.get([first, second, third, 10_000])
         assert len(reads) == 1
-        assert isinstance(found[first], ProductRow) and found[first].sku and found[10_000] is None
+        assert isinstance(found[first], ShownProduct) and found[first].sku and found[10_000] is None
         assert rows.get([third]) == {third: found[third]} and len(reads) == 1  # kept: the most recent
         assert rows.get([first]) == {first: found[first]} and len(reads) == 2  # gone: over max_rows
         rows.forget([first])

@@ -197,7 +197,7 @@ def test_a_change_committed_without_the_vector_store_is_applied_by_the_next_sear
     store = Store.open(settings)
     vector = embedder.embed_image(jpeg("camera", angle=180))
     with write_lock(settings.data_dir, store):
-        from indexer.jobs.catalog import ProductFields
+        from indexer.records import ProductFields
 
         product = ProductFields("cam-2", "Upside-down cameraman", "people", 1.0, None)
         image = ImageVector(rel_path="api/direct/cam-2", path="", sha256="direct", vector=vector)

@@ -11,10 +11,11 @@ import pytest
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import load_embedder
 from indexer.embedding.whitening import MIN_FIT_PHOTOS, fit, in_use
+from indexer.index.search import model_mismatch
+from indexer.index.segments import read_manifest
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.store import Store
 from service import create_app
-from service.search import model_mismatch
 from tests.conftest import grocery_subset, live_index, read_csv, skimage_jpeg, write_csv
 
 pytestmark = pytest.mark.slow  # embeds a few hundred real photos
@@ -109,7 +110,8 @@ def test_a_second_run_keeps_the_whitening_and_embeds_nothing(indexed, catalog, e
     again = load_embedder(settings)
     report = index_catalog(settings, again, folder, metadata, progress=False)
     assert (report.embedded, report.unchanged, report.whitening) == (0, count, None)
-    assert again.whitening.sha256 == before.sha256
+    assert in_use(Store.open(settings), again.network.key).sha256 == before.sha256
+    assert read_manifest(settings.index_dir)["whitening_sha256"] == before.sha256
 
 
 def test_a_server_follows_its_index_whitening_and_says_when_the_database_lacks_it(indexed, embedder):
@@ -168,9 +170,11 @@ def test_extra_catalog_views_are_whitened_but_the_fit_is_on_the_photos_alone(ind
     flipped = load_embedder(with_views)
     report = index_catalog(with_views, flipped, folder, metadata, progress=False)
     assert f"on {count} photos" in report.whitening
-    assert flipped.whitening.sha256 == fitted(settings, embedder)[0].sha256  # the same projection as without views
-    live = live_index(with_views, flipped)
-    assert len(live) == 2 * count and flipped.identity.dim == 96  # every view's vector whitened and searchable
+    whitening = in_use(Store.open(with_views), flipped.network.key)
+    assert whitening.sha256 == fitted(settings, embedder)[0].sha256  # the same projection as without views
+    whitened = flipped.with_whitening(whitening)
+    live = live_index(with_views, whitened)
+    assert len(live) == 2 * count and whitened.identity.dim == 96  # every view's vector whitened and searchable
 
 
 def test_a_catalog_too_small_to_fit_stays_unwhitened(whitening_settings, skimage_catalog, tmp_path):

@@ -7,6 +7,7 @@ it; `load_embedder` runs it with the configured engine (LiteRT by default).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -214,7 +215,8 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 class Embedder:
     """Embeds batches of pixels or single images into L2-normalised float32 vectors: the network's pooled
-    features, then the catalog's whitening when there is one."""
+    features, then the catalog's whitening when there is one. The whitening, and so the identity, is fixed when
+    the embedder is made: with_whitening makes another embedder, so one in use never changes under its callers."""
 
     def __init__(
         self,
@@ -225,22 +227,42 @@ class Embedder:
         whitening: Whitening | None = None,
     ):
         self.engine = engine
-        self.network = identity
-        self.use_whitening(whitening)
         self.tflite_sha256 = tflite_sha256
         # "plain" (ImageNet weights) or the name of a fine-tuned model version.
         self.version = version
         self.input_size = INPUT_SIZE
+        self._network = identity
+        self._whitening = whitening
+        self._identity = identity if whitening is None else identity.whitened(whitening)
 
-    def use_whitening(self, whitening: Whitening | None) -> None:
-        """From now on, follow the network with this whitening (None: with none): the index's."""
-        self.whitening = whitening
-        self.identity = self.network if whitening is None else self.network.whitened(whitening)
+    @property
+    def network(self) -> ModelIdentity:
+        """The network's identity, without the whitening."""
+        return self._network
+
+    @property
+    def whitening(self) -> Whitening | None:
+        return self._whitening
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """What its vectors are: the network's identity, followed by the whitening's when there is one."""
+        return self._identity
+
+    def with_whitening(self, whitening: Whitening | None) -> Embedder:
+        """This network followed by `whitening` (None: by none), as a new embedder sharing the engine (and of the
+        same class); this one is left as it is."""
+        if whitening is self._whitening:
+            return self
+        twin = copy.copy(self)
+        twin._whitening = whitening
+        twin._identity = self._network if whitening is None else self._network.whitened(whitening)
+        return twin
 
     def finish(self, features: np.ndarray) -> np.ndarray:
         """The network's (N, features) output -> (N, dim) unit vectors: normalised, then whitened."""
-        vectors, whitening = l2_normalize(features), self.whitening  # read once: a server may switch it
-        return vectors if whitening is None else whitening.apply(vectors)
+        vectors = l2_normalize(features)
+        return vectors if self._whitening is None else self._whitening.apply(vectors)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 pixels -> (N, dim) unit vectors."""
@@ -392,5 +414,5 @@ def load_embedder(
             tflite_sha256=export.tflite_sha256,
             version=version,
         )
-    # Without a whitening: `make index` adds the catalog's (indexing.adopt_whitening), a server its index's.
+    # Without a whitening: `make index` follows it with the catalog's (with_whitening), a server with its index's.
     return embedder

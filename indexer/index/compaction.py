@@ -88,12 +88,12 @@ def index_whitening(store: Store, network_key: str, built: list[dict]) -> tuple[
     return whitening is not None, whitening
 
 
-def follow_catalog_whitening(settings: Settings, store: Store, embedder: Embedder) -> None:
-    """Give a freshly loaded embedder the whitening the catalog's vectors carry: the current base's when it is of
-    this network (what a server-started compaction must rebuild), else the one `make index` uses."""
+def with_catalog_whitening(settings: Settings, store: Store, embedder: Embedder) -> Embedder:
+    """The embedder followed by the whitening the catalog's vectors carry: the current base's when it is of this
+    network (what a server-started compaction must rebuild), else the one `make index` uses."""
     manifest = read_manifest(settings.index_dir) or {}
     found, whitening = index_whitening(store, embedder.network.key, [manifest] if "model" in manifest else [])
-    embedder.use_whitening(whitening if found else configured(settings, store, embedder.network.key))
+    return embedder.with_whitening(whitening if found else configured(settings, store, embedder.network.key))
 
 
 def compaction_due(settings: Settings, store: Store, embedder: Embedder) -> str | None:

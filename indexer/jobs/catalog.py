@@ -13,10 +13,11 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.embedding.images import IMAGE_SUFFIXES
+from indexer.records import ProductFields
 
 KNOWN_COLUMNS = ("sku", "image", "title", "category", "price", "url")
 METADATA_NAMES = ("products.csv", "products.jsonl")
@@ -24,22 +25,6 @@ METADATA_NAMES = ("products.csv", "products.jsonl")
 
 class CatalogError(ValueError):
     """The catalog as a whole cannot be read (a missing folder, an unusable metadata file)."""
-
-
-@dataclass(frozen=True)
-class ProductFields:
-    """A product as a catalog file, an import or the write API describes it (one record shape for all)."""
-
-    sku: str
-    title: str
-    category: str | None = None
-    price: float | None = None
-    url: str | None = None
-    attributes: dict[str, str] = field(default_factory=dict)
-
-    def shown(self) -> tuple:
-        """The fields a search result shows, besides the sku."""
-        return (self.title, self.category, self.price, self.url)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from indexer.config import Settings
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import configured
 from indexer.index.compaction import CompactionReport
-from indexer.jobs.catalog import CatalogError, ProductFields, parse_price
+from indexer.jobs.catalog import CatalogError, parse_price
 from indexer.jobs.indexing import compact_if_due
+from indexer.records import ProductFields
 from indexer.storage.schema import IMPORT
 from indexer.storage.store import Store
 from indexer.writes import CatalogWriter, Photo
@@ -80,7 +81,7 @@ def import_vectors(
     report = ImportReport(rows=len(rows))
     store = Store.open(settings)
     # The vectors are the network's; the catalog's whitening, when `make index` has fitted one, follows them.
-    embedder.use_whitening(configured(settings, store, embedder.network.key))
+    embedder = embedder.with_whitening(configured(settings, store, embedder.network.key))
     known = store.vectors.known_files(IMPORT)
     identity = embedder.identity
     writer = CatalogWriter(settings, store, IMPORT)

@@ -127,7 +127,7 @@ def index_catalog(
     report = IndexReport(catalog=scan.root, scanned=len(scan.images), problems=list(scan.problems))
     store = store or Store.open(settings)
     fitted = None if refit else configured(settings, store, embedder.network.key)
-    embedder.use_whitening(fitted)
+    embedder = embedder.with_whitening(fitted)
     identity = embedder.identity
     # Vectors of a run that will fit the whitening are replaced at its end: Milvus gets only the whitened ones.
     fit_pending = settings.whitens and fitted is None
@@ -173,7 +173,7 @@ def index_catalog(
             "(make index PRUNE=1); to only add new photos, use --add (make index ADD=1)."
         )
     report.removed = reconciled.removed
-    report.whitening = ensure_whitening(settings, store, embedder)
+    report.whitening, embedder = ensure_whitening(settings, store, embedder)
     if settings.index_backend == "milvus":
         from indexer.index.milvus_store import sync_locked
 
@@ -186,20 +186,20 @@ def index_catalog(
     return report
 
 
-def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> str | None:
+def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> tuple[str | None, Embedder]:
     """When the settings whiten and none is in use: fit one on the vectors this run stored (the network's own), keep it
     with the catalog, replace those vectors by their whitened ones (no photo is embedded again) and go on with it.
-    Returns what was done, if anything."""
+    Returns what was done, if anything, and the embedder to go on with."""
     if not settings.whitens or embedder.whitening is not None:
-        return None
+        return None, embedder
     network_key, dim = embedder.network.key, embedder.network.dim
     # Fitted on the photos alone, so that the projection does not depend on the extra views configured.
     photos = store.vectors.labelled(network_key, dim, views=False)
     whitening = whitening_fit(((vectors, categories) for _, vectors, categories in photos), settings.whitening_dims)
     if whitening is None:
-        return f"whitening not fitted yet: it needs {MIN_FIT_PHOTOS} photos or more"
+        return f"whitening not fitted yet: it needs {MIN_FIT_PHOTOS} photos or more", embedder
     keep_whitening(store, network_key, whitening)
-    embedder.use_whitening(whitening)
+    embedder = embedder.with_whitening(whitening)
     with write_lock(settings.data_dir, store):
         for ids, vectors, _ in store.vectors.labelled(network_key, dim):
             store.vectors.replace(ids, whitening.apply(vectors), embedder.identity.key)
@@ -207,7 +207,7 @@ def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> st
     return (
         f"fitted {whitening.name} whitening on {fitted['photos']} photos of {fitted['categories']} categories "
         f"(kept with the catalog for later runs; --refit fits again)"
-    )
+    ), embedder
 
 
 def compact_if_due(

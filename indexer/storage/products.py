@@ -11,26 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import Engine
 
-from indexer.jobs.catalog import ProductFields
+from indexer.records import ProductFields, ShownProduct
 from indexer.storage.database import chunks, next_change
 from indexer.storage.schema import API, HAS_LIVE_IMAGE, LIVE, Product, ProductImage
 from indexer.storage.vectors import ImageVector
-
-
-class ProductRow(NamedTuple):
-    """What a search result shows of a product."""
-
-    sku: str
-    title: str
-    category: str | None
-    price: float | None
-    url: str | None
 
 
 class Products:
@@ -41,21 +30,34 @@ class Products:
 
     # --- reads for the service -----------------------------------------------------------------
 
-    def result_rows(self, image_ids: list[int]) -> dict[int, ProductRow]:
-        """The live product row behind each image id (ids deleted since are absent)."""
+    def result_rows(self, image_ids: list[int]) -> dict[int, ShownProduct]:
+        """The live product behind each image id, as a search result shows it (ids deleted since are absent)."""
         with self.engine.connect() as connection:
             rows = connection.execute(_RESULT_ROWS, {"ids": image_ids}).all()
-        return {row[0]: ProductRow(*row[1:]) for row in rows}
+        return {
+            row.id: ShownProduct(sku=row.sku, title=row.title, category=row.category, price=row.price, url=row.url)
+            for row in rows
+        }
 
-    def by_sku(self, sku: str) -> ProductFields | None:
-        """The product with this sku while it is live (has a live image); None otherwise."""
+    def by_sku(self, sku: str) -> ShownProduct | None:
+        """The product with this sku as its own page shows it (with its attributes) while it is live (has a live
+        image); None otherwise."""
         with self.engine.connect() as connection:
             row = connection.execute(
                 select(Product.sku, Product.title, Product.category, Product.price, Product.url, Product.attributes)
                 .where(Product.sku == sku, HAS_LIVE_IMAGE)
                 .limit(1)
             ).first()
-        return None if row is None else ProductFields(*row[:5], attributes=row[5] or {})
+        if row is None:
+            return None
+        return ShownProduct(
+            sku=row.sku,
+            title=row.title,
+            category=row.category,
+            price=row.price,
+            url=row.url,
+            attributes=row.attributes or {},
+        )
 
     def is_live(self, sku: str) -> bool:
         """Whether the product has a live image (whatever its model)."""

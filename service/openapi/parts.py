@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.openapi.schemas import JSON, Schema, ref
-from service.query_photo import RAW_IMAGE_TYPES
+from service.search_photo import RAW_IMAGE_TYPES
 
 
 def json_response(description: str, schema: Schema, **extra: Any) -> Schema:

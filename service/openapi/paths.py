@@ -24,7 +24,7 @@ from service.openapi.parts import (
     search_body,
 )
 from service.openapi.schemas import Schema, ref
-from service.query_photo import RAW_IMAGE_TYPES
+from service.search_photo import RAW_IMAGE_TYPES
 
 PATHS: Schema = {
     "/api/search": {

@@ -18,7 +18,7 @@ def nullable(kind: str) -> Schema:
     return {"type": [kind, "null"]}
 
 
-# The shown fields of a product (indexer.jobs.catalog.ProductFields), in results and on their own.
+# The shown fields of a product (indexer.records.ShownProduct), in results and on their own.
 PRODUCT_FIELDS: Schema = {
     "sku": {"type": "string"},
     "title": {"type": "string"},

@@ -1,4 +1,5 @@
-"""The products behind image ids, read from the store once and kept (bounded), forgotten when they change.
+"""The products behind image ids, as search results show them: read from the store once and kept (bounded),
+forgotten when they change.
 
 Every search turns about forty image ids into product rows. Reading them from SQLite each time cost more CPU
 than the FAISS search itself. A row changes only through a committed change, and the live index reports the
@@ -11,7 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from indexer.storage.products import ProductRow
+from indexer.records import ShownProduct
 from indexer.storage.store import Store
 
 # About 0.5 KB each: the cache stays under ~10 MB however large the catalog.
@@ -19,19 +20,19 @@ MAX_ROWS = 20_000
 
 
 class ProductRows:
-    """Image id -> its live product row (None for an image deleted since). Least recently used rows leave
-    first once max_rows are held."""
+    """Image id -> its live product (None for an image deleted since); one per index view. Least recently used
+    rows leave first once max_rows are held."""
 
     def __init__(self, store: Store, max_rows: int = MAX_ROWS):
         self.store = store
         self.max_rows = max_rows
-        self._rows: OrderedDict[int, ProductRow | None] = OrderedDict()
+        self._rows: OrderedDict[int, ShownProduct | None] = OrderedDict()
         self._lock = threading.Lock()
         # Bumped by forget(): rows read before a change was applied must not be cached after it.
         self._generation = 0
 
-    def get(self, image_ids: list[int]) -> dict[int, ProductRow | None]:
-        found: dict[int, ProductRow | None] = {}
+    def get(self, image_ids: list[int]) -> dict[int, ShownProduct | None]:
+        found: dict[int, ShownProduct | None] = {}
         with self._lock:
             for image_id in image_ids:
                 if image_id in self._rows:

@@ -37,7 +37,7 @@ from PIL import Image
 
 from indexer.embedding.images import thumbnail
 from indexer.embedding.model import Embedder
-from service.queries import embed_upload
+from service.params import embed_upload
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,12 @@ class RecentQueries:
         self._lock = threading.Lock()
 
     def add(self, data: bytes, embedder: Embedder | None) -> Query:
-        """Remember a photo, embedded whole once (with an embedder), or return it from memory. Without an embedder
-        the photo is remembered unembedded: a region search needs only the region."""
+        """Remember a photo, embedded whole once (with the embedder of the view searched), or return it from memory:
+        a vector remembered from another view's identity (another whitening or model) is made again. Without an
+        embedder the photo is remembered unembedded: a region search needs only the region."""
         token = hashlib.sha256(data).hexdigest()
         known = self._remembered(token)
-        identity = None if embedder is None else embedder.identity.key  # read before: at worst, embedded again
+        identity = None if embedder is None else embedder.identity.key
         if known is not None and (embedder is None or (known.vector is not None and known.identity == identity)):
             return known
         vector = None if embedder is None else embed_upload(data, embedder)  # a 400 before anything is kept

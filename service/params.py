@@ -1,6 +1,8 @@
-"""Reading a search request: the uploaded photo, k, and the category and price filters.
+"""A request's parameters: k, the category and price filters, and an uploaded photo with its vectors (a search's
+or a write's), each checked with a 400 that says what to send.
 
-Recent query photos are remembered by service/query_store.py.
+Which photo a search is about (an upload, an image_url, a token, a box) is service/search_photo.py; recent query
+photos are remembered by service/recent_queries.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from indexer.embedding.images import Box, BoxError, ImageError, thumbnail
 from indexer.embedding.model import Embedder
 from service.errors import BadRequest
 from service.fetch import EVERYWHERE, fetch_image
-from service.query_store import Query, RecentQueries
+from service.recent_queries import Query, RecentQueries
 
 # Media types of a request whose whole body is the photo (its other fields then come in the query string).
 RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")

@@ -1,4 +1,4 @@
-"""Query tokens shared by every server process: the photo kept in the data folder (service/query_store.py), found
+"""Query tokens shared by every server process: the photo kept in the data folder (service/recent_queries.py), found
 by another app over the same DATA_DIR (another server worker, or another host), checked, written once, pruned
 when old, and a folder that cannot be written costing only the sharing."""
 
@@ -22,7 +22,7 @@ from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import Whitening
 from indexer.jobs.indexing import index_catalog
 from service import create_app
-from service.query_store import PRUNED_MARKER, QueryFolder, RecentQueries
+from service.recent_queries import PRUNED_MARKER, QueryFolder, RecentQueries
 from tests.conftest import served_catalog, skimage_photo, write_skimage_catalog
 from tests.support.procfs import process_tree
 from tests.support.server import running_server
@@ -103,7 +103,7 @@ def test_a_remembered_photo_is_embedded_again_once_the_index_whitening_changes(e
     recent = RecentQueries()
     before = recent.add(photo, own)
     projection = np.random.default_rng(0).normal(size=(own.network.dim, 8)).astype(np.float32)
-    own.use_whitening(Whitening("pca", np.zeros(own.network.dim, np.float32), projection, {}))
+    own = own.with_whitening(Whitening("pca", np.zeros(own.network.dim, np.float32), projection, {}))
     after = recent.add(photo, own)
     assert after.token == before.token and before.vector.shape == (own.network.dim,) and after.vector.shape == (8,)
     np.testing.assert_allclose(after.vector, own.embed_image(photo), atol=1e-6)
@@ -202,11 +202,11 @@ def test_pruning_by_several_processes_at_once_is_harmless(tmp_path):
 def test_a_folder_that_cannot_be_written_costs_only_the_sharing(settings, embedder, photo, caplog):
     settings.data_dir.joinpath("queries").write_bytes(b"")  # a file where the folder should be: every write fails
     client = create_app(settings, embedder).test_client()
-    with caplog.at_level(logging.WARNING, logger="service.query_store"):
+    with caplog.at_level(logging.WARNING, logger="service.recent_queries"):
         token = upload(client, photo).json["query"]
         assert upload(client, side_by_side("coffee", "rocket")).status_code == 200
         assert client.get(f"/api/search/preview.png?query={token}").status_code == 200  # from memory
-    warnings = [r for r in caplog.records if r.name == "service.query_store" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "service.recent_queries" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "tokens stay in this process only" in warnings[0].getMessage()
 
 

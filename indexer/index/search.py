@@ -1,10 +1,16 @@
-"""Search for the service: a query vector in, products out, over the live index (base segment + delta).
+"""Searching the catalog: a query vector in, products out, over the live index (base segment + delta).
+
+What a request searches is an IndexView: a base with its delta, its row cache, and the embedder that makes
+vectors as the base's were made (its whitening and model identity). A request takes the current view once, embeds
+its query with the view's embedder and searches that view, so it cannot mix two. A new base makes a new view,
+which replaces the old one for the requests that start after it; nothing in a view is switched to another base,
+whitening or model.
 
 Each request checks two cheap things: whether a new base was published (a stat of the manifest) and whether
-the store's change number moved (one indexed read). New changes are applied before the search, so a write
-through any server, or a `make index`, is visible on every server without a restart or a reload.
-With index.backend = "milvus" the same view searches a Milvus collection instead (indexer.index.milvus_store), which
-the same change numbers keep up to date; pymilvus is imported only then.
+the store's change number moved (one indexed read). New changes of the view's identity are applied to its delta
+before the search, so a write through any server, or a `make index`, is visible on every server without a restart
+or a reload. With index.backend = "milvus" the same view searches a Milvus collection instead
+(indexer.index.milvus_store), which the same change numbers keep up to date; pymilvus is imported only then.
 """
 
 from __future__ import annotations
@@ -21,17 +27,18 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
 from indexer.config import REPO_ROOT, Settings, process_memory_mb
 from indexer.embedding.model import Embedder, ModelIdentity
 from indexer.errors import NotReady, UnknownProduct
 from indexer.index.compaction import compaction_due, index_whitening
 from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
+from indexer.index.rows import ProductRows
 from indexer.index.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
-from indexer.jobs.catalog import ProductFields
+from indexer.records import ShownProduct
 from indexer.storage.locks import compaction_running
 from indexer.storage.store import Store
-from service.product_rows import ProductRows
 
 log = logging.getLogger(__name__)
 # Several images of one product collapse into one result, so fetch a few more neighbours (and as many again
@@ -43,31 +50,19 @@ FOLLOW_BASE_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
-class Match:
-    sku: str
-    title: str
-    category: str | None
-    price: float | None
-    url: str | None
-    score: float
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "sku": self.sku,
-            "title": self.title,
-            "category": self.category,
-            "price": self.price,
-            "url": self.url,
-            "score": round(self.score, 6),
-        }
-
-
-@dataclass(frozen=True)
 class IndexView:
-    """What one request searches: the live index and its row cache, as they were when it started."""
+    """What one request searches, and what it embeds its query with: a base and its delta (the live index, which
+    applies the changes committed to vectors of the view's identity), the products behind its ids, and the embedder
+    whose whitening and model identity the base was built with. Made for one base, never switched to another."""
 
     live: LiveIndex  # or, with index.backend = "milvus", indexer.index.milvus_store.MilvusIndex (the same interface)
     rows: ProductRows
+    embedder: Embedder
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """What the view's vectors are, and what its embedder makes."""
+        return self.embedder.identity
 
     @property
     def manifest(self) -> dict:
@@ -108,6 +103,9 @@ def model_mismatch(manifest: dict, running: ModelIdentity) -> str | None:
 
 
 class CatalogSearch:
+    """Follows the published bases and the store's changes, and searches the view a request holds. `embedder` runs
+    the network: each view gets its own, followed by its base's whitening (the engine shared); none is changed."""
+
     def __init__(self, settings: Settings, embedder: Embedder, store: Store):
         self.settings = settings
         self.embedder = embedder
@@ -160,7 +158,7 @@ class CatalogSearch:
         up_to_date = self._up_to_date
         if marker is not None and up_to_date is not None and up_to_date[0] is view.live and up_to_date[1] == marker:
             return
-        identity = self.embedder.identity
+        identity = view.identity
         changes = self.store.vectors.changes_since(view.live.seen, identity.key, identity.dim)
         if changes.head > view.live.seen:
             view.rows.forget(view.live.apply(changes))
@@ -189,13 +187,13 @@ class CatalogSearch:
             base.release()
             self._problem = problem  # e.g. new code started without `make migrate`
             return None
-        self._follow_whitening([base.manifest])
-        if problem := model_mismatch(base.manifest, self.embedder.identity):
+        embedder = self._embedder_for([base.manifest])
+        if problem := model_mismatch(base.manifest, embedder.identity):
             base.release()
             self._problem = problem
             return None
         self._problem = None
-        return IndexView(LiveIndex(base), ProductRows(self.store))
+        return IndexView(LiveIndex(base), ProductRows(self.store), embedder)
 
     def _load_milvus(self) -> IndexView | None:
         """The model's Milvus collection, brought up to the store's head; None (and the reason) when there is none."""
@@ -206,11 +204,11 @@ class CatalogSearch:
             return None
         try:
             built = built_identities(self.settings)
-            self._follow_whitening(built)
-            about = {"engine": self.embedder.engine.name, "model_version": self.embedder.version}
-            live = MilvusIndex.open(self.settings, self.store, self.embedder.identity, about)
+            embedder = self._embedder_for(built)
+            about = {"engine": embedder.engine.name, "model_version": embedder.version}
+            live = MilvusIndex.open(self.settings, self.store, embedder.identity, about)
             if live is None:
-                running = self.embedder.identity
+                running = embedder.identity
                 others = [model_mismatch(identity, running) for identity in built]
                 self._problem = next((o for o in others if o), None) or (
                     f"no Milvus collection for this model at {self.settings.milvus_target} yet: run "
@@ -222,16 +220,18 @@ class CatalogSearch:
             self._problem = str(exc)
             return None
         self._problem = None
-        return IndexView(live, ProductRows(self.store))
+        return IndexView(live, ProductRows(self.store), embedder)
 
-    def _follow_whitening(self, built: list[dict]) -> None:
-        """Search with the whitening the index was built with (the catalog's database keeps each one): an index
-        of this network names it, and `make index` may have fitted it after this server started."""
+    def _embedder_for(self, built: list[dict]) -> Embedder:
+        """The embedder for an index: the network followed by the whitening the index was built with (the catalog's
+        database keeps each one; `make index` may have fitted it after this server started). The network alone
+        when no index of this network names one the database holds: model_mismatch then says why."""
         found, whitening = index_whitening(self.store, self.embedder.network.key, built)
-        running = self.embedder.whitening
-        if found and (whitening and whitening.sha256) != (running and running.sha256):
+        whitening = whitening if found else None
+        previous = self._view.embedder.whitening if self._view is not None else None
+        if found and (whitening and whitening.sha256) != (previous and previous.sha256):
             log.info("searching with the index's whitening: %s", whitening.name if whitening else "none")
-            self.embedder.use_whitening(whitening)
+        return self.embedder.with_whitening(whitening)
 
     def _over_budget(self) -> str | None:
         """Why the current base must not be loaded (it would take this server past service.memory_budget_mb),
@@ -267,7 +267,7 @@ class CatalogSearch:
         if self._compactor is not None and self._compactor.poll() is None:
             return
         data_dir = self.settings.data_dir
-        if compaction_running(data_dir, self.store) or compaction_due(self.settings, self.store, self.embedder) is None:
+        if compaction_running(data_dir, self.store) or compaction_due(self.settings, self.store, view.embedder) is None:
             return
         # Not --if-due: this server has just checked, with its own settings (its data folder and database).
         command = [sys.executable, "-m", "indexer", "--data-dir", str(data_dir), "compact", "--quiet"]
@@ -283,13 +283,13 @@ class CatalogSearch:
             view = self.current()
         except NotReady as exc:
             return {"ready": False, "reason": str(exc), "model": self.embedder.identity.as_dict()}
-        manifest = view.manifest
+        manifest, embedder = view.manifest, view.embedder
         return {
             "ready": True,
             "items": len(view.live),
-            "model": self.embedder.identity.as_dict(),
-            "model_version": self.embedder.version,
-            "engine": self.embedder.engine.name,
+            "model": view.identity.as_dict(),
+            "model_version": embedder.version,
+            "engine": embedder.engine.name,
             "index_version": view.version,
             "index_created": manifest.get("created"),
             "factory": manifest.get("factory"),
@@ -304,14 +304,14 @@ class CatalogSearch:
 
     def search(
         self,
+        view: IndexView,
         vector: np.ndarray,
         k: int,
         filters: Filters = NO_FILTERS,
         exclude_sku: str | None = None,
-        view: IndexView | None = None,
-    ) -> list[Match]:
-        """The k best products for a unit query vector, best first, one entry per product."""
-        view = view or self.current()
+    ) -> list[ShownProduct]:
+        """The k best products for a unit query vector made by view.embedder, best first, one per product, each
+        with its score."""
         if not getattr(_faiss_threads, "set", False):
             # Requests already run in parallel, and an idle OpenMP team spins on the cores
             # that the interpreters need.
@@ -324,23 +324,22 @@ class CatalogSearch:
             raise NotReady(str(exc)) from None
         return self._matches(view, ids, scores, k, exclude_sku)
 
-    def similar(self, sku: str, k: int, filters: Filters = NO_FILTERS, view: IndexView | None = None) -> list[Match]:
+    def similar(self, view: IndexView, sku: str, k: int, filters: Filters = NO_FILTERS) -> list[ShownProduct]:
         """'More like this': neighbours of a catalog product's own vector (read from the store), without itself."""
-        view = view or self.current()
-        identity = self.embedder.identity
+        identity = view.identity
         vector = self.store.vectors.of_product(sku, identity.key, identity.dim)
         if vector is None:
             if self.store.products.is_live(sku):
                 raise NotReady("the product's photo is being embedded with the current model; try again shortly")
             raise UnknownProduct(sku)
-        return self.search(vector, k, filters, exclude_sku=sku, view=view)
+        return self.search(view, vector, k, filters, exclude_sku=sku)
 
     def _matches(
         self, view: IndexView, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None
-    ) -> list[Match]:
+    ) -> list[ShownProduct]:
         found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True)]
         products = view.rows.get([i for i, _ in found])
-        matches: list[Match] = []
+        matches: list[ShownProduct] = []
         seen: set[str] = set()
         for image_id, score in found:
             product = products.get(image_id)
@@ -348,14 +347,15 @@ class CatalogSearch:
             if product is None or product.sku in seen or product.sku == exclude_sku:
                 continue
             seen.add(product.sku)
-            matches.append(Match(*product, score=score))
+            matches.append(product.scored(score))
             if len(matches) == k:
                 break
         return matches
 
     # --- catalog lookups ---------------------------------------------------------------------------
 
-    def product(self, sku: str) -> ProductFields:
+    def product(self, sku: str) -> ShownProduct:
+        """A live product as its own page shows it, with its attributes."""
         product = self.store.products.by_sku(sku)
         if product is None:
             raise UnknownProduct(sku)
@@ -371,6 +371,23 @@ class CatalogSearch:
     def categories(self, view: IndexView | None = None) -> list[str]:
         """The categories of live products, kept by the live index (no database read)."""
         return (view or self.current()).live.live_categories()
+
+    # --- failures ----------------------------------------------------------------------------------
+
+    def unavailable(self, exc: Exception) -> NotReady | None:
+        """What a request that failed with `exc` should answer when the failure is a wait rather than a fault: a
+        database this search cannot read (away, locked, never migrated) is NotReady, saying what to do; None for
+        anything else."""
+        if not isinstance(exc, OperationalError | ProgrammingError):
+            return None
+        try:
+            problem = self.store.schema_problem()
+        except SQLAlchemyError:  # the database is away altogether
+            problem = None
+        if isinstance(exc, OperationalError):
+            return NotReady(problem or "the catalog database is unavailable right now; try again shortly")
+        # PostgreSQL reports a table that is not there (a database never migrated) as a programming error.
+        return NotReady(problem) if problem else None
 
 
 def _follow_bases(search_ref: weakref.ref[CatalogSearch]) -> None:
