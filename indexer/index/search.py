@@ -36,6 +36,7 @@ from indexer.index.compaction import compaction_due, index_whitening
 from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.index.rows import ProductRows
 from indexer.index.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
+from indexer.index.vector_index import VectorIndex
 from indexer.records import ShownProduct
 from indexer.storage.locks import compaction_running
 from indexer.storage.store import Store
@@ -55,7 +56,7 @@ class IndexView:
     applies the changes committed to vectors of the view's identity), the products behind its ids, and the embedder
     whose whitening and model identity the base was built with. Made for one base, never switched to another."""
 
-    live: LiveIndex  # or, with index.backend = "milvus", indexer.index.milvus_store.MilvusIndex (the same interface)
+    live: VectorIndex  # LiveIndex (FAISS), or with index.backend = "milvus" a MilvusIndex
     rows: ProductRows
     embedder: Embedder
 
