@@ -30,10 +30,10 @@ import numpy as np
 
 from bench.record import machine, portable, relative
 from bench.synthetic import catalog_metadata
+from indexer.catalog import in_catalog, scan_catalog
 from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings, run_with_config
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import INPUT_SIZE, load_embedder
-from indexer.jobs.catalog import in_catalog, scan_catalog
 from tests.support.load import run_wrk, search_bodies, wrk_path
 from tests.support.procfs import machine_steal, process_tree_cpu_seconds, process_tree_memory_mb
 from tests.support.server import counter_total, running_server

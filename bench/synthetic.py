@@ -17,8 +17,8 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
+from indexer.catalog import scan_catalog
 from indexer.config import REPO_ROOT
-from indexer.jobs.catalog import scan_catalog
 
 DIM = 1024
 # Cosine of a product's vector to its anchor, drawn uniformly from this range.

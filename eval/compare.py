@@ -28,8 +28,8 @@ import numpy as np
 
 from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, catalog_path, product_labels, read_queries, repository_path, run_queries
+from indexer.catalog import in_catalog
 from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings, run_with_config
-from indexer.jobs.catalog import in_catalog
 
 OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
 # Query photos timed one at a time for the latency column.

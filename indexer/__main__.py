@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from indexer.catalog import CatalogError, in_catalog
 from indexer.config import ConfigError, Settings, load_settings
 from indexer.embedding.weights import WeightsError
-from indexer.jobs.catalog import CatalogError, in_catalog
 from indexer.jobs.finetune import BLOCKS, FinetuneOptions
 
 

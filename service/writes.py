@@ -16,8 +16,8 @@ from PIL import Image
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
+from indexer.catalog import parse_price
 from indexer.errors import NotReady, UnknownProduct
-from indexer.jobs.catalog import parse_price
 from indexer.records import ProductFields
 from indexer.storage.schema import API
 from indexer.writes import CatalogWriter

@@ -1,4 +1,4 @@
-"""Reading a catalog folder and its products.csv / products.jsonl (indexer/jobs/catalog.py), on real files."""
+"""Reading a catalog folder and its products.csv / products.jsonl (indexer/catalog.py), on real files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from indexer.jobs.catalog import CatalogError, CatalogImage, read_metadata, scan_catalog
+from indexer.catalog import CatalogError, CatalogImage, read_metadata, scan_catalog
 from indexer.records import ProductFields
 
 

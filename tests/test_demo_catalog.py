@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from indexer.jobs.catalog import scan_catalog
+from indexer.catalog import scan_catalog
 from indexer.jobs.demo_catalog import (
     CATEGORIES,
     DEBIAN_DIR,

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from indexer.catalog import scan_catalog
 from indexer.config import ACTIVE_MODEL_FILE, REPO_ROOT, load_settings
 from indexer.embedding.images import load_pixels
 from indexer.embedding.model import load_embedder
 from indexer.embedding.weights import WEIGHTS_FILE
-from indexer.jobs.catalog import scan_catalog
 from indexer.jobs.finetune import (
     FinetuneOptions,
     augmented_pixels,

@@ -19,13 +19,13 @@ import time
 import numpy as np
 import pytest
 
+from indexer.catalog import CatalogError
 from indexer.config import REPO_ROOT
 from indexer.embedding.model import l2_normalize
 from indexer.index.ann import FLAT_LIMIT
 from indexer.index.compaction import compact
 from indexer.index.live_index import Filters
 from indexer.index.segments import load_base, read_manifest, remove_unused_bases
-from indexer.jobs.catalog import CatalogError
 from indexer.jobs.importing import import_vectors
 from indexer.records import ProductFields
 from indexer.storage.store import Store

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.catalog import CatalogError, scan_catalog
 from indexer.config import REPO_ROOT, ConfigError, Settings
 from indexer.embedding.images import ImageError, load_pixels
-from indexer.jobs.catalog import CatalogError, scan_catalog
 
 CALIBRATION_PHOTOS = 200
 CALIBRATION_SEED = 0

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Pillow refuses images above this many pixels (a few-KB PNG can claim 30000x30000).
 MAX_PIXELS = 40_000_000
 # Transparent pixels become white: catalog photos are shown on white.

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.catalog import CatalogImage
 from indexer.config import REPO_ROOT, ConfigError, Settings
 from indexer.embedding.engines import LiteRTEngine
 from indexer.embedding.model import Embedder
-from indexer.jobs.catalog import CatalogImage
 from indexer.jobs.pipeline import CheckedBatch, CheckedFiles, Known, check_files, decode_photos, in_batches
 
 try:

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from indexer.catalog import CatalogImage, scan_catalog
 from indexer.config import ACTIVE_MODEL_FILE, Settings
 from indexer.embedding.images import load_pixels, open_image
-from indexer.jobs.catalog import CatalogImage, scan_catalog
 
 # The last blocks of MobileNet v1 (blocks 1-13) that are trained; the layer before them is the last frozen one.
 BLOCKS = 3

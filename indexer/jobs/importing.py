@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from indexer.catalog import CatalogError, parse_price
 from indexer.config import Settings
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import configured
 from indexer.index.compaction import CompactionReport
-from indexer.jobs.catalog import CatalogError, parse_price
 from indexer.jobs.indexing import compact_if_due
 from indexer.records import ProductFields
 from indexer.storage.schema import IMPORT

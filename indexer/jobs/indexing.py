@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from indexer.catalog import CatalogScan, scan_catalog
 from indexer.config import Settings, process_memory_mb
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import MIN_FIT_PHOTOS, configured
@@ -25,7 +26,6 @@ from indexer.embedding.whitening import fit as whitening_fit
 from indexer.embedding.whitening import keep as keep_whitening
 from indexer.index.compaction import CompactionReport, compact, compaction_due
 from indexer.index.segments import read_manifest
-from indexer.jobs.catalog import CatalogScan, scan_catalog
 from indexer.jobs.pipeline import Distributor, thread_distributor
 from indexer.storage.locks import write_lock
 from indexer.storage.store import Store

@@ -17,10 +17,10 @@ from typing import Protocol
 
 import numpy as np
 
+from indexer.catalog import CatalogImage
 from indexer.config import Settings
 from indexer.embedding.images import ImageError, load_views
 from indexer.embedding.model import Embedder
-from indexer.jobs.catalog import CatalogImage
 from indexer.storage.vectors import KnownFile
 from indexer.writes import Photo
 

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.embedding.images import IMAGE_SUFFIXES
 from indexer.records import ProductFields
 
+# The files of a catalog folder that are photos: the formats the decoder reads.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 KNOWN_COLUMNS = ("sku", "image", "title", "category", "price", "url")
 METADATA_NAMES = ("products.csv", "products.jsonl")
 
