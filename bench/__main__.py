@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.record import machine, portable, relative
+from bench.record import portable, provenance, relative
 from bench.synthetic import catalog_metadata
 from indexer.catalog import in_catalog, scan_catalog
 from indexer.config import PRECISIONS, REPO_ROOT, cpu_count, load_settings, run_with_config
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    results: dict = {"machine": machine(), "catalog": relative(catalog), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: dict = {**provenance(), "catalog": relative(catalog)}
     wrk_path()  # say at once when the load generator is missing, not after the indexing run
     references = {p: Reference(settings.with_overrides(precision=p), tensors, catalog, metadata) for p in PRECISIONS}
     per: dict[str, dict] = {p: {} for p in PRECISIONS}

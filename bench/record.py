@@ -1,10 +1,13 @@
-"""What a result file records besides its figures: the machine it ran on, and paths that mean the same on any
-checkout (relative to the repository; the run's temporary working folder as <work-dir>), never this machine's."""
+"""What a result file records besides its figures: when, from which commit and on what machine it ran, and paths
+that mean the same on any checkout (relative to the repository; the run's temporary working folder as <work-dir>),
+never this machine's."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import time
 from pathlib import Path
 
 from indexer.config import REPO_ROOT, cpu_count
@@ -16,6 +19,26 @@ def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())  # fmt: skip
     return {"cpus": cpu_count(), "processor": model, "python": platform.python_version()}
+
+
+def commit() -> str | None:
+    """The checkout's commit (short), with "+changes" when tracked files differ from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                 capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    # The result files a run rewrites are tracked: they are no change to the code measured.
+    code_changes = [line for line in changed.stdout.splitlines() if not line.endswith((".json", ".png"))]
+    return head.stdout.strip() + ("+changes" if code_changes else "")
+
+
+def provenance() -> dict:
+    """The first keys of every result file: when it ran, the commit it measured, and the machine."""
+    return {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit(), "machine": machine()}
 
 
 def relative(path: Path | str) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.record import portable
+from bench.record import portable, provenance
 from bench.timing import until_seen
 from indexer.config import REPO_ROOT, run_with_config
 from tests.support.http import Client, multipart_body, result_skus
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             with running_server(env, timeout=300) as server:
                 report = soak(server.url, catalog, tmp, env, photos, queries, first, second, args)
     # Error messages name the catalog and the data folder: relative to the repository, <work-dir>.
-    report = portable(report, tmp, (catalog,))
+    report = portable({**provenance(), **report}, tmp, (catalog,))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "wrong_examples"}, indent=2))

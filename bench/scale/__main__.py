@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import scale
-from bench.record import machine, portable
+from bench.record import portable, provenance
 from bench.scale import log
 from bench.scale.catalog import measure_catalog, sample_size
 from bench.scale.commands import has_import_vectors
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not has_import_vectors():
         log("`python -m indexer import-vectors` does not exist in this checkout yet")
         return 2
-    results: dict = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+    results: dict = {**provenance(),
                      "products": args.products, "small": min(args.small, args.products), "seed": args.seed,
                      "catalogs": {}, "phase_seconds": {}}  # fmt: skip
     everything = time.perf_counter()
