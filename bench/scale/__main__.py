@@ -17,7 +17,7 @@ from bench.record import portable, provenance
 from bench.scale import log
 from bench.scale.catalog import measure_catalog, sample_size
 from bench.scale.commands import has_import_vectors
-from bench.scale.report import chart, done_when, summary
+from bench.scale.report import chart, checks, summary
 from bench.scale.rerun import measure_rerun
 from bench.synthetic import (
     Photo,
@@ -138,7 +138,7 @@ def rerun_check(args: argparse.Namespace, work: Path, results: dict) -> bool:
 def write_report(results: dict, out: Path, work: Path, photos: Path) -> None:
     """The results (their paths relative to the repository, the work folder as <work-dir>), the chart and the
     summary."""
-    results["done_when"] = done_when(results)
+    results["checks"] = checks(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(portable(results, work, (photos,)), indent=2))
     chart(results, out.with_suffix(".png"))

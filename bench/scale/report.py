@@ -17,7 +17,7 @@ def _get(report: dict | None, *keys: str):
     return report
 
 
-def done_when(results: dict) -> list[dict]:
+def checks(results: dict) -> list[dict]:
     """The scale checks, each with its figure at N and whether it holds (None: not measured)."""
     small, large = results["catalogs"].get(str(results["small"])), results["catalogs"].get(str(results["products"]))
     lines = []
@@ -100,9 +100,9 @@ def summary(results: dict) -> str:
     for title, figure in rows:
         cells = [figure(c) if "error" not in c else "error" for c in catalogs]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "| done when (at N) | figure | holds |", "|---|---|---|"]
+    lines += ["", "| check (at N) | figure | holds |", "|---|---|---|"]
     marks = {True: "yes", False: "**no**", None: "not measured"}
-    lines += [f"| {line['what']} | {line['figure']} | {marks[line['holds']]} |" for line in results["done_when"]]
+    lines += [f"| {line['what']} | {line['figure']} | {marks[line['holds']]} |" for line in results["checks"]]
     return "\n".join(lines)
 
 
