@@ -40,7 +40,7 @@ def register_error_handlers(app: Flask) -> None:
     def http_error(exc: HTTPException):
         message = exc.description or exc.name
         if exc.code == 413:
-            message = f"the upload is larger than the limit of {app.config['MAX_CONTENT_LENGTH']:,} bytes"
+            message = _too_large(app)
         response = _respond(exc.code or 500, exc.name.lower().replace(" ", "_"), message)
         # The exception's own headers belong to the answer: Allow on a 405 (RFC 9110), WWW-Authenticate on a 401.
         for name, value in exc.get_headers():
@@ -56,3 +56,14 @@ def register_error_handlers(app: Flask) -> None:
             return not_ready(waiting)
         app.logger.exception("unhandled error on %s %s", request.method, request.path)
         return _respond(500, "internal_error", "something went wrong on our side; the error has been logged")
+
+
+def _too_large(app: Flask) -> str:
+    """Which limit a 413 hit: the whole request's, or (a request under it) one form field's or the number of parts."""
+    whole = app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length <= whole:
+        return (
+            f"a form field is larger than the limit of {app.config['MAX_FORM_MEMORY_SIZE']:,} bytes, or the form has "
+            f"more than {app.config['MAX_FORM_PARTS']:,} parts; send the photo as a file field named 'image'"
+        )
+    return f"the upload is larger than the limit of {whole:,} bytes"

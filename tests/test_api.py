@@ -167,6 +167,16 @@ def test_oversized_upload_is_a_413(client, cat_query):
     assert search(client, cat_query).status_code == 200
 
 
+def test_a_form_field_over_its_own_limit_is_a_413_that_names_that_limit(client, cat_query):
+    """A 600 KB text field is under the request's limit: the answer names the per-field limit it hit."""
+    response = client.post("/api/search", data={"image": (io.BytesIO(cat_query), "q.jpg"), "note": "x" * 600_000})
+    assert (
+        response.status_code == 413
+        and "form field is larger than the limit of 500,000 bytes" in response.json["message"]
+    )
+    assert "2,000,000" not in response.json["message"]
+
+
 def search_raw(client, data: bytes, content_type: str = "image/jpeg", url: str = "/api/search", **params):
     """The photo's bytes as the whole body, the other fields in the query string."""
     return client.post(url, data=data, content_type=content_type, query_string=params)
