@@ -118,7 +118,7 @@ class Settings:
     # Origins (scheme://host[:port]) whose pages may call the read API from a browser; empty = none.
     cors_origins: tuple[str, ...] = ()
     # A request's headers, and each part of its body, must arrive within this many seconds (the body also at
-    # 100 kB/s or faster past them), else the server answers 408 and closes the connection.
+    # 20 kB/s or faster past them), else the server answers 408 and closes the connection.
     read_timeout_s: float = 5.0
 
     @property
