@@ -117,6 +117,9 @@ class Settings:
     memory_budget_mb: int = 0
     # Origins (scheme://host[:port]) whose pages may call the read API from a browser; empty = none.
     cors_origins: tuple[str, ...] = ()
+    # A request's headers, and each part of its body, must arrive within this many seconds (the body also at
+    # 20 kB/s or faster past them), else the server answers 408 and closes the connection.
+    read_timeout_s: float = 5.0
 
     @property
     def pooling_name(self) -> str:
@@ -351,6 +354,7 @@ KEYS: dict[str, Key] = {
     "service.api_key": Key("api_key", _text, "API_KEY"),
     "service.memory_budget_mb": Key("memory_budget_mb", _whole, "MEMORY_BUDGET_MB"),
     "service.cors_origins": Key("cors_origins", _list, "CORS_ORIGINS"),
+    "service.read_timeout_s": Key("read_timeout_s", _number),
 }
 
 
@@ -497,6 +501,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("service.query_ttl_s must be 0 (memory only) or a positive number of seconds")
     if not settings.fetch_timeout_s > 0:
         raise ConfigError("service.fetch_timeout_s must be a positive number of seconds")
+    if not 1 <= settings.read_timeout_s <= 600:
+        raise ConfigError("service.read_timeout_s must be a number of seconds from 1 to 600")
     for origin in settings.cors_origins:
         if not ORIGIN.fullmatch(origin):
             raise ConfigError(

@@ -1,5 +1,6 @@
-"""The production HTTP server: Granian (HTTP in Rust) running the Flask app in worker processes, set up from
-config.toml. `make serve` and `python -m service` start it; the bench, the soak and the tests start it too."""
+"""The production HTTP server: Granian (HTTP in Rust) running the Flask app in worker processes behind
+service.front (bodies read against a deadline), set up from config.toml. `make serve` and `python -m service`
+start it; the bench, the soak and the tests start it too."""
 
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from pathlib import Path
 # sees it before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from flask import Flask
-
 from indexer.config import Settings  # light: no numpy
+from service.front import Front
 
 APP = "service:create_app"
 # The folder of every worker's metric files, when the operator chose none; tests find it by this prefix.
@@ -55,17 +55,21 @@ def serve(settings: Settings, *, port: int | None = None, access_log: bool = Tru
     processes, each answering requests on service.threads threads while Granian reads and writes the sockets."""
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
 
     server = Granian(
         APP,
         factory=True,  # each worker builds its own app (its interpreters, its store connections)
-        interface=Interfaces.WSGI,
+        # Granian's native async interface: service.front reads each body with a deadline in the worker's event
+        # loop, then runs the Flask app on its own request threads (Granian's WSGI body reads never time out).
+        interface=Interfaces.RSGI,
         address=settings.host,
         port=port or settings.port,
         workers=settings.server_workers,
-        blocking_threads=settings.server_threads,
-        # HTTP/1.1 with keep-alive, as storefronts and proxies speak it; no HTTP/2 or WebSockets to expose.
+        # HTTP/1.1 with keep-alive, as storefronts and proxies speak it; no HTTP/2 or WebSockets to expose. Headers
+        # that have not all arrived within read_timeout_s close the connection (an idle keep-alive one too).
         http=HTTPModes.http1,
+        http1_settings=HTTP1Settings(header_read_timeout=round(settings.read_timeout_s * 1000)),
         websockets=False,
         log_access=access_log,
         respawn_failed_workers=True,
@@ -77,8 +81,8 @@ def serve(settings: Settings, *, port: int | None = None, access_log: bool = Tru
         server.serve(target_loader=partial(_worker_app, main_pid=os.getpid()))
 
 
-def _worker_app(target: str, *, main_pid: int) -> Flask:
-    """Granian's loader of `target` (APP), run in each worker as it starts."""
+def _worker_app(target: str, *, main_pid: int) -> Front:
+    """Granian's loader of `target` (APP), run in each worker as it starts: the Flask app behind its front."""
     # Until Granian installs the worker's graceful handlers (after this), a stop must end the worker: the handlers
     # inherited from the main process only set a flag there, and the server would wait out STOP_TIMEOUT_S for it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -86,7 +90,14 @@ def _worker_app(target: str, *, main_pid: int) -> Flask:
     _stop_with_main_process(main_pid)
     from service import create_app
 
-    return create_app()
+    app = create_app()
+    settings = app.extensions["catalog_search"].settings
+    return Front(
+        app,
+        threads=settings.server_threads,
+        read_timeout_s=settings.read_timeout_s,
+        max_body_bytes=settings.max_upload_bytes,
+    )
 
 
 def _stop_with_main_process(main_pid: int) -> None:
