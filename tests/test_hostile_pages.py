@@ -160,3 +160,32 @@ def test_a_sku_that_collides_with_a_route_is_refused(served):
     assert similar["sku"] == "foo" and "Collides" not in {r["title"] for r in similar["results"]}
     assert put(served, "foo/similar/more", title="Deeper").status_code == 201  # reachable: not the route
     assert requests.get(f"{served}/api/products/foo/similar/more", timeout=30).json()["title"] == "Deeper"
+
+
+def test_every_answer_says_nosniff_and_every_page_its_policy(served):
+    answers = {
+        "/": requests.get(f"{served}/", timeout=30),
+        "/products/cat-1": requests.get(f"{served}/products/cat-1", timeout=30),
+        "a missing page": requests.get(f"{served}/products/nope", headers={"Accept": "text/html"}, timeout=30),
+        "a search page": requests.post(f"{served}/", files={"image": skimage_jpeg("chelsea")}, timeout=60),
+        "/api/products/cat-1": requests.get(f"{served}/api/products/cat-1", timeout=30),
+        "a missing product": requests.get(f"{served}/api/products/nope", timeout=30),
+        "/images/cat-1": requests.get(f"{served}/images/cat-1", timeout=30),
+        "/widget.js": requests.get(f"{served}/widget.js", timeout=30),
+        "/healthz": requests.get(f"{served}/healthz", timeout=30),
+    }
+    nonces = set()
+    for name, answer in answers.items():
+        assert answer.headers["X-Content-Type-Options"] == "nosniff", name
+        if answer.headers["Content-Type"].startswith("text/html"):
+            policy = answer.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy, name
+            assert answer.headers["X-Frame-Options"] == "DENY", name
+            nonce = re.search(r"script-src 'nonce-([^']+)'", policy).group(1)
+            nonces.add(nonce)
+            # every script and style element carries the nonce; no attribute runs script or sets a style
+            tags = re.findall(r"<(?:script|style)\b[^>]*>", answer.text)
+            assert tags and all(f'nonce="{nonce}"' in tag for tag in tags), (name, tags)
+            assert not re.search(r"\s(?:on\w+|style)\s*=", answer.text, re.IGNORECASE), name
+    assert answers["a search page"].status_code == 200 and answers["a missing page"].status_code == 404
+    assert len(nonces) == 4  # one per answer
