@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import requests
 from flask import Flask
+from PIL import Image
 
 from indexer.catalog import scan_catalog
-from indexer.records import ROUTE_SUFFIXES, ProductFields, safe_link
+from indexer.records import ROUTE_SUFFIXES, ProductFields, ShownProduct, safe_link
 from indexer.storage.store import Store
 from indexer.writes import CatalogWriter
+from service.preview import render_preview
 from tests.conftest import served_catalog, skimage_jpeg
 from tests.support.server import running_server
 
@@ -46,6 +48,9 @@ foo/similar,people/astronaut.jpg,Collides,people,,
 """
 # The catalog's only web links, as the pages and the API show them.
 WEB_LINKS = {None, "https://shop.example/cat-1", "HTTPS://shop.example/suit"}
+# The server draws at most 4 matches in a preview: fewer than the catalog's 5 others, so the cap shows.
+PREVIEW_MAX_K = {"preview_max_k = 24": "preview_max_k = 4"}
+MATH_TITLES = ["$\\foo$ cat", "$a^{b$ cup", "$\\sqrt[$ camera", "Only $5 and $"]
 SKUS = ["cat-1", "mug-1", "rocket-1", "eye-1", "cam-1", "people/suit-1"]
 
 
@@ -54,7 +59,9 @@ def served(base_settings, embedder, tmp_path_factory) -> Iterator[str]:
     """The real server over the catalog above; eye-1's url then rewritten through the core write path to a script
     link, as a store filled before links were checked would hold it."""
     root = tmp_path_factory.mktemp("hostile-pages")
-    env, _ = served_catalog(base_settings, embedder, root, products_csv=PRODUCTS_CSV, API_KEY=KEY)
+    env, _ = served_catalog(
+        base_settings, embedder, root, products_csv=PRODUCTS_CSV, API_KEY=KEY, config_changes=PREVIEW_MAX_K
+    )
     settings = base_settings.with_overrides(data_dir=Path(env["DATA_DIR"]))
     legacy = ProductFields("eye-1", "Retina scan", "medical", None, " JaVaScRiPt:alert(document.cookie)")
     CatalogWriter(settings, Store.open(settings)).write([legacy])
@@ -189,3 +196,31 @@ def test_every_answer_says_nosniff_and_every_page_its_policy(served):
             assert not re.search(r"\s(?:on\w+|style)\s*=", answer.text, re.IGNORECASE), name
     assert answers["a search page"].status_code == 200 and answers["a missing page"].status_code == 404
     assert len(nonces) == 4  # one per answer
+
+
+@pytest.mark.parametrize("title", [*MATH_TITLES, "$", "\\", "$$", "a_b^c {x}"])
+def test_a_preview_title_is_drawn_as_text(title):
+    query = Image.new("RGB", (64, 64), "white")
+    png = render_preview(query, [(ShownProduct("x", title, score=0.5), Path("missing.jpg"))])
+    assert Image.open(io.BytesIO(png)).size == (2 * 192, 216)  # two panels: the query and the match
+
+
+def test_previews_of_products_with_math_in_their_titles_answer(served):
+    titles = {requests.get(f"{served}/api/products/{sku}", timeout=30).json()["title"] for sku in SKUS}
+    assert set(MATH_TITLES) <= titles
+    for sku in SKUS:
+        grid = requests.get(f"{served}/api/search/preview.png", params={"sku": sku, "k": 4}, timeout=60)
+        assert grid.status_code == 200 and grid.headers["Content-Type"] == "image/png", grid.text[:300]
+
+
+def test_a_preview_draws_at_most_preview_max_k_matches(served):
+    def size(k: int) -> tuple[int, int]:
+        grid = requests.get(f"{served}/api/search/preview.png", params={"sku": "rocket-1", "k": k}, timeout=60)
+        assert grid.status_code == 200
+        return Image.open(io.BytesIO(grid.content)).size
+
+    # 2.4 x 2.7 inches a panel at 80 dpi, five to a row: the query and 4 matches fill one row, 5 would start a second
+    assert size(100) == size(4) == (5 * 192, 216)
+    assert size(2) == (3 * 192, 216)
+    similar = requests.get(f"{served}/api/products/rocket-1/similar?k=100", timeout=30).json()
+    assert len(similar["results"]) >= 5  # the JSON API keeps service.max_k
