@@ -9,12 +9,14 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from flask import Flask
 from PIL import Image
 
 from indexer.catalog import scan_catalog
+from indexer.jobs.importing import import_vectors
 from indexer.records import ROUTE_SUFFIXES, ProductFields, ShownProduct, safe_link
 from indexer.storage.store import Store
 from indexer.writes import CatalogWriter
@@ -224,3 +226,21 @@ def test_a_preview_draws_at_most_preview_max_k_matches(served):
     assert size(2) == (3 * 192, 216)
     similar = requests.get(f"{served}/api/products/rocket-1/similar?k=100", timeout=30).json()
     assert len(similar["results"]) >= 5  # the JSON API keeps service.max_k
+
+
+def test_an_import_reports_script_links_and_colliding_skus(base_settings, embedder, tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(3, embedder.network.dim)).astype(np.float32)
+    np.save(tmp_path / "vectors.npy", vectors)
+    (tmp_path / "products.csv").write_text(
+        "sku,title,category,price,url,image\n"
+        "a,A,c,,javascript:alert(1),\nfoo/similar,B,c,,,\nc,C,c,,https://shop.example/c,\n"
+    )
+    settings = base_settings.with_overrides(data_dir=tmp_path / "data")
+    report = import_vectors(settings, embedder, tmp_path / "vectors.npy", tmp_path / "products.csv", progress=False)
+    assert (report.stored, report.skipped) == (2, 1)
+    assert report.problems == [
+        "line 2: url 'javascript:alert(1)' is not an http:// or https:// address; stored without a url",
+        "line 3: a sku may not end in '/similar': /api/products/<sku>/similar is another route",
+    ]
+    products = Store.open(settings).products
+    assert products.by_sku("a").url is None and products.by_sku("c").url == "https://shop.example/c"
