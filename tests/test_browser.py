@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.conftest import served_catalog, skimage_photo
+from tests.conftest import served_catalog, skimage_photo, wait_until
 from tests.support.server import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's own browser download is not reachable
@@ -212,7 +212,8 @@ def test_product_page_and_its_preview_grid_load(page, service):
     page.goto(f"{service}/products/cat-1")
     expect(page.locator("h2").first).to_have_text("Chelsea the cat")
     expect(page.locator(".card")).to_have_count(5)  # the other products, not itself
-    page.wait_for_function("[...document.images].every(i => i.complete)")
+    # Polled from here: wait_for_function evaluates its text with eval, which the page's policy refuses.
+    wait_until(lambda: page.evaluate("[...document.images].every(i => i.complete)"), timeout=20)
     assert all_images_loaded(page, "img")
     screenshot(page, "product-page")
     preview = page.get_by_role("link", name="preview grid (PNG)")
