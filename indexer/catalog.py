@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.records import ProductFields
+from indexer.records import ProductFields, safe_link, sku_problem
 
 # The files of a catalog folder that are photos: the formats the decoder reads.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -79,16 +79,20 @@ def scan_catalog(root: Path, metadata: Path | None = None) -> CatalogScan:
         raise CatalogError(f"catalog folder {root} does not exist")
     metadata = metadata or default_metadata(root)
     if metadata is None:
-        return CatalogScan(root, list(_images_from_folder(root)), [])
+        problems: list[str] = []
+        return CatalogScan(root, list(_images_from_folder(root, problems)), problems)
     rows, problems = read_metadata(Path(metadata))
     images = _images_from_rows(root, rows, problems)
     return CatalogScan(root, images, problems)
 
 
-def _images_from_folder(root: Path):
+def _images_from_folder(root: Path, problems: list[str]):
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not _hidden(path, root):
             rel = path.relative_to(root)
+            if problem := sku_problem(rel.with_suffix("").as_posix()):
+                problems.append(f"{rel.as_posix()}: {problem}; skipped")
+                continue
             category = rel.parent.name or None
             title = path.stem.replace("_", " ").replace("-", " ")
             yield CatalogImage(rel.as_posix(), path, ProductFields(rel.with_suffix("").as_posix(), title, category))
@@ -142,6 +146,9 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
         if not sku or not image:
             problems.append(f"{where}: needs both sku and image")
             continue
+        if problem := sku_problem(sku):
+            problems.append(f"{where}: {problem}; skipped")
+            continue
         path = _resolve(root / image, real_folders)
         if not path.is_relative_to(root):
             problems.append(f"{where}: image {image!r} is outside the catalog folder")
@@ -164,7 +171,7 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
                     title=row.get("title") or sku,
                     category=row.get("category") or None,
                     price=price,
-                    url=row.get("url") or None,
+                    url=_url(row.get("url", ""), where, problems),
                     attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
                 ),
             )
@@ -192,6 +199,23 @@ def parse_price(value: str | None) -> float | None:
     if not math.isfinite(price):  # nan / inf would end up as invalid JSON in the API
         raise ValueError(f"{value!r} is not a finite number")
     return price
+
+
+def row_url(value: str | None) -> tuple[str | None, str | None]:
+    """A catalog or import row's url, and the problem to report when it is not an http(s) link (safe_link): the
+    product is then stored without a url."""
+    if not value or not value.strip():
+        return None, None
+    if (link := safe_link(value)) is None:
+        return None, f"url {value[:80]!r} is not an http:// or https:// address; stored without a url"
+    return link, None
+
+
+def _url(value: str, where: str, problems: list[str]) -> str | None:
+    link, problem = row_url(value)
+    if problem:
+        problems.append(f"{where}: {problem}")
+    return link
 
 
 def _price(value: str, where: str, problems: list[str]) -> float | None:

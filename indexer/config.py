@@ -99,6 +99,9 @@ class Settings:
     port: int = 8000
     default_k: int = 12
     max_k: int = 100
+    # The most matches a preview grid draws (GET /api/search/preview.png): each panel costs tens of ms of CPU.
+    # A larger k is drawn as this many.
+    preview_max_k: int = 24
     max_upload_bytes: int = 10_000_000
     # Search by image_url: the whole fetch (every redirect, the body) must finish within this many seconds.
     fetch_timeout_s: float = 5.0
@@ -345,6 +348,7 @@ KEYS: dict[str, Key] = {
     "service.port": Key("port", _whole),
     "service.default_k": Key("default_k", _whole),
     "service.max_k": Key("max_k", _whole),
+    "service.preview_max_k": Key("preview_max_k", _whole),
     "service.max_upload_bytes": Key("max_upload_bytes", _whole),
     "service.fetch_timeout_s": Key("fetch_timeout_s", _number),
     "service.fetch_allow_private": Key("fetch_allow_private", _flag, "FETCH_ALLOW_PRIVATE"),
@@ -481,6 +485,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("model.whitening_dims must be at least 8")
     if not 1 <= settings.default_k <= settings.max_k:
         raise ConfigError("service.default_k must be between 1 and service.max_k")
+    if settings.preview_max_k < 1:
+        raise ConfigError("service.preview_max_k must be at least 1")
     if settings.index_backend not in BACKENDS:
         raise ConfigError(f'index.backend (or VECTOR_STORE) = {settings.index_backend!r}: choose "faiss" or "milvus"')
     uri = settings.milvus_target

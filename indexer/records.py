@@ -3,7 +3,48 @@ product as the API and the pages show it (ShownProduct), whose as_dict is the on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+# What browsers strip from both ends of a link (C0 controls and space), and the controls they drop inside it
+# ("java\tscript:" is "javascript:" to a browser): a link holding any control character is no link.
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_WEB_SCHEME = re.compile(r"https?://", re.IGNORECASE)
+# The routes that follow a sku in a URL (GET /api/products/<sku>/similar): a sku ending in one would be read as
+# that route of a shorter sku. tests/test_hostile_pages.py holds this list to the service's URL map.
+ROUTE_SUFFIXES = ("/similar",)
+
+
+def safe_link(url: str | None) -> str | None:
+    """The product url as a link a page, the widget or the API may hand out: an absolute http:// or https://
+    address with a host, else None. Case, surrounding whitespace and control characters cannot smuggle in
+    another scheme (javascript:, data:, vbscript:...)."""
+    if not url:
+        return None
+    link = url.strip(_C0_AND_SPACE)
+    if _CONTROL.search(link) or not _WEB_SCHEME.match(link):
+        return None
+    try:
+        host = urlsplit(link).hostname
+    except ValueError:  # a malformed address, such as an unclosed IPv6 bracket
+        return None
+    return link if host else None
+
+
+def sku_problem(sku: str) -> str | None:
+    """Why `sku` cannot be a product's sku, as a message that says what to send; None when it can. A sku is a
+    path in the product's URLs (/products/<sku>, /api/products/<sku>), so each sku must reach its own product:
+    none ends in a route's suffix, starts with "/" (merged away) or holds a "." or ".." segment (clients remove
+    those before sending)."""
+    if suffix := next((s for s in ROUTE_SUFFIXES if sku.endswith(s)), None):
+        return f"a sku may not end in {suffix!r}: /api/products/<sku>{suffix} is another route"
+    if sku.startswith("/"):
+        return "a sku may not start with '/'"
+    if any(part in (".", "..") for part in sku.split("/")):
+        return "a sku may not hold '.' or '..' between slashes: clients remove those segments from URLs"
+    return None
 
 
 @dataclass(frozen=True)
@@ -35,6 +76,11 @@ class ShownProduct:
     attributes: dict[str, str] | None = None
     score: float | None = None
 
+    @property
+    def link(self) -> str | None:
+        """The product's url when it is a safe http(s) link (safe_link), else None: what pages and JSON show."""
+        return safe_link(self.url)
+
     def scored(self, score: float) -> ShownProduct:
         """This product as a search result: the same fields with the match's score."""
         return ShownProduct(self.sku, self.title, self.category, self.price, self.url, score=score)
@@ -46,7 +92,7 @@ class ShownProduct:
             "title": self.title,
             "category": self.category,
             "price": self.price,
-            "url": self.url,
+            "url": self.link,
         }
         if self.attributes is not None:
             shown["attributes"] = self.attributes

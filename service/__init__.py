@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     from service.api import api
     from service.cors import enable_cors
     from service.errors import register_error_handlers
+    from service.headers import add_security_headers
     from service.metrics import TimedEmbedder, instrument
     from service.openapi import openapi
     from service.pages import pages
@@ -60,5 +61,6 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.register_blueprint(widget)
     register_error_handlers(app)
     enable_cors(app, settings.cors_origins)
+    add_security_headers(app)
     instrument(app)
     return app

@@ -45,9 +45,10 @@ def results_json(matches: list[ShownProduct]) -> list[dict[str, object]]:
     return [{**m.as_dict(), "image_url": image_url(m.sku), "product_url": product_url(m.sku)} for m in matches]
 
 
-def _search_inputs(view: IndexView) -> tuple[int, Filters]:
+def _search_inputs(view: IndexView, most: int | None = None) -> tuple[int, Filters]:
+    """k (at most `most`, else service.max_k) and the filters."""
     search = catalog_search()
-    k = read_k(request, search.settings.default_k, search.settings.max_k)
+    k = read_k(request, min(search.settings.default_k, most or search.settings.max_k), most or search.settings.max_k)
     return k, read_filters(request, lambda: search.categories(view))
 
 
@@ -126,7 +127,8 @@ def search_preview():
     ?sku=; a box searches (and shows) that region of the photo."""
     search = catalog_search()
     view = search.current()
-    k, filters = _search_inputs(view)
+    # Each panel costs tens of ms of CPU: a k above service.preview_max_k is drawn as that many.
+    k, filters = _search_inputs(view, search.settings.preview_max_k)
     recent = current_app.extensions["recent_queries"]
     if request.method == "POST" or request.args.get("query") or request.args.get("image_url"):
         query = read_search_query(request, search.settings, view.embedder, recent)

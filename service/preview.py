@@ -58,7 +58,8 @@ def render_grid(rows: list[list[Panel]]) -> bytes:
             image = _thumbnail(panel.image) if panel.image is not None else None
             if image is not None:
                 axes.imshow(image)
-            axes.set_title(panel.caption, fontsize=9, color=panel.colour)
+            # Drawn as given: a "$" or a backslash in a title is text, never TeX or mathtext (which fails on some).
+            axes.set_title(panel.caption, fontsize=9, color=panel.colour, usetex=False, parse_math=False)
             axes.axis("off")
     figure.tight_layout()
     buffer = io.BytesIO()

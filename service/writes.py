@@ -18,7 +18,7 @@ from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.catalog import parse_price
 from indexer.errors import NotReady, UnknownProduct
-from indexer.records import ProductFields
+from indexer.records import ProductFields, safe_link, sku_problem
 from indexer.storage.schema import API
 from indexer.writes import CatalogWriter
 from service.api import catalog_search
@@ -47,6 +47,8 @@ def require_key() -> None:
 def _check_sku(sku: str) -> str:
     if not sku.strip() or len(sku) > MAX_SKU or any(ord(c) < 32 for c in sku):
         raise BadRequest(f"a sku is 1 to {MAX_SKU} printable characters")
+    if problem := sku_problem(sku):
+        raise BadRequest(problem)
     return sku
 
 
@@ -55,6 +57,15 @@ def _price(value: str | None) -> float | None:
         return parse_price(value)
     except ValueError:
         raise BadRequest(f"price must be a finite number, not {(value or '')[:40]!r}") from None
+
+
+def _url(value: str) -> str | None:
+    """The product's url: empty, or an absolute http(s) address (a page renders it as a link)."""
+    if not value:
+        return None
+    if (link := safe_link(value)) is None:
+        raise BadRequest(f"url must be an absolute http:// or https:// address, not {value[:60]!r}")
+    return link
 
 
 def _visible() -> dict:
@@ -82,6 +93,16 @@ def put_product(sku: str):
     if any("\x00" in name + value for name, value in request.form.items(multi=True)):
         # PostgreSQL stores no NUL in text or JSON: refused on every database, so both behave alike.
         raise BadRequest("product fields may not contain NUL characters")
+    # The fields are checked before the photo is read and embedded: a refused write costs no model time.
+    fields = {name: request.form.get(name, "").strip() for name in FIELDS}
+    product = ProductFields(
+        sku=sku,
+        title=fields["title"] or sku,
+        category=fields["category"] or None,
+        price=_price(fields["price"]),
+        url=_url(fields["url"]),
+        attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
+    )
     data = read_upload(request)
     # The view first: the photo is embedded as its vectors are, with its whitening, which a worker process loads
     # with the base (its first request may be this write). With nothing to search, a 503 here.
@@ -89,15 +110,6 @@ def put_product(sku: str):
     views = search.settings.catalog_views
     vectors = embed_upload(data, view.embedder, views)
     image_format = _format_of(data)
-    fields = {name: request.form.get(name, "").strip() for name in FIELDS}
-    product = ProductFields(
-        sku=sku,
-        title=fields["title"] or sku,
-        category=fields["category"] or None,
-        price=_price(fields["price"]),
-        url=fields["url"] or None,
-        attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
-    )
     # Stored only while the index keeps the identity the photo was embedded with (a new base with another
     # whitening or model may come in meanwhile): else a 503 asking to send the write again.
     created = CatalogWriter(search.settings, search.store, API).put_upload(

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.conftest import served_catalog, skimage_photo
+from tests.conftest import served_catalog, skimage_photo, wait_until
 from tests.support.server import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's own browser download is not reachable
@@ -199,6 +199,11 @@ def test_dragging_a_box_on_the_query_photo_searches_that_region(page, service, t
     page.mouse.up()
     # Whether the page re-searches in place or reloads, the rocket's region must find the rocket.
     expect(page.locator(".card .title").first).to_have_text("Rocket launch")
+    # The box searched is drawn on the photo by the page's own script, on the right part of it.
+    overlay = page.locator("#query-box")
+    expect(overlay).to_be_visible()
+    drawn = overlay.bounding_box()
+    assert drawn is not None and drawn["x"] > box["x"] + box["width"] * rocket_starts
     screenshot(page, "region-after")
 
 
@@ -207,7 +212,8 @@ def test_product_page_and_its_preview_grid_load(page, service):
     page.goto(f"{service}/products/cat-1")
     expect(page.locator("h2").first).to_have_text("Chelsea the cat")
     expect(page.locator(".card")).to_have_count(5)  # the other products, not itself
-    page.wait_for_function("[...document.images].every(i => i.complete)")
+    # Polled from here: wait_for_function evaluates its text with eval, which the page's policy refuses.
+    wait_until(lambda: page.evaluate("[...document.images].every(i => i.complete)"), timeout=20)
     assert all_images_loaded(page, "img")
     screenshot(page, "product-page")
     preview = page.get_by_role("link", name="preview grid (PNG)")
@@ -313,3 +319,40 @@ def test_widget_fills_a_div_the_shop_adds_later(page, service, shop):
         expect(page.locator("#later .vps-card")).to_have_count(3)
         screenshot(page, "storefront-widget-later")
     assert errors == []
+
+
+@pytest.mark.slow
+def test_pages_run_their_own_script_and_styles_and_nothing_else(page, service, tmp_path):
+    with console_errors(page) as errors:
+        search_with(page, service, cat_photo(tmp_path))
+        expect(page.locator(".card")).to_have_count(6)
+        # the page's stylesheet applies (its nonce), and nothing of the page was refused
+        assert page.locator(".card").first.evaluate("card => getComputedStyle(card).borderRadius") == "8px"
+    assert errors == []
+    policy = requests.get(f"{service}/", timeout=10).headers["Content-Security-Policy"]
+    assert "script-src 'nonce-" in policy and "frame-ancestors 'none'" in policy
+    # Nor may the page reach anywhere else: a fetch is refused (connect-src falls back to default-src 'none').
+    assert page.evaluate("() => fetch(location.href).then(() => 'fetched', () => 'refused')") == "refused"
+    # A script that found its way into the page (no nonce) does not run.
+    page.evaluate(
+        """() => {
+            const script = document.createElement("script");
+            script.textContent = "window.injected = 1";
+            document.body.appendChild(script);
+        }"""
+    )
+    assert page.evaluate("window.injected") is None
+
+
+@pytest.mark.slow
+def test_another_site_cannot_frame_the_pages(page, service, shop):
+    origin, folder = shop
+    (folder / "framing.html").write_text(
+        f'<!doctype html><html><body><iframe id="framed" src="{service}/products/cat-1"></iframe></body></html>'
+    )
+    with page.expect_response(lambda r: r.url == f"{service}/products/cat-1") as answer:
+        page.goto(f"{origin}/framing.html")
+    assert answer.value.status == 200 and answer.value.headers["x-frame-options"] == "DENY"
+    framed = next(frame for frame in page.frames if frame != page.main_frame)
+    page.wait_for_timeout(500)  # the refused frame shows the browser's error page, never the product
+    assert "Chelsea the cat" not in framed.content()

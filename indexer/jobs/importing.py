@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.catalog import CatalogError, parse_price
+from indexer.catalog import CatalogError, parse_price, row_url
 from indexer.config import Settings
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import configured
 from indexer.index.compaction import CompactionReport
 from indexer.jobs.indexing import compact_if_due
-from indexer.records import ProductFields
+from indexer.records import ProductFields, sku_problem
 from indexer.storage.schema import IMPORT
 from indexer.storage.store import Store
 from indexer.writes import CatalogWriter, Photo
@@ -38,6 +38,7 @@ class ImportReport:
     rows: int = 0
     stored: int = 0
     unchanged: int = 0
+    skipped: int = 0
     seconds: float = 0.0
     compaction: CompactionReport | None = None
     problems: list[str] = field(default_factory=list)
@@ -45,7 +46,7 @@ class ImportReport:
     def summary(self) -> str:
         lines = [
             f"Imported {self.rows} vectors: {self.stored} stored, {self.unchanged} unchanged, "
-            f"{len(self.problems)} skipped, in {self.seconds:.1f} s"
+            f"{self.skipped} skipped, in {self.seconds:.1f} s"
         ]
         if self.compaction is not None:
             lines.append("  " + self.compaction.summary())
@@ -95,10 +96,19 @@ def import_vectors(
                 price = parse_price(row.get("price"))
             except ValueError:
                 report.problems.append(f"line {number}: price {row.get('price')!r} is not a number")
+                report.skipped += 1
                 continue
             if not sku or not np.isfinite(vector).all():
                 report.problems.append(f"line {number}: needs a sku and a finite vector")
+                report.skipped += 1
                 continue
+            if problem := sku_problem(sku):
+                report.problems.append(f"line {number}: {problem}")
+                report.skipped += 1
+                continue
+            url, problem = row_url(row.get("url"))
+            if problem:  # the row is kept, without its url
+                report.problems.append(f"line {number}: {problem}")
             rel_path = f"import/{row.get('image') or sku}"
             digest = hashlib.sha256(vector.tobytes()).hexdigest()
             stored = known.get(rel_path)
@@ -106,9 +116,7 @@ def import_vectors(
                 report.unchanged += 1
             else:
                 photos.append(Photo(sku, rel_path, row.get("image", ""), digest, vector[None]))
-            products.append(
-                ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, row.get("url") or None)
-            )
+            products.append(ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url))
         writer.write(products, photos, model=identity, sync=True)  # sync: nothing with FAISS
         report.stored += len(photos)
     if settings.index_backend != "milvus":

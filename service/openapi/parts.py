@@ -57,7 +57,8 @@ SKU = param(
     "sku",
     "path",
     {"type": "string", "minLength": 1},
-    "The product's sku. It may contain slashes (`shoes/red-runner`): the rest of the path is the sku.",
+    "The product's sku. It may contain slashes (`shoes/red-runner`): the rest of the path is the sku (which "
+    "never ends in `/similar`).",
     required=True,
 )
 FILTERS: Schema = {

@@ -54,7 +54,8 @@ PATHS: Schema = {
             "tags": ["search"],
             "summary": "Preview grid of a recent search or of a product's similar products",
             "description": "A Matplotlib grid of a query and its matches. One of `query` (a token from a search), "
-            "`image_url`, or `sku` (a product and its similar products) is required; `box` applies to a photo.",
+            "`image_url`, or `sku` (a product and its similar products) is required; `box` applies to a photo. At "
+            "most service.preview_max_k matches are drawn (default 24): a larger `k` draws that many.",
             "parameters": [
                 query_param("query", TOKEN),
                 query_param("image_url", IMAGE_URL),
@@ -69,6 +70,7 @@ PATHS: Schema = {
             "x-endpoint": "api.search_preview",
             "tags": ["search"],
             "summary": "Preview grid of a search by photo",
+            "description": "At most service.preview_max_k matches are drawn (24 by default): a larger `k`, that many.",
             "parameters": SEARCH_PARAMS,
             "requestBody": search_body("As for POST /api/search.", raw=True),
             "responses": {"200": PNG, **errors(400, 404, 413, 502, 503)},
