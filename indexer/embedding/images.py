@@ -6,6 +6,8 @@ uploads alike, so the index and the queries always see images the same way.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import math
 import threading
@@ -42,6 +44,9 @@ BAND_BYTES_PER_PIXEL = 24
 # What a decoding holds beyond its pixels: a band, the model input, the decoder's tables.
 DECODE_OVERHEAD = BAND_BYTES + 16 * 2**20
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# mallopt's parameter for the size from which glibc maps a buffer on its own, and the size chosen (_map_large_buffers).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 2**20
 # Transparent pixels become white: catalog photos are shown on white.
 BACKGROUND = (255, 255, 255)
 # A region searched on its own must cover at least this share of the photo, and this many pixels a side.
@@ -94,10 +99,25 @@ DECODING = DecodeBudget(Settings.image_max_mb * 2**20)
 
 def limit_decoding(max_mb: int) -> None:
     """Set the bytes this process's decodings may hold at once (model.image_max_mb); decodings already holding
-    theirs keep them."""
+    theirs keep them. And have large buffers mapped on their own, so that what a decoding frees goes back to the
+    system at once."""
     with DECODING._changed:
         DECODING.limit = max_mb * 2**20
         DECODING._changed.notify_all()
+    _map_large_buffers()
+
+
+@functools.cache
+def _map_large_buffers() -> None:
+    """glibc's malloc keeps freed memory for reuse by the thread arena it came from, and raises its threshold for
+    mapping a buffer on its own after each large free: decodings on several request threads then leave a photo's
+    worth of memory stranded in each thread's arena, and the process's memory passes the decoding budget. A fixed
+    threshold maps every buffer of 1 MB or more on its own, returned to the system when freed."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its own allocator's ways
+        pass
 
 
 class BoxError(ValueError):
