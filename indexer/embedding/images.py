@@ -338,6 +338,11 @@ def _region(source: bytes | str | Path, target_size: int, box: Box | None, finis
     return _decoded(source, box.decode_size(target_size), lambda image: finish(box.crop(image)))
 
 
+def open_region(source: bytes | str | Path, target_size: int, box: Box | None = None) -> Image.Image:
+    """open_image, then the box's region of the upright photo (decoded at a scale that keeps it target_size)."""
+    return _region(source, target_size, box, lambda image: image)
+
+
 def load_pixels(source: bytes | str | Path, size: int, box: Box | None = None) -> np.ndarray:
     """Decode (and crop to a box) and resize in one step: what both the indexer and the service call."""
     return _region(source, size, box, lambda image: to_model_input(image, size))
