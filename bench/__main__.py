@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.hostile_uploads import UPLOADS, measure_hostile_uploads
 from bench.record import portable, provenance, relative
 from bench.synthetic import catalog_metadata
 from indexer.catalog import in_catalog, scan_catalog
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                 per[DEFAULT_PRECISION]["indexing_ray_local"] = measure_ray_indexing(
                     catalog, metadata, Path(tmp) / "ray-local", per[DEFAULT_PRECISION]["indexing"]
                 )
+        print(f"bench: {UPLOADS} hostile PNG uploads at once, {DEFAULT_PRECISION} ...", file=sys.stderr, flush=True)
+        results["hostile_uploads"] = measure_hostile_uploads(data_dirs[DEFAULT_PRECISION], photos[0])
         print("bench: whitening on and off (make index, in-process latency) ...", file=sys.stderr, flush=True)
         results["whitening"] = measure_whitening(settings, catalog, metadata, Path(tmp) / "whitening", photos)
         for precision, data_dir in data_dirs.items():
@@ -414,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ray_local = per[DEFAULT_PRECISION]["indexing_ray_local"]
     print(json.dumps({"int8_over_fp32": results["int8_over_fp32"], "whitening": results["whitening"]["on_over_off"],
                       **{p: r["ratios"] for p, r in per.items()},
+                      "hostile_uploads_worst_peak_rss_rise_mb": results["hostile_uploads"]["worst_peak_rss_rise_mb"],
                       f"{DEFAULT_PRECISION}_indexing_ray_local": {k: ray_local[k] for k in
                                                                   ("seconds", "images_per_s", "over_plain")}},
                      indent=2))  # fmt: skip

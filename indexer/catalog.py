@@ -16,10 +16,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from indexer.embedding.images import ACCEPTED_FORMATS
 from indexer.records import ProductFields, safe_link, sku_problem
 
-# The files of a catalog folder that are photos: the formats the decoder reads.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# The files of a catalog folder that are photos: those of the formats the decoder accepts.
+IMAGE_SUFFIXES = tuple(suffix for suffixes in ACCEPTED_FORMATS.values() for suffix in suffixes)
 KNOWN_COLUMNS = ("sku", "image", "title", "category", "price", "url")
 METADATA_NAMES = ("products.csv", "products.jsonl")
 

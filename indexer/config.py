@@ -77,6 +77,9 @@ class Settings:
     # with its own interpreter); 0 = automatic.
     model_threads: int = 0
     index_workers: int = 0
+    # The memory one process's image decodings may hold at once, in MB (indexer.embedding.images.DecodeBudget): a
+    # photo that alone would take more is refused, decodings that together would take more wait their turn.
+    image_max_mb: int = 128
     data_dir: Path = Path("data")
     database_url: str = ""
     index_factory: str = "auto"
@@ -333,6 +336,7 @@ KEYS: dict[str, Key] = {
     "model.pooling": Key("pooling", _text),
     "model.gem_p": Key("gem_p", _number),
     "model.threads": Key("model_threads", _whole),
+    "model.image_max_mb": Key("image_max_mb", _whole),
     "index.data_dir": Key("data_dir", _folder, "DATA_DIR"),
     "index.database_url": Key("database_url", _text, "DATABASE_URL"),
     "index.factory": Key("index_factory", _text),
@@ -499,6 +503,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("index.milvus_collection: letters, digits and underscores, starting with a letter")
     if settings.compact_after < 1:
         raise ConfigError("index.compact_after must be at least 1")
+    if settings.image_max_mb < 16:
+        raise ConfigError("model.image_max_mb must be at least 16 (MB)")
     if settings.batch_size < 1:
         raise ConfigError("model.batch_size must be at least 1")
     if settings.workers < 0 or settings.threads < 0:

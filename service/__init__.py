@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> Flask:
     """Application factory: settings and the model are loaded once, here, not at import time (nor numpy: the
     server's main process imports this package, and sets up the environment its workers load numpy with)."""
+    from indexer.embedding.images import limit_decoding
     from indexer.embedding.model import load_embedder
     from indexer.index.search import CatalogSearch
     from indexer.storage.store import Store
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     from service.writes import writes
 
     settings = settings or load_settings()
+    limit_decoding(settings.image_max_mb)  # the bytes this process's request threads may decode at once
     # No /static route: the one static file (widget.js) has its own URL and caching.
     app = Flask(__name__, static_folder=None)
     app.request_class = ServiceRequest

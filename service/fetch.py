@@ -18,6 +18,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 
 from werkzeug.exceptions import BadGateway
 
+from indexer.embedding.images import FORMAT_NAMES
 from service.errors import BadRequest
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -32,11 +33,11 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
 )
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
-# The formats a fetched body may start with; Pillow decodes these, and the Content-Type header is not trusted.
+# The formats a fetched body may start with (the decoder's accepted formats, WebP checked apart); the Content-Type
+# header is not trusted.
 IMAGE_SIGNATURES = {
     "JPEG": (b"\xff\xd8\xff",),
     "PNG": (b"\x89PNG\r\n\x1a\n",),
-    "GIF": (b"GIF87a", b"GIF89a"),
 }
 CHUNK = 64 * 1024
 USER_AGENT = "visual-product-search (image_url fetch)"
@@ -310,5 +311,5 @@ def _check_signature(head: bytes, content_type: str | None) -> None:
         return
     raise FetchRefused(
         f"image_url did not return an image (Content-Type {content_type or 'none'!r}, and the first bytes are not "
-        "JPEG, PNG, WebP or GIF)"
+        f"{FORMAT_NAMES})"
     )

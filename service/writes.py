@@ -17,6 +17,7 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Forbidden, Unauthorized
 
 from indexer.catalog import parse_price
+from indexer.embedding.images import ACCEPTED_FORMATS
 from indexer.errors import NotReady, UnknownProduct
 from indexer.records import ProductFields, safe_link, sku_problem
 from indexer.storage.schema import API
@@ -133,8 +134,9 @@ def delete_product(sku: str):
 
 
 def _format_of(data: bytes) -> str:
-    """The file type from the image's header (for the stored file's name and its Content-Type)."""
-    with Image.open(io.BytesIO(data)) as image:
+    """The file type from the image's header (for the stored file's name and its Content-Type), of a photo that
+    embed_upload decoded: one of the accepted formats."""
+    with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:
         # Many phones' JPEGs (a second view, a depth map) read as MPO: stored as .mpo, /images would serve them
         # as application/octet-stream. Their first image is a plain JPEG, which is what browsers show.
         return "JPEG" if image.format == "MPO" else image.format or "img"

@@ -38,8 +38,8 @@ def valid_oddities() -> dict[str, bytes]:
     rgba = photo.convert("RGBA")
     rgba.putalpha(Image.new("L", photo.size, 0).point(lambda _: 128))
     frames = [photo.convert("P"), skimage_photo("rocket").resize((200, 150)).convert("P")]
-    gif = io.BytesIO()
-    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    animated = io.BytesIO()
+    frames[0].save(animated, format="WEBP", save_all=True, append_images=frames[1:], duration=100, loop=0)
     sixteen = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
     assert sixteen.mode == "I;16"
     palette = photo.convert("P", palette=Image.Palette.ADAPTIVE)
@@ -49,7 +49,7 @@ def valid_oddities() -> dict[str, bytes]:
         "CMYK JPEG": encoded(photo.convert("CMYK"), "JPEG"),
         "palette PNG with transparency": encoded(palette, "PNG", transparency=0),
         "RGBA PNG": encoded(rgba, "PNG"),
-        "animated GIF": gif.getvalue(),
+        "animated WebP": animated.getvalue(),
         "grayscale WebP": encoded(photo.convert("L"), "WEBP"),
     }
 

@@ -240,10 +240,11 @@ def test_one_by_one_image_decodes_and_resizes():
     assert pixels.dtype == np.uint8
 
 
-def test_animated_gif_gives_its_first_frame(tmp_path):
+@pytest.mark.parametrize("suffix", [".webp", ".png"])
+def test_animated_image_gives_its_first_frame(tmp_path, suffix):
     frames = [Image.new("RGB", (8, 8), colour) for colour in (RED, GREEN, BLUE)]
-    path = tmp_path / "spin.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    path = tmp_path / f"spin{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True)
     assert Image.open(path).n_frames == 3
 
     result = open_image(path)

@@ -6,17 +6,47 @@ uploads alike, so the index and the queries always see images the same way.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import math
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError, WebPImagePlugin
 
+from indexer.config import Settings
+
+T = TypeVar("T")
+
+# The only formats decoded, by Pillow's name, with the file suffixes a catalog folder's photos have (MPO, the JPEG
+# of many phones holding a second view, is read by the JPEG decoder). Every other file, however Pillow could read
+# it, is refused before a decoder runs: each format's decoder is code that hostile uploads reach.
+ACCEPTED_FORMATS: dict[str, tuple[str, ...]] = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
+FORMAT_NAMES = "JPEG, PNG or WebP"
 # Pillow refuses images above this many pixels (a few-KB PNG can claim 30000x30000).
 MAX_PIXELS = 40_000_000
+# Memory per pixel of the upright RGB photo (Pillow keeps RGB in 4 bytes), and of a WebP decoder's own buffers
+# (its canvas, the frame it hands over and a copy of it), on top of the decoded pixels.
+RGB_BYTES = 4
+WEBP_BUFFERS = 12
+# Other modes are converted to RGB a band of rows at a time, each band's conversion holding up to
+# BAND_BYTES_PER_PIXEL bytes a pixel (float copies of 16-bit values, an RGBA copy and its white background), so
+# that it holds about BAND_BYTES, not several copies of a large photo.
+BAND_BYTES = 8 * 2**20
+BAND_BYTES_PER_PIXEL = 24
+# What a decoding holds beyond its pixels: a band, the model input, the decoder's tables.
+DECODE_OVERHEAD = BAND_BYTES + 16 * 2**20
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# mallopt's parameter for the size from which glibc maps a buffer on its own, and the size chosen (_map_large_buffers).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 2**20
 # Transparent pixels become white: catalog photos are shown on white.
 BACKGROUND = (255, 255, 255)
 # A region searched on its own must cover at least this share of the photo, and this many pixels a side.
@@ -28,6 +58,66 @@ CENTRE_FRACTION = 0.8
 
 class ImageError(ValueError):
     """The bytes are not an image we can use; the message says why."""
+
+
+class DecodeBudget:
+    """The bytes this process's decodings may hold at once (model.image_max_mb): a photo that alone would take
+    more is refused, and decodings that together would take more wait for one another, so that request threads
+    times large photos cannot multiply the memory a process uses."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int, size: tuple[int, int] | None = None) -> Iterator[None]:
+        """Hold `cost` bytes (of a size[0] x size[1] image) until the block ends; ImageError when over the limit."""
+        if cost > self.limit:
+            shown = f"this {size[0]}x{size[1]} image" if size else "this image"
+            raise ImageError(
+                f"{shown} would take {math.ceil(cost / 2**20)} MB of memory to decode, over the limit of "
+                f"{self.limit // 2**20} MB (model.image_max_mb); send a smaller photo, or a JPEG"
+            )
+        if cost <= 0:
+            yield
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + cost <= self.limit)
+            self.held += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= cost
+                self._changed.notify_all()
+
+
+# Every decoding in this process holds its bytes from here (the service's request threads, indexing's workers).
+DECODING = DecodeBudget(Settings.image_max_mb * 2**20)
+
+
+def limit_decoding(max_mb: int) -> None:
+    """Set the bytes this process's decodings may hold at once (model.image_max_mb); decodings already holding
+    theirs keep them. And have large buffers mapped on their own, so that what a decoding frees goes back to the
+    system at once."""
+    with DECODING._changed:
+        DECODING.limit = max_mb * 2**20
+        DECODING._changed.notify_all()
+    _map_large_buffers()
+
+
+@functools.cache
+def _map_large_buffers() -> None:
+    """glibc's malloc keeps freed memory for reuse by the thread arena it came from, and raises its threshold for
+    mapping a buffer on its own after each large free: decodings on several request threads then leave a photo's
+    worth of memory stranded in each thread's arena, and the process's memory passes the decoding budget. A fixed
+    threshold maps every buffer of 1 MB or more on its own, returned to the system when freed."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its own allocator's ways
+        pass
 
 
 class BoxError(ValueError):
@@ -87,57 +177,145 @@ def open_image(source: bytes | str | Path, target_size: int | None = None) -> Im
     Applies the EXIF orientation, takes the first frame of animations, scales
     16-bit images down to 8 bits and puts transparency on a white background.
     With target_size, JPEGs are decoded at a reduced scale (never below
-    target_size) which is several times faster for large photos.
+    target_size) which is several times faster for large photos. The decoding
+    holds its bytes of this process's decoding budget (limit_decoding).
     """
+    return _decoded(source, target_size, lambda image: image)
+
+
+def _decoded(source: bytes | str | Path, target_size: int | None, finish: Callable[[Image.Image], T]) -> T:
+    """finish(the upright RGB photo), with the memory the decoding and `finish` take held from DECODING.
+
+    A WebP decoder allocates its canvas as it opens the file: its size is read from the header and held first."""
+    with _stream(source) as stream:
+        with _decode_errors():
+            canvas = _webp_canvas(stream)
+        planned = 0 if canvas is None else _cost(canvas, "RGBA", webp=True)
+        with DECODING.hold(planned, canvas):
+            with _decode_errors():
+                image = Image.open(stream, formats=list(ACCEPTED_FORMATS))
+                _check_size(image.size)
+                if target_size and isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO (phones' JPEGs) too
+                    image.draft("RGB", (target_size, target_size))
+            cost = 0 if canvas is not None else _cost(image.size, image.mode, webp=False)
+            with DECODING.hold(cost, image.size):
+                with _decode_errors():
+                    image.load()  # the first frame only: nothing here seeks to another
+                    upright = _upright_rgb(image)
+                return finish(upright)
+
+
+def _stream(source: bytes | str | Path) -> BinaryIO:
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ImageError("the image is empty (0 bytes)")
-        stream = io.BytesIO(source)
-    else:
-        stream = Path(source)
+        return io.BytesIO(source)
+    try:
+        return open(source, "rb")  # closed by the caller's with
+    except OSError as exc:
+        raise ImageError(f"the image file cannot be read ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Whatever a decoder raises on a hostile or broken file becomes an ImageError that says what to send."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-            _check_size(image)
-            if target_size and image.format == "JPEG":
-                image.draft("RGB", (target_size, target_size))
-            image.load()
-            # In place: otherwise an upright photo (most of them) is copied for nothing.
-            ImageOps.exif_transpose(image, in_place=True)
+            yield
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not a recognised image format (expected JPEG, PNG or WebP)") from None
+        raise ImageError(f"not a recognised image format; send a {FORMAT_NAMES} photo") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"the image has too many pixels (limit {MAX_PIXELS:,})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"the image could not be decoded ({exc}); it may be truncated or corrupt") from None
-    return _to_rgb(image)
+    except MemoryError:
+        raise ImageError("the image is too large to decode; send a smaller photo") from None
+    except Exception as exc:  # any decoder's failure on a file it was given: never the service's own error
+        raise ImageError(
+            f"the image could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); it may be truncated or "
+            f"corrupt; send a {FORMAT_NAMES} photo"
+        ) from None
 
 
-def _check_size(image: Image.Image) -> None:
-    width, height = image.size
+def _webp_canvas(stream: BinaryIO) -> tuple[int, int] | None:
+    """A WebP file's canvas size from its header (Pillow's own reading, before any allocation), else None."""
+    head = stream.read(30)
+    stream.seek(0)
+    if not (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    size = WebPImagePlugin._get_size(head)
+    if size is None:
+        raise ImageError(f"the WebP header gives no size; it may be truncated or corrupt; send a {FORMAT_NAMES} photo")
+    _check_size(size)
+    return size
+
+
+def _check_size(size: tuple[int, int]) -> None:
+    width, height = size
     if width < 1 or height < 1:
         raise ImageError("the image has no pixels")
     if width * height > MAX_PIXELS:
         raise ImageError(f"the image is {width}x{height}, over the limit of {MAX_PIXELS:,} pixels")
 
 
+def _bytes_per_pixel(mode: str) -> int:
+    """What Pillow holds in memory per pixel of a mode (RGB takes 4 bytes, as RGBA does)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def _cost(size: tuple[int, int], mode: str, *, webp: bool) -> int:
+    """The most bytes decoding an image of this size and mode holds at once, up to the upright RGB photo and a
+    copy of it (a rotation, a region): the decoded pixels, the decoder's own buffers and the RGB photo."""
+    decoding = _bytes_per_pixel(mode) + (WEBP_BUFFERS if webp else 0) + RGB_BYTES
+    return size[0] * size[1] * max(decoding, 2 * RGB_BYTES) + DECODE_OVERHEAD
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """The loaded image as RGB (band by band, so the conversion holds no second full-size copy), then upright."""
+    rgb = _to_rgb(image)
+    if rgb is not image:
+        image.close()  # frees the decoded pixels before a rotation copies the photo
+    # In place: otherwise an upright photo (most of them) is copied for nothing.
+    ImageOps.exif_transpose(rgb, in_place=True)
+    return rgb
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    top = _full_scale(image)
+    width, height = image.size
+    rows = max(1, BAND_BYTES // (width * BAND_BYTES_PER_PIXEL))
+    if rows >= height:
+        return _band_to_rgb(image, top)
+    rgb = Image.new("RGB", image.size)
+    for y in range(0, height, rows):
+        rgb.paste(_band_to_rgb(image.crop((0, y, width, min(height, y + rows))), top), (0, y))
+    return rgb
+
+
+def _full_scale(image: Image.Image) -> float | None:
+    """The value that 16-bit, 32-bit and float images map to white (None for 8-bit modes): the whole image's."""
+    if image.mode not in WIDE_MODES:
+        return None
+    peak = float(image.getextrema()[1])
+    if image.mode == "F":
+        return max(peak, 1.0)
+    if image.mode.startswith("I;16") or peak > 255:  # I;16* is 16-bit even when dark
+        return 65535.0
+    return 255.0  # plain I may hold 8-bit values
+
+
+def _band_to_rgb(image: Image.Image, top: float | None) -> Image.Image:
+    if top is not None:
         # 16-bit and float images: map the full range to 8 bits instead of clipping at 255.
         array = np.asarray(image, dtype=np.float32)
-        peak = float(array.max(initial=0))
-        if image.mode == "F":
-            top = max(peak, 1.0)
-        elif image.mode.startswith("I;16") or peak > 255:  # I;16* is 16-bit even when dark
-            top = 65535.0
-        else:  # plain I may hold 8-bit values
-            top = 255.0
         image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
     if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
-        # a transparent palette entry, grey level or colour (PNG tRNS, GIF)
+        # a transparent palette entry, grey level or colour (PNG tRNS)
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
         rgba = image.convert("RGBA")
@@ -152,16 +330,22 @@ def to_model_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
+def _region(source: bytes | str | Path, target_size: int, box: Box | None, finish: Callable[[Image.Image], T]) -> T:
+    """finish(the upright photo, or the box's region of it decoded at a scale that keeps it target_size), all of
+    it within the decoding's hold on memory."""
+    if box is None:
+        return _decoded(source, target_size, finish)
+    return _decoded(source, box.decode_size(target_size), lambda image: finish(box.crop(image)))
+
+
 def open_region(source: bytes | str | Path, target_size: int, box: Box | None = None) -> Image.Image:
     """open_image, then the box's region of the upright photo (decoded at a scale that keeps it target_size)."""
-    if box is None:
-        return open_image(source, target_size=target_size)
-    return box.crop(open_image(source, target_size=box.decode_size(target_size)))
+    return _region(source, target_size, box, lambda image: image)
 
 
 def load_pixels(source: bytes | str | Path, size: int, box: Box | None = None) -> np.ndarray:
     """Decode (and crop to a box) and resize in one step: what both the indexer and the service call."""
-    return to_model_input(open_region(source, size, box), size)
+    return _region(source, size, box, lambda image: to_model_input(image, size))
 
 
 def load_views(source: bytes | str | Path, size: int, views: tuple[str, ...] = ()) -> np.ndarray:
@@ -186,6 +370,9 @@ def load_views(source: bytes | str | Path, size: int, views: tuple[str, ...] = (
 
 def thumbnail(source: bytes | str | Path, size: int = 256, box: Box | None = None) -> Image.Image:
     """A small upright RGB copy (of the box's region, with one) for showing to people (pages, preview grids)."""
-    image = open_region(source, size, box)
-    image.thumbnail((size, size))
-    return image
+
+    def shrink(image: Image.Image) -> Image.Image:
+        image.thumbnail((size, size))
+        return image
+
+    return _region(source, size, box, shrink)

@@ -24,6 +24,7 @@ import numpy as np
 from indexer.catalog import CatalogImage
 from indexer.config import REPO_ROOT, ConfigError, Settings
 from indexer.embedding.engines import LiteRTEngine
+from indexer.embedding.images import limit_decoding
 from indexer.embedding.model import Embedder
 from indexer.jobs.pipeline import CheckedBatch, CheckedFiles, Known, check_files, decode_photos, in_batches
 
@@ -45,9 +46,10 @@ class EmbedActor:
     """One LiteRT interpreter (one thread) on a cluster CPU: photo bytes -> the network's features (the driver's
     Embedder.finish makes them the index's vectors)."""
 
-    def __init__(self, model: bytes, input_size: int):
+    def __init__(self, model: bytes, input_size: int, image_max_mb: int):
         self.engine = LiteRTEngine(Path("ray-shipped.tflite"), threads=1, model_content=model)
         self.input_size = input_size
+        limit_decoding(image_max_mb)
 
     def embed(self, photos: list[bytes], views: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[int, str]]:
         """The features of the photos that decode (each followed by its extra views'), in order, and
@@ -129,7 +131,7 @@ def ray_distributor(settings: Settings, embedder: Embedder) -> Iterator[RayDistr
             # More actors than CPUs (index.workers) share them, rather than waiting for CPUs that never come.
             remote = ray.remote(num_cpus=min(1.0, cpus / count))(EmbedActor)
             model = ray.put(embedder.engine.model_content)
-            actors = [remote.remote(model, embedder.input_size) for _ in range(count)]
+            actors = [remote.remote(model, embedder.input_size, settings.image_max_mb) for _ in range(count)]
             yield RayDistributor(embedder, pool, actors, settings.batch_size, settings.catalog_views)
         finally:
             ray.shutdown()

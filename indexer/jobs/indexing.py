@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from indexer.catalog import CatalogScan, scan_catalog
 from indexer.config import Settings, process_memory_mb
+from indexer.embedding.images import limit_decoding
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import MIN_FIT_PHOTOS, configured
 from indexer.embedding.whitening import fit as whitening_fit
@@ -122,6 +123,7 @@ def index_catalog(
     removed nothing) when it would remove more than MOST_REMOVED of them, unless `prune`. With model.whitening,
     the catalog's whitening follows the network (fitted by this run when there is none yet, or with `refit`)."""
     started = time.perf_counter()
+    limit_decoding(settings.image_max_mb)  # the bytes this process's indexing threads may decode at once
     catalog_dir = Path(catalog_dir or settings.catalog_dir)
     scan: CatalogScan = scan_catalog(catalog_dir, metadata or settings.metadata_path)
     report = IndexReport(catalog=scan.root, scanned=len(scan.images), problems=list(scan.problems))
