@@ -111,6 +111,8 @@ class Settings:
     # Query photos (the `query` token of a search) are kept in <data_dir>/queries for this many seconds after
     # their last use, for every worker and host; 0 keeps them in the memory of the process that got them.
     query_ttl_s: float = 3600.0
+    # The query photos kept in <data_dir>/queries take at most about this many MB (the least recently used go first).
+    query_store_mb: int = 200
     # The storefront write API (PUT/DELETE /api/products/<sku>) is off while this is empty.
     api_key: str = ""
     # A server refuses to load a base segment that would take its resident memory past this; 0 = no limit.
@@ -348,6 +350,7 @@ KEYS: dict[str, Key] = {
     "service.workers": Key("workers", _whole),
     "service.threads": Key("threads", _whole),
     "service.query_ttl_s": Key("query_ttl_s", _number),
+    "service.query_store_mb": Key("query_store_mb", _whole),
     "service.api_key": Key("api_key", _text, "API_KEY"),
     "service.memory_budget_mb": Key("memory_budget_mb", _whole, "MEMORY_BUDGET_MB"),
     "service.cors_origins": Key("cors_origins", _list, "CORS_ORIGINS"),
@@ -495,6 +498,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("service.workers and service.threads must be 0 (automatic) or more")
     if not settings.query_ttl_s >= 0:
         raise ConfigError("service.query_ttl_s must be 0 (memory only) or a positive number of seconds")
+    if settings.query_store_mb < 1:
+        raise ConfigError("service.query_store_mb must be at least 1 (MB)")
     if not settings.fetch_timeout_s > 0:
         raise ConfigError("service.fetch_timeout_s must be a positive number of seconds")
     for origin in settings.cors_origins:

@@ -189,3 +189,13 @@ def thumbnail(source: bytes | str | Path, size: int = 256, box: Box | None = Non
     image = open_region(source, size, box)
     image.thumbnail((size, size))
     return image
+
+
+def reencoded(source: bytes | str | Path, max_side: int, quality: int = 90) -> bytes:
+    """The photo as decoded here (upright, RGB, at most max_side pixels a side), written again as a JPEG: what is
+    kept of a photo, never the bytes as sent (trailing data, metadata and other formats' quirks are not kept)."""
+    image = open_image(source, target_size=max_side)
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
