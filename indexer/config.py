@@ -104,6 +104,8 @@ class Settings:
     fetch_timeout_s: float = 5.0
     # While off, image_url may only reach public addresses (no loopback, private, metadata...: request forgery).
     fetch_allow_private: bool = False
+    # The only ports image_url may name (after every redirect too).
+    fetch_ports: tuple[int, ...] = (80, 443)
     # Server worker processes (0 = one per core) and request threads per process (0 = two per core, divided
     # among the processes).
     workers: int = 0
@@ -300,6 +302,18 @@ def _list(value: Any, name: str) -> tuple[str, ...]:
     return _names(value)
 
 
+def _ports(value: Any, name: str) -> tuple[int, ...]:
+    """TCP ports: a TOML list of whole numbers, or a comma-separated string (from the environment)."""
+    items = _names(value) if isinstance(value, str) else value
+    try:
+        ports = tuple(int(item) for item in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {value!r}: use a list of port numbers, e.g. [80, 443]") from None
+    if not ports or not all(0 < port < 65536 for port in ports):
+        raise ConfigError(f"{name} = {value!r}: use one or more port numbers from 1 to 65535, e.g. [80, 443]")
+    return ports
+
+
 @dataclass(frozen=True)
 class Key:
     """A key of config.toml: the Settings field it sets (whose default is the key's), how a value becomes that
@@ -347,6 +361,7 @@ KEYS: dict[str, Key] = {
     "service.max_upload_bytes": Key("max_upload_bytes", _whole),
     "service.fetch_timeout_s": Key("fetch_timeout_s", _number),
     "service.fetch_allow_private": Key("fetch_allow_private", _flag, "FETCH_ALLOW_PRIVATE"),
+    "service.fetch_ports": Key("fetch_ports", _ports),
     "service.workers": Key("workers", _whole),
     "service.threads": Key("threads", _whole),
     "service.query_ttl_s": Key("query_ttl_s", _number),

@@ -84,6 +84,7 @@ def fetch_photo(url: str, settings: Settings) -> bytes:
         max_bytes=settings.max_upload_bytes,
         timeout_s=settings.fetch_timeout_s,
         allowed_networks=EVERYWHERE if settings.fetch_allow_private else (),
+        ports=settings.fetch_ports,
     )
     return fetched.data
 
