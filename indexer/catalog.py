@@ -81,15 +81,34 @@ def scan_catalog(root: Path, metadata: Path | None = None) -> CatalogScan:
     metadata = metadata or default_metadata(root)
     if metadata is None:
         problems: list[str] = []
-        return CatalogScan(root, list(_images_from_folder(root, problems)), problems)
+        images = sorted(_images_from_folder(root, problems), key=lambda image: image.path)
+        return CatalogScan(root, images, problems)
     rows, problems = read_metadata(Path(metadata))
     images = _images_from_rows(root, rows, problems)
     return CatalogScan(root, images, problems)
 
 
 def _images_from_folder(root: Path, problems: list[str]):
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not _hidden(path, root):
+    """Every photo file under root, hidden ones aside. Links are not followed, as metadata mode refuses what
+    leaves the folder: a link that leads out of it is skipped as a problem, and one within it is skipped too
+    (what it names is indexed under its own name, or listed in products.csv to be indexed under another)."""
+    for folder, folders, files in os.walk(root):
+        here = Path(folder)
+        folders.sort()
+        for name in [*folders, *files]:
+            path = here / name
+            if name.startswith(".") or not path.is_symlink():
+                continue
+            rel = path.relative_to(root).as_posix()
+            if not Path(os.path.realpath(path)).is_relative_to(root):
+                problems.append(f"{rel}: a link to outside the catalog folder; skipped")
+            elif name in files and path.suffix.lower() in IMAGE_SUFFIXES:
+                problems.append(f"{rel}: a link within the catalog folder; skipped (list it in products.csv)")
+        folders[:] = [name for name in folders if not name.startswith(".")]  # os.walk follows no links
+        for name in sorted(files):
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or path.is_symlink():
+                continue
             rel = path.relative_to(root)
             if problem := sku_problem(rel.with_suffix("").as_posix()):
                 problems.append(f"{rel.as_posix()}: {problem}; skipped")
@@ -99,8 +118,21 @@ def _images_from_folder(root: Path, problems: list[str]):
             yield CatalogImage(rel.as_posix(), path, ProductFields(rel.with_suffix("").as_posix(), title, category))
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def served_file(path: str, rel_path: str, uploads: Path) -> Path | None:
+    """A stored photo's file as it may be served now, or None: a catalog photo (stored as <folder>/<rel_path>)
+    must still be that very file, with no link anywhere below its catalog folder, and a photo written through
+    the API must still be a file in `uploads` itself. Checked at each request, since links can be made after
+    indexing."""
+    if path.endswith("/" + rel_path) and ".." not in rel_path.split("/"):
+        root, inside = path[: -len(rel_path) - 1], rel_path
+    else:
+        root, inside = str(uploads), os.path.basename(path)
+        if os.path.realpath(os.path.dirname(path)) != os.path.realpath(root):
+            return None
+    real = os.path.realpath(path)
+    if real != os.path.join(os.path.realpath(root), inside) or not os.path.isfile(real):
+        return None
+    return Path(path)
 
 
 def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:

@@ -110,6 +110,8 @@ class Settings:
     fetch_timeout_s: float = 5.0
     # While off, image_url may only reach public addresses (no loopback, private, metadata...: request forgery).
     fetch_allow_private: bool = False
+    # The only ports image_url may name (after every redirect too).
+    fetch_ports: tuple[int, ...] = (80, 443)
     # Server worker processes (0 = one per core) and request threads per process (0 = two per core, divided
     # among the processes).
     workers: int = 0
@@ -117,6 +119,8 @@ class Settings:
     # Query photos (the `query` token of a search) are kept in <data_dir>/queries for this many seconds after
     # their last use, for every worker and host; 0 keeps them in the memory of the process that got them.
     query_ttl_s: float = 3600.0
+    # The query photos kept in <data_dir>/queries take at most about this many MB (the least recently used go first).
+    query_store_mb: int = 200
     # The storefront write API (PUT/DELETE /api/products/<sku>) is off while this is empty.
     api_key: str = ""
     # A server refuses to load a base segment that would take its resident memory past this; 0 = no limit.
@@ -307,6 +311,18 @@ def _list(value: Any, name: str) -> tuple[str, ...]:
     return _names(value)
 
 
+def _ports(value: Any, name: str) -> tuple[int, ...]:
+    """TCP ports: a TOML list of whole numbers, or a comma-separated string (from the environment)."""
+    items = _names(value) if isinstance(value, str) else value
+    try:
+        ports = tuple(int(item) for item in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {value!r}: use a list of port numbers, e.g. [80, 443]") from None
+    if not ports or not all(0 < port < 65536 for port in ports):
+        raise ConfigError(f"{name} = {value!r}: use one or more port numbers from 1 to 65535, e.g. [80, 443]")
+    return ports
+
+
 @dataclass(frozen=True)
 class Key:
     """A key of config.toml: the Settings field it sets (whose default is the key's), how a value becomes that
@@ -356,9 +372,11 @@ KEYS: dict[str, Key] = {
     "service.max_upload_bytes": Key("max_upload_bytes", _whole),
     "service.fetch_timeout_s": Key("fetch_timeout_s", _number),
     "service.fetch_allow_private": Key("fetch_allow_private", _flag, "FETCH_ALLOW_PRIVATE"),
+    "service.fetch_ports": Key("fetch_ports", _ports),
     "service.workers": Key("workers", _whole),
     "service.threads": Key("threads", _whole),
     "service.query_ttl_s": Key("query_ttl_s", _number),
+    "service.query_store_mb": Key("query_store_mb", _whole),
     "service.api_key": Key("api_key", _text, "API_KEY"),
     "service.memory_budget_mb": Key("memory_budget_mb", _whole, "MEMORY_BUDGET_MB"),
     "service.cors_origins": Key("cors_origins", _list, "CORS_ORIGINS"),
@@ -511,6 +529,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("service.workers and service.threads must be 0 (automatic) or more")
     if not settings.query_ttl_s >= 0:
         raise ConfigError("service.query_ttl_s must be 0 (memory only) or a positive number of seconds")
+    if settings.query_store_mb < 1:
+        raise ConfigError("service.query_store_mb must be at least 1 (MB)")
     if not settings.fetch_timeout_s > 0:
         raise ConfigError("service.fetch_timeout_s must be a positive number of seconds")
     if not 1 <= settings.read_timeout_s <= 600:

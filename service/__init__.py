@@ -54,7 +54,14 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     search = CatalogSearch(settings, TimedEmbedder.of(embedder), Store.open(settings, upgrade=False))
     app.extensions["catalog_search"] = search
     # Query photos by token, in memory and (query_ttl_s > 0) in the data folder that every worker and host shares.
-    folder = QueryFolder(settings.data_dir / "queries", settings.query_ttl_s) if settings.query_ttl_s > 0 else None
+    folder = None
+    if settings.query_ttl_s > 0:
+        folder = QueryFolder(
+            settings.data_dir / "queries",
+            settings.query_ttl_s,
+            max_bytes=settings.query_store_mb * 1_000_000,
+            processes=settings.server_workers,
+        )
     app.extensions["recent_queries"] = RecentQueries(folder)
     app.register_blueprint(api)
     app.register_blueprint(pages)

@@ -1,25 +1,31 @@
 """Fetching a shopper's photo from image_url with strict limits, without opening a server-side request forgery
-hole: every address is checked (after every redirect) and the connection goes to the address that was checked."""
+hole: every address and port is checked (after every redirect) and the connection goes to the address that was
+checked. Every failure to reach the server or to get an HTTP answer from it (no such name, refused, reset, TLS,
+too slow) is one and the same 502, so that searches cannot be used to tell open ports or live hosts apart; the
+reason is logged for the operator."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
 import ipaddress
+import logging
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 from werkzeug.exceptions import BadGateway
 
 from indexer.embedding.images import FORMAT_NAMES
 from service.errors import BadRequest
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -27,6 +33,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # What service.fetch_allow_private = true passes: every address may be fetched.
 EVERYWHERE: tuple[IPNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 MAX_REDIRECTS = 3
+# The ports image_url may name unless service.fetch_ports says otherwise.
+WEB_PORTS = (80, 443)
+# What a path and a query keep as they are; anything else (spaces, non-ASCII as UTF-8) is percent-encoded.
+PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+QUERY_SAFE = PATH_SAFE + "?"
 REDIRECTS = (301, 302, 303, 307, 308)
 # Instance metadata services (AWS, ECS, Alibaba, Oracle): refused anyway as non-public, named for a clearer message.
 METADATA_ADDRESSES = frozenset(
@@ -57,6 +68,15 @@ class FetchFailed(BadGateway):
         super().__init__(description=message)
 
 
+class _NoAnswer(Exception):
+    """No HTTP answer from image_url's server, for the reason given: told to the log, never to the client."""
+
+
+def no_answer_message(timeout_s: float) -> str:
+    """The one message of every failure to reach image_url's server or to get an HTTP answer from it."""
+    return f"image_url's server could not be reached or did not answer within {timeout_s:g} s"
+
+
 @dataclass(frozen=True)
 class Fetched:
     data: bytes
@@ -84,19 +104,36 @@ def fetch_image(
     max_bytes: int,
     timeout_s: float,
     allowed_networks: Sequence[IPNetwork] = (),
+    ports: Collection[int] = WEB_PORTS,
     max_redirects: int = MAX_REDIRECTS,
     tls: ssl.SSLContext | None = None,
 ) -> Fetched:
     """GET an image over http(s) within timeout_s in total and max_bytes, following at most max_redirects.
 
-    Only public addresses are fetched, plus those in allowed_networks (EVERYWHERE allows all). https checks
-    certificates with `tls` (default: the system's trusted authorities). Raises FetchRefused (400) for what is
-    not allowed and FetchFailed (502) when the fetch itself fails."""
+    Only public addresses are fetched, plus those in allowed_networks (EVERYWHERE allows all), and only on
+    `ports`. https checks certificates with `tls` (default: the system's trusted authorities). Raises
+    FetchRefused (400) for what is not allowed and FetchFailed (502) when the fetch itself fails."""
+    try:
+        return _fetch(url, max_bytes, timeout_s, allowed_networks, ports, max_redirects, tls)
+    except _NoAnswer as exc:
+        log.info("image_url %s: %s", url[:200], exc)
+        raise FetchFailed(no_answer_message(timeout_s)) from None
+
+
+def _fetch(
+    url: str,
+    max_bytes: int,
+    timeout_s: float,
+    allowed_networks: Sequence[IPNetwork],
+    ports: Collection[int],
+    max_redirects: int,
+    tls: ssl.SSLContext | None,
+) -> Fetched:
     deadline = time.monotonic() + timeout_s
     current = url
     for hop in range(max_redirects + 1):
-        target = _parse(current, redirected=hop > 0)
-        addresses = _resolve(target, deadline, timeout_s)
+        target = _parse(current, redirected=hop > 0, ports=ports)
+        addresses = _resolve(target, deadline)
         for address, _ in addresses:
             reason = refusal_reason(address, allowed_networks)
             if reason is not None:
@@ -104,7 +141,7 @@ def fetch_image(
                 raise FetchRefused(
                     f"{via} resolves to {reason} ({address}); set service.fetch_allow_private to allow it"
                 )
-        location = _get(target, addresses, max_bytes, deadline, timeout_s, tls)
+        location = _get(target, addresses, max_bytes, deadline, tls)
         if isinstance(location, Fetched):
             return location
         current = urljoin(target.url, location)
@@ -139,7 +176,7 @@ def refusal_reason(address: IPAddress, allowed_networks: Sequence[IPNetwork] = (
     return None
 
 
-def _parse(url: str, redirected: bool) -> _Target:
+def _parse(url: str, redirected: bool, ports: Collection[int] = WEB_PORTS) -> _Target:
     where = f"image_url redirected to {url[:200]!r}, which" if redirected else "image_url"
     try:
         parts: SplitResult = urlsplit(url.strip())
@@ -157,19 +194,24 @@ def _parse(url: str, redirected: bool) -> _Target:
     except UnicodeError:
         raise FetchRefused(f"{where} has an invalid host name") from None
     https = parts.scheme == "https"
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(url=url.strip(), https=https, host=host, port=port or (443 if https else 80), path=path)
+    port = port or (443 if https else 80)
+    if port not in ports:
+        allowed = " and ".join(str(p) for p in sorted(ports))
+        raise FetchRefused(f"{where} names port {port}; only port {allowed} may be fetched (service.fetch_ports)")
+    # As a browser sends it: spaces and non-ASCII characters percent-encoded (UTF-8), %XX escapes kept.
+    path = quote(parts.path or "/", safe=PATH_SAFE) + (f"?{quote(parts.query, safe=QUERY_SAFE)}" if parts.query else "")
+    return _Target(url=url.strip(), https=https, host=host, port=port, path=path)
 
 
-def _resolve(target: _Target, deadline: float, timeout_s: float) -> list[tuple[IPAddress, tuple]]:
+def _resolve(target: _Target, deadline: float) -> list[tuple[IPAddress, tuple]]:
     """Every address the host resolves to (a literal address resolves to itself), with its socket address."""
     future = _resolver.submit(socket.getaddrinfo, target.host, target.port, type=socket.SOCK_STREAM)
     try:
         infos = future.result(timeout=max(0.0, deadline - time.monotonic()))
     except FutureTimeout:
-        raise FetchFailed(f"image_url did not answer within {timeout_s:g} s (resolving {target.host})") from None
+        raise _NoAnswer(f"resolving {target.host} took too long") from None
     except (socket.gaierror, UnicodeError) as exc:
-        raise FetchFailed(f"image_url's host {target.host!r} could not be resolved ({exc})") from None
+        raise _NoAnswer(f"{target.host!r} could not be resolved ({exc})") from None
     addresses = []
     for family, _, _, _, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6):
@@ -177,7 +219,7 @@ def _resolve(target: _Target, deadline: float, timeout_s: float) -> list[tuple[I
             if address not in addresses:
                 addresses.append(address)
     if not addresses:
-        raise FetchFailed(f"image_url's host {target.host!r} has no IPv4 or IPv6 address")
+        raise _NoAnswer(f"{target.host!r} has no IPv4 or IPv6 address")
     return addresses
 
 
@@ -220,7 +262,7 @@ def _connect(target: _Target, addresses: list[tuple[IPAddress, tuple]], deadline
             if isinstance(exc, TimeoutError):
                 raise
             failures.append(f"{address}: {exc.strerror or exc}")
-    raise FetchFailed(f"could not connect to image_url's host {target.host} ({'; '.join(failures)})")
+    raise _NoAnswer(f"could not connect to {target.host} ({'; '.join(failures)})")
 
 
 def _get(
@@ -228,7 +270,6 @@ def _get(
     addresses: list[tuple[IPAddress, tuple]],
     max_bytes: int,
     deadline: float,
-    timeout_s: float,
     tls: ssl.SSLContext | None,
 ) -> Fetched | str:
     """One request: the image, or the Location of a redirect."""
@@ -244,7 +285,7 @@ def _get(
                 sock.close()
                 if watchdog.fired:
                     raise TimeoutError from None
-                raise FetchFailed(f"image_url's TLS connection to {target.host} failed ({exc})") from None
+                raise _NoAnswer(f"the TLS connection to {target.host} failed ({exc})") from None
         # Given a connected socket, http.client never connects (or resolves the name) itself.
         connection = http.client.HTTPConnection(target.host, target.port)
         connection.sock = sock
@@ -270,12 +311,12 @@ def _get(
             raise FetchFailed(f"image_url's body ended after {len(data):,} of its {int(length):,} bytes")
         _check_signature(data, response.getheader("Content-Type"))
         return Fetched(data=data, url=target.url, content_type=response.getheader("Content-Type") or "")
-    except (FetchRefused, FetchFailed):
+    except (FetchRefused, FetchFailed, _NoAnswer):
         raise
     except (OSError, http.client.HTTPException, ValueError) as exc:
         if (watchdog is not None and watchdog.fired) or time.monotonic() >= deadline or isinstance(exc, TimeoutError):
-            raise FetchFailed(f"image_url did not deliver within {timeout_s:g} s") from None
-        raise FetchFailed(f"fetching image_url failed ({type(exc).__name__}: {exc})") from None
+            raise _NoAnswer("no whole answer before the deadline") from None
+        raise _NoAnswer(f"{type(exc).__name__}: {exc}") from None
     finally:
         if watchdog is not None:
             watchdog.cancel()

@@ -84,6 +84,7 @@ def fetch_photo(url: str, settings: Settings) -> bytes:
         max_bytes=settings.max_upload_bytes,
         timeout_s=settings.fetch_timeout_s,
         allowed_networks=EVERYWHERE if settings.fetch_allow_private else (),
+        ports=settings.fetch_ports,
     )
     return fetched.data
 
@@ -115,16 +116,17 @@ def read_search_query(request: Request, settings: Settings, embedder: Embedder, 
     if url:
         data = fetch_photo(url, settings)
     if data is None:
-        remembered = recent.get(token)
-        if remembered is None:
+        query = recent.get(token)
+        if query is None:
             raise NotFound("that query is no longer remembered; upload the photo again")
-        data = remembered.photo
+    else:
+        # The photo as kept (decoded and re-encoded) is what is searched, here and by its token anywhere.
+        query = recent.add(data)
     if box is None:
-        query = recent.add(data, embedder)  # the whole photo, embedded once and remembered
+        query = recent.embedded(query, embedder)  # the whole photo, embedded once and remembered
         return SearchQuery(query=query, box=None, vector=query.vector)
-    # A region search embeds only the region (first, so a photo that does not decode is not remembered).
-    vector = embed_region(data, box, embedder)
-    return SearchQuery(query=recent.add(data, None), box=box, vector=vector)
+    # A region search embeds only the region.
+    return SearchQuery(query=query, box=box, vector=embed_region(query.photo, box, embedder))
 
 
 def embed_region(photo: bytes, box: Box, embedder: Embedder) -> np.ndarray:

@@ -49,7 +49,7 @@ def test_a_batch_writes_products_and_photos_and_a_put_replaces_a_products_photos
                              model=identity)  # fmt: skip
     assert not created  # "a" had a live photo: replaced, and its import photo is now a tombstone
     assert store.products.counts() == (2, 2) and store.products.by_sku("a").title == "A again"
-    assert store.products.image_path("a").startswith(str(settings.data_dir / "uploads"))
+    assert store.products.image_path("a")[0].startswith(str(settings.data_dir / "uploads"))
     assert api.write(removed=["a", "nobody"]).removed == {"a"}
     assert store.products.counts() == (1, 1) and not store.products.is_live("a")
 

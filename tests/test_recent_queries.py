@@ -22,7 +22,7 @@ from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import Whitening
 from indexer.jobs.indexing import index_catalog
 from service import create_app
-from service.recent_queries import PRUNED_MARKER, QueryFolder, RecentQueries
+from service.recent_queries import PRUNED_MARKER, QueryFolder, RecentQueries, stored_photo
 from tests.conftest import served_catalog, skimage_photo, write_skimage_catalog
 from tests.support.procfs import process_tree
 from tests.support.server import running_server
@@ -106,7 +106,7 @@ def test_a_remembered_photo_is_embedded_again_once_the_index_whitening_changes(e
     own = own.with_whitening(Whitening("pca", np.zeros(own.network.dim, np.float32), projection, {}))
     after = recent.add(photo, own)
     assert after.token == before.token and before.vector.shape == (own.network.dim,) and after.vector.shape == (8,)
-    np.testing.assert_allclose(after.vector, own.embed_image(photo), atol=1e-6)
+    np.testing.assert_allclose(after.vector, own.embed_image(after.photo), atol=1e-6)  # the photo as kept
     assert recent.add(photo, own) is after  # and remembered again
 
 
@@ -132,7 +132,7 @@ def test_malformed_tokens_are_a_404_and_reach_no_file(settings, embedder, token)
     assert QueryFolder(settings.data_dir / "queries", 3600).path(token) is None
 
 
-def test_a_file_that_does_not_hash_to_its_token_is_refused(settings, embedder, photo):
+def test_a_file_that_does_not_carry_its_token_is_refused(settings, embedder, photo):
     first, second = create_app(settings, embedder).test_client(), create_app(settings, embedder).test_client()
     token = upload(first, photo).json["query"]
     (kept,) = kept_files(settings)
@@ -152,7 +152,7 @@ def test_the_same_photo_is_written_once_whichever_app_receives_it(settings, embe
     os.utime(kept, (written.st_atime - 600, written.st_mtime - 600))
     for client in (first, second, second):
         assert upload(client, photo).json["query"] == token
-    assert kept_files(settings) == [kept] and kept.read_bytes() == photo
+    assert kept_files(settings) == [kept] and kept.read_bytes() == stored_photo(photo)  # re-encoded, as searched
     now = kept.stat()
     assert now.st_ino == written.st_ino  # never replaced by a new file
     assert now.st_mtime > written.st_mtime - 600  # brought forward by the other app: it is in use

@@ -376,3 +376,23 @@ def thumbnail(source: bytes | str | Path, size: int = 256, box: Box | None = Non
         return image
 
     return _region(source, size, box, shrink)
+
+
+def reencoded(source: bytes | str | Path, max_side: int, quality: int = 90) -> bytes:
+    """The photo as decoded here (upright, RGB, at most max_side pixels a side), written again as a JPEG: what is
+    kept of a photo, never the bytes as sent (trailing data, metadata and other formats' quirks are not kept)."""
+    # JPEGs decode at a reduced scale that keeps the long side at least max_side: a square target would keep the
+    # short side there, and a 12-megapixel photo would be decoded whole.
+    try:
+        with Image.open(
+            io.BytesIO(source) if isinstance(source, bytes | bytearray) else source, formats=list(ACCEPTED_FORMATS)
+        ) as header:
+            width, height = header.size
+        target = max(1, math.ceil(max_side * min(width, height) / max(width, height, 1)))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # open_image says what is wrong
+        target = max_side
+    image = open_image(source, target_size=target)
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()

@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
+from indexer.catalog import served_file
 from indexer.config import REPO_ROOT, Settings, process_memory_mb
 from indexer.embedding.model import Embedder, ModelIdentity
 from indexer.errors import NotReady, UnknownProduct
@@ -363,11 +364,13 @@ class CatalogSearch:
         return product
 
     def image_path(self, sku: str) -> Path:
-        """The stored file of a product's first image; only paths stored by the indexer or the write API."""
-        path = self.store.products.image_path(sku)
-        if path is None or not Path(path).is_file():
+        """The stored file of a product's first image, checked now: a file that has left its catalog folder (or
+        the write API's uploads) since, through a link or otherwise, is unknown."""
+        stored = self.store.products.image_path(sku)
+        path = None if stored is None else served_file(*stored, uploads=self.settings.data_dir / "uploads")
+        if path is None:
             raise UnknownProduct(sku)
-        return Path(path)
+        return path
 
     def categories(self, view: IndexView | None = None) -> list[str]:
         """The categories of live products, kept by the live index (no database read)."""

@@ -67,16 +67,17 @@ class Products:
                 is not None
             )
 
-    def image_path(self, sku: str) -> str | None:
-        """The stored file of a product's first live image."""
+    def image_path(self, sku: str) -> tuple[str, str] | None:
+        """(path, rel_path) of a product's first live image: the stored file and its name in its catalog."""
         with self.engine.connect() as connection:
-            return connection.scalar(
-                select(ProductImage.path)
+            row = connection.execute(
+                select(ProductImage.path, ProductImage.rel_path)
                 .join(Product)
                 .where(Product.sku == sku, LIVE, ProductImage.view == "")
                 .order_by(ProductImage.id)
                 .limit(1)
-            )
+            ).first()
+        return None if row is None else (row.path, row.rel_path)
 
     def counts(self) -> tuple[int, int]:
         """(live photos, products with a live photo); extra views are not counted."""

@@ -1,0 +1,102 @@
+"""Query photos as an attacker would send them: many distinct photos padded with junk stay within
+service.query_store_mb on disk, what is kept is the decoded photo written again (never the bytes as sent), and a
+token tells nothing to whoever holds a copy of the photo."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.jobs.indexing import index_catalog
+from service import create_app
+from service.recent_queries import QueryFolder
+from tests.conftest import write_skimage_catalog
+
+CAP_MB = 1
+JUNK = b"TRAILING-JUNK-" * 4000  # 56 kB after the JPEG's end marker: still decodes, must never be kept
+
+
+@pytest.fixture(scope="module")
+def indexed(base_settings, embedder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile-queries")
+    settings = base_settings.with_overrides(
+        data_dir=folder / "data", catalog_dir=folder / "catalog", query_store_mb=CAP_MB, workers=1
+    )
+    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
+    return settings
+
+
+def noise_jpeg(seed: int, side: int = 160) -> bytes:
+    """A distinct photo (noise compresses badly, so each kept copy is tens of kB)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def search(client, photo: bytes):
+    return client.post("/api/search", data=photo, content_type="image/jpeg", query_string={"k": 1})
+
+
+def kept(settings) -> list[Path]:
+    return [path for path in (settings.data_dir / "queries").glob("*/*") if path.is_file()]
+
+
+def disk_bytes(paths: list[Path]) -> int:
+    return sum(max(p.stat().st_size, p.stat().st_blocks * 512) for p in paths)
+
+
+def test_five_hundred_distinct_padded_photos_stay_under_the_cap(indexed, embedder):
+    client = create_app(indexed, embedder).test_client()
+    tokens = []
+    for seed in range(500):
+        answer = search(client, noise_jpeg(seed) + JUNK)
+        assert answer.status_code == 200, answer.json
+        tokens.append(answer.json["query"])
+        if seed % 50 == 49:
+            assert disk_bytes(kept(indexed)) <= CAP_MB * 1_000_000, seed
+    assert len(set(tokens)) == 500
+    files = kept(indexed)
+    assert 0 < len(files) < 500 and disk_bytes(files) <= CAP_MB * 1_000_000
+    assert not any(JUNK[:200] in path.read_bytes() for path in files)
+    # The least recently used went first: the latest photo is still found by another process, the first is gone.
+    other = create_app(indexed, embedder).test_client()
+    assert other.post("/api/search", data={"query": tokens[-1], "k": "1"}).status_code == 200
+    assert other.post("/api/search", data={"query": tokens[0], "k": "1"}).status_code == 404
+
+
+def test_what_is_kept_is_the_decoded_photo_not_the_bytes_sent(indexed, embedder):
+    client = create_app(indexed, embedder).test_client()
+    photo = noise_jpeg(10_001)
+    clean, padded = search(client, photo), search(client, photo + JUNK)
+    assert clean.status_code == padded.status_code == 200
+    token = padded.json["query"]
+    assert clean.json["query"] == token  # the same pixels: one photo kept, whatever trails it
+    path = indexed.data_dir / "queries" / token[:2] / token
+    stored = path.read_bytes()
+    assert JUNK[:200] not in stored and stored != photo and stored.endswith(b"\xff\xd9")
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.format == "JPEG" and image.size == (160, 160)
+    big = io.BytesIO()
+    Image.fromarray(np.full((3000, 2000, 3), 200, np.uint8)).save(big, "PNG")
+    large = search(client, big.getvalue())
+    assert large.status_code == 200
+    with Image.open(indexed.data_dir / "queries" / large.json["query"][:2] / large.json["query"]) as image:
+        assert image.format == "JPEG" and max(image.size) == 1536  # bounded in size, whatever was sent
+
+
+def test_a_token_is_not_derivable_from_the_photo(indexed, embedder, tmp_path):
+    photo = noise_jpeg(10_002)
+    token = search(create_app(indexed, embedder).test_client(), photo).json["query"]
+    stored = (indexed.data_dir / "queries" / token[:2] / token).read_bytes()
+    assert token not in {hashlib.sha256(photo).hexdigest(), hashlib.sha256(stored).hexdigest()}
+    # The same photo in another deployment (its own DATA_DIR, so its own key) has another token.
+    assert QueryFolder(tmp_path / "queries", 3600).token(stored) != token
+    assert QueryFolder(indexed.data_dir / "queries", 3600).token(stored) == token  # any process of this one
+    key = indexed.data_dir / "queries" / ".token_key"
+    assert key.stat().st_mode & 0o077 == 0  # readable by the service alone
