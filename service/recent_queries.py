@@ -62,8 +62,9 @@ PRUNE_EVERY_S = 60.0
 PRUNED_MARKER = ".pruned"
 KEY_FILE = ".token_key"
 KEY_BYTES = 32
-# The longest side of a kept photo: a region of a sixth of the photo's side still has the model's 224 pixels.
-STORED_SIDE = 1536
+# The longest side of a kept photo: a region of a quarter of its side still has the model's 224 pixels, and a new
+# search pays a small decode and encode for it (a 12-megapixel JPEG decodes at a quarter scale).
+STORED_SIDE = 896
 # A sweep leaves the folder at this share of its cap, so that the next ones are some writes away.
 SWEPT_SHARE = 0.75
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from indexer.jobs.indexing import index_catalog
 from service import create_app
-from service.recent_queries import QueryFolder
+from service.recent_queries import STORED_SIDE, QueryFolder
 from tests.conftest import write_skimage_catalog
 
 CAP_MB = 1
@@ -87,7 +87,7 @@ def test_what_is_kept_is_the_decoded_photo_not_the_bytes_sent(indexed, embedder)
     large = search(client, big.getvalue())
     assert large.status_code == 200
     with Image.open(indexed.data_dir / "queries" / large.json["query"][:2] / large.json["query"]) as image:
-        assert image.format == "JPEG" and max(image.size) == 1536  # bounded in size, whatever was sent
+        assert image.format == "JPEG" and max(image.size) == STORED_SIDE  # bounded in size, whatever was sent
 
 
 def test_a_token_is_not_derivable_from_the_photo(indexed, embedder, tmp_path):
