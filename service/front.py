@@ -17,6 +17,11 @@ from typing import Any
 # (160 kbit/s) still sends a 3 MB photo in time, while a client that drips bytes to hold a connection open is cut
 # off, or pays for every second in bandwidth.
 MIN_BODY_BYTES_PER_S = 20_000
+# The body bytes a process holds at once (arrived, being read or waiting for a request thread), as this many of
+# the largest bodies allowed: a request whose body would take the total past it is answered 503 and dropped, so
+# that many slow or parked uploads cannot add up to more memory than this (80 MB at the default 10 MB limit). The
+# bytes must really arrive: a stalled socket holds only what it sent.
+HELD_BODIES = 8
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Headers = list[tuple[str, str]]
@@ -30,26 +35,37 @@ class Front:
         self.read_timeout_s = read_timeout_s
         self.max_body_bytes = max_body_bytes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request")
+        # Bytes set aside for the bodies held now; only the event loop's thread changes it.
+        self.held = 0
+        self.most_held = HELD_BODIES * (max_body_bytes + 1)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.pool.shutdown(wait=True)
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        held: list[int] = [0]  # this request's bytes counted in self.held, given back however it ends
         try:
-            body = await self._read_body(scope, protocol)
-        except TimeoutError:
-            message = f"the request body did not arrive within the server's limit ({self.read_timeout_s:g} s)"
-            # Connection: close, so that the socket goes with the unread rest of the body.
-            headers = [("content-type", "application/json"), ("connection", "close")]
-            protocol.response_bytes(408, headers, json.dumps({"error": "request_timeout", "message": message}).encode())
-            return
-        environ = _environ(scope, body)
-        status, headers, content = await asyncio.get_running_loop().run_in_executor(self.pool, _call, self.app, environ)
+            try:
+                body = await self._read_body(scope, protocol, held)
+            except TimeoutError:
+                message = f"the request body did not arrive within the server's limit ({self.read_timeout_s:g} s)"
+                _refuse(protocol, 408, "request_timeout", message)
+                return
+            except ServerBusy:
+                message = "the server holds as many uploads as it may at once; send the request again shortly"
+                _refuse(protocol, 503, "busy", message, [("retry-after", "1")])
+                return
+            environ = _environ(scope, body)
+            loop = asyncio.get_running_loop()
+            status, headers, content = await loop.run_in_executor(self.pool, _call, self.app, environ)
+        finally:
+            self.held -= held[0]
         protocol.response_bytes(status, headers, content)
 
-    async def _read_body(self, scope: Any, protocol: Any) -> bytes:
-        """The body, or its first max_body_bytes + 1 bytes (the app answers 413 for more). Raises TimeoutError when
-        a part of it is later than read_timeout_s plus its size at MIN_BODY_BYTES_PER_S."""
+    async def _read_body(self, scope: Any, protocol: Any, held: list[int]) -> bytes:
+        """The body, or its first max_body_bytes + 1 bytes (the app answers 413 for more), each part counted in
+        held[0] and self.held as it arrives. Raises TimeoutError when a part of it is later than read_timeout_s plus
+        its size at MIN_BODY_BYTES_PER_S, and ServerBusy when it would take the bodies held past most_held."""
         declared = scope.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return b""  # refused from its Content-Length alone, without waiting for it
@@ -66,9 +82,23 @@ class Front:
                     chunk = await anext(chunks)
             except StopAsyncIteration:
                 break
+            if self.held + len(chunk) > self.most_held:
+                raise ServerBusy
+            self.held += len(chunk)
+            held[0] += len(chunk)
             parts.append(chunk)
             received += len(chunk)
         return b"".join(parts)
+
+
+class ServerBusy(Exception):
+    """The bodies a process holds would pass its limit (HELD_BODIES)."""
+
+
+def _refuse(protocol: Any, status: int, error: str, message: str, extra: Headers | None = None) -> None:
+    """Answer without the app, closing the connection: the socket goes with any unread rest of the body."""
+    headers = [("content-type", "application/json"), ("connection", "close"), *(extra or [])]
+    protocol.response_bytes(status, headers, json.dumps({"error": error, "message": message}).encode())
 
 
 def _environ(scope: Any, body: bytes) -> dict[str, Any]:

@@ -3,6 +3,7 @@ stall, are answered 408 and closed after service.read_timeout_s, and meanwhile h
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -10,8 +11,8 @@ import pytest
 import requests
 
 from indexer.config import Settings
-from service.front import MIN_BODY_BYTES_PER_S
-from tests.conftest import served_catalog
+from service.front import HELD_BODIES, MIN_BODY_BYTES_PER_S
+from tests.conftest import served_catalog, wait_until
 from tests.support.server import running_server
 
 pytestmark = pytest.mark.slow  # a real server, held for half a minute
@@ -140,3 +141,50 @@ def test_the_read_timeout_is_checked(tmp_path):
         config = subprocess_config(tmp_path, **{"read_timeout_s = 5.0": f"read_timeout_s = {bad}"})
         with pytest.raises(ConfigError, match="read_timeout_s"):
             load_settings(config)
+
+
+def test_bodies_past_what_a_process_holds_are_refused_and_the_rest_are_served(server, base_settings):
+    """Sockets that send almost all of the largest allowed body and then stall hold those bytes: once a process
+    holds HELD_BODIES of them, a further upload is answered 503 busy at once, /healthz (no body) still answers,
+    and uploads are searched again as soon as the stalled sockets go."""
+    url, catalog = server
+    largest = base_settings.max_upload_bytes
+    head = (
+        b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: "
+        + str(largest).encode()
+        + b"\r\n\r\n"
+    )
+    stalled = []
+    # Each server process (two at the defaults on 2 cores) holds its own bodies: enough sockets to fill both.
+    for _ in range(HELD_BODIES * 2):
+        connection = connect(url)
+        connection.sendall(head + b"\xff" * (largest - 10))
+        stalled.append(connection)
+    try:
+        refused = 0
+        for _ in range(4):
+            with connect(url) as extra:
+                # Answered and closed before the whole body is sent: the answer is still there to read.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    extra.sendall(head + b"\xff" * largest)
+                extra.settimeout(30)
+                try:
+                    answer = extra.recv(65536)
+                except ConnectionResetError:
+                    answer = b""
+            refused += answer.startswith(b"HTTP/1.1 503") and b"busy" in answer
+        assert refused >= 1
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    finally:
+        for connection in stalled:
+            connection.close()
+    photo = (catalog / "drinks" / "coffee.jpg").read_bytes()
+    wait_until(
+        lambda: (
+            requests.post(
+                f"{url}/api/search", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=10
+            ).status_code
+            == 200
+        ),
+        timeout=30,
+    )
