@@ -125,9 +125,15 @@ def photo_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(base_settings, embedder, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+def server(base_settings, embedder, tmp_path_factory, photo_server) -> Iterator[tuple[str, Path]]:
+    port = photo_server.rsplit(":", 1)[1]
     env, catalog = served_catalog(
-        base_settings, embedder, tmp_path_factory.mktemp("hostile-images"), API_KEY=API_KEY, FETCH_ALLOW_PRIVATE="1"
+        base_settings,
+        embedder,
+        tmp_path_factory.mktemp("hostile-images"),
+        config_changes={"fetch_ports = [80, 443]": f"fetch_ports = [80, 443, {port}]"},
+        API_KEY=API_KEY,
+        FETCH_ALLOW_PRIVATE="1",
     )
     with running_server(env, timeout=120) as running:
         yield running.url, catalog
