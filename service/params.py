@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 from flask import Request
+from PIL import Image
 
 from indexer.embedding.images import ImageError
 from indexer.embedding.model import Embedder
@@ -74,7 +75,7 @@ def read_filters(request: Request, known_categories: list[str] | Callable[[], li
     return filters
 
 
-def embed_upload(data: bytes, embedder: Embedder, views: tuple[str, ...] | None = None) -> np.ndarray:
+def embed_upload(data: bytes | Image.Image, embedder: Embedder, views: tuple[str, ...] | None = None) -> np.ndarray:
     """The upload's vector; with `views` (a product photo written through the API), (1 + len(views), dim): its
     vector and then its extra catalog views', as `make index` stores them. Or a 400 that says why the bytes are
     not a usable photo."""

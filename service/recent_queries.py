@@ -87,6 +87,11 @@ class Query:
 
 def stored_photo(data: bytes) -> bytes:
     """The photo as kept and searched: decoded and re-encoded; a 400 that says why for bytes that are no photo."""
+    return _kept(data)[0]
+
+
+def _kept(data: bytes) -> tuple[bytes, Image.Image]:
+    """The kept photo, and the decoded photo it was written from (embedded at once, without decoding it again)."""
     try:
         return reencoded(data, STORED_SIDE)
     except ImageError as exc:
@@ -331,8 +336,9 @@ class RecentQueries:
         with self._lock:
             token = self._uploads.get(digest)
         known = None if token is None else self._remembered(token)
+        decoded = None
         if known is None:
-            photo = stored_photo(data)
+            photo, decoded = _kept(data)
             token = self.token(photo)
             known = self._remembered(token)  # the same pixels sent otherwise (other metadata, trailing bytes)
             if known is None:
@@ -342,17 +348,18 @@ class RecentQueries:
             self._uploads.move_to_end(digest)
             while len(self._uploads) > 4 * self._size:
                 self._uploads.popitem(last=False)
-        return self.embedded(known, embedder)
+        return self.embedded(known, embedder, decoded)
 
-    def embedded(self, query: Query, embedder: Embedder | None) -> Query:
+    def embedded(self, query: Query, embedder: Embedder | None, decoded: Image.Image | None = None) -> Query:
         """The query with its whole photo's vector from this embedder: the one remembered, or made (again, for a
-        vector from another view's identity: another whitening or model) and remembered."""
+        vector from another view's identity: another whitening or model) and remembered. `decoded`: the photo as
+        decoded to be kept, embedded instead of the kept JPEG (one decoding per new photo, not two)."""
         if embedder is None:
             return query
         identity = embedder.identity.key
         if query.vector is not None and query.identity == identity:
             return query
-        vector = embed_upload(query.photo, embedder)
+        vector = embed_upload(query.photo if decoded is None else decoded, embedder)
         return self._remember(Query(query.token, query.photo, vector, identity), saved=True)
 
     def get(self, token: str) -> Query | None:

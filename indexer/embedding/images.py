@@ -31,6 +31,8 @@ T = TypeVar("T")
 ACCEPTED_FORMATS: dict[str, tuple[str, ...]] = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
 FORMAT_NAMES = "JPEG, PNG or WebP"
 # Pillow refuses images above this many pixels (a few-KB PNG can claim 30000x30000).
+# A photo's bytes, a file's path, or a photo decoded here already (upright RGB).
+Source = bytes | str | Path | Image.Image
 MAX_PIXELS = 40_000_000
 # Memory per pixel of the upright RGB photo (Pillow keeps RGB in 4 bytes), and of a WebP decoder's own buffers
 # (its canvas, the frame it hands over and a copy of it), on top of the decoded pixels.
@@ -183,10 +185,13 @@ def open_image(source: bytes | str | Path, target_size: int | None = None) -> Im
     return _decoded(source, target_size, lambda image: image)
 
 
-def _decoded(source: bytes | str | Path, target_size: int | None, finish: Callable[[Image.Image], T]) -> T:
+def _decoded(source: Source, target_size: int | None, finish: Callable[[Image.Image], T]) -> T:
     """finish(the upright RGB photo), with the memory the decoding and `finish` take held from DECODING.
 
-    A WebP decoder allocates its canvas as it opens the file: its size is read from the header and held first."""
+    A WebP decoder allocates its canvas as it opens the file: its size is read from the header and held first. A
+    source that is an image already (decoded here, upright RGB) goes to `finish` as it is."""
+    if isinstance(source, Image.Image):
+        return finish(source)
     with _stream(source) as stream:
         with _decode_errors():
             canvas = _webp_canvas(stream)
@@ -330,7 +335,7 @@ def to_model_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def _region(source: bytes | str | Path, target_size: int, box: Box | None, finish: Callable[[Image.Image], T]) -> T:
+def _region(source: Source, target_size: int, box: Box | None, finish: Callable[[Image.Image], T]) -> T:
     """finish(the upright photo, or the box's region of it decoded at a scale that keeps it target_size), all of
     it within the decoding's hold on memory."""
     if box is None:
@@ -343,7 +348,7 @@ def open_region(source: bytes | str | Path, target_size: int, box: Box | None = 
     return _region(source, target_size, box, lambda image: image)
 
 
-def load_pixels(source: bytes | str | Path, size: int, box: Box | None = None) -> np.ndarray:
+def load_pixels(source: Source, size: int, box: Box | None = None) -> np.ndarray:
     """Decode (and crop to a box) and resize in one step: what both the indexer and the service call."""
     return _region(source, size, box, lambda image: to_model_input(image, size))
 
@@ -378,9 +383,10 @@ def thumbnail(source: bytes | str | Path, size: int = 256, box: Box | None = Non
     return _region(source, size, box, shrink)
 
 
-def reencoded(source: bytes | str | Path, max_side: int, quality: int = 90) -> bytes:
+def reencoded(source: bytes | str | Path, max_side: int, quality: int = 90) -> tuple[bytes, Image.Image]:
     """The photo as decoded here (upright, RGB, at most max_side pixels a side), written again as a JPEG: what is
-    kept of a photo, never the bytes as sent (trailing data, metadata and other formats' quirks are not kept)."""
+    kept of a photo, never the bytes as sent (trailing data, metadata and other formats' quirks are not kept); and
+    that decoded photo, which a caller may embed at once instead of decoding the JPEG again."""
     # JPEGs decode at a reduced scale that keeps the long side at least max_side: a square target would keep the
     # short side there, and a 12-megapixel photo would be decoded whole.
     try:
@@ -395,4 +401,4 @@ def reencoded(source: bytes | str | Path, max_side: int, quality: int = 90) -> b
     image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
+    return buffer.getvalue(), image

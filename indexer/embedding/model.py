@@ -30,7 +30,7 @@ from indexer.embedding.engines import (
     read_export,
     write_export,
 )
-from indexer.embedding.images import Box, load_pixels, load_views
+from indexer.embedding.images import Box, Source, load_pixels, load_views
 from indexer.embedding.weights import sha256_file
 from indexer.embedding.whitening import Whitening
 
@@ -270,7 +270,7 @@ class Embedder:
             return np.zeros((0, self.identity.dim), dtype=np.float32)
         return self.finish(self.engine.features(pixels))
 
-    def embed_image(self, source: bytes | str | Path, box: Box | None = None) -> np.ndarray:
+    def embed_image(self, source: Source, box: Box | None = None) -> np.ndarray:
         """One image file or upload (or the box's region of it) -> (dim,) unit vector; raises ImageError for bad
         input and BoxError for a region too small for the photo."""
         return self.embed_pixels(load_pixels(source, self.input_size, box)[None])[0]
