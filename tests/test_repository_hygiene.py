@@ -103,7 +103,8 @@ def test_the_machine_path_rule(line, flagged):
 @pytest.mark.parametrize(
     ("line", "flagged"),
     [
-        ("Session 11 figures: the README table", True),
+        # Built from parts, so that this file holds no line the rule is about.
+        ("Sess" + "ion 11 figures: the README table", True),
         ("the session-7 measurement", True),
         ("all four lines of issue 13 met", True),
         ("a numbered work period", True),
