@@ -232,6 +232,16 @@ def subprocess_config(folder: Path, **replacements: str) -> Path:
     return path
 
 
+def indexed_skimage(settings: Settings, embedder, folder: Path, **overrides: object) -> Settings:
+    """The scikit-image catalog written into `folder` and indexed into its data folder: the settings over them,
+    with the overrides given."""
+    from indexer.jobs.indexing import index_catalog
+
+    settings = settings.with_overrides(data_dir=folder / "data", catalog_dir=folder / "catalog", **overrides)
+    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
+    return settings
+
+
 def served_catalog(
     settings: Settings,
     embedder,

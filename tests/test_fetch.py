@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 from indexer.config import ConfigError, load_settings
-from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.fetch import EVERYWHERE, FetchFailed, FetchRefused, fetch_image, no_answer_message, refusal_reason
 from service.recent_queries import stored_photo
-from tests.conftest import skimage_photo, write_skimage_catalog
+from tests.conftest import indexed_skimage, skimage_photo
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.0/8"),)
 CAP = 2_000_000  # max_upload_bytes of the apps below
@@ -178,11 +177,9 @@ def base(server) -> str:
 
 @pytest.fixture(scope="module")
 def indexed(base_settings, embedder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fetch")
-    settings = base_settings.with_overrides(
-        data_dir=folder / "data", catalog_dir=folder / "catalog", max_upload_bytes=CAP, fetch_timeout_s=1.0
+    settings = indexed_skimage(
+        base_settings, embedder, tmp_path_factory.mktemp("fetch"), max_upload_bytes=CAP, fetch_timeout_s=1.0
     )
-    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
     return settings
 
 

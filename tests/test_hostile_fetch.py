@@ -15,10 +15,9 @@ from urllib.parse import unquote
 
 import pytest
 
-from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.fetch import _parse, no_answer_message
-from tests.conftest import skimage_photo, write_skimage_catalog
+from tests.conftest import indexed_skimage, skimage_photo
 
 
 def photo_bytes() -> bytes:
@@ -98,11 +97,9 @@ def unused_port() -> int:
 
 @pytest.fixture(scope="module")
 def indexed(base_settings, embedder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile-fetch")
-    settings = base_settings.with_overrides(
-        data_dir=folder / "data", catalog_dir=folder / "catalog", fetch_timeout_s=1.0, fetch_allow_private=True
+    settings = indexed_skimage(
+        base_settings, embedder, tmp_path_factory.mktemp("hostile-fetch"), fetch_timeout_s=1.0, fetch_allow_private=True
     )
-    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
     return settings
 
 

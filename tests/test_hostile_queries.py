@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.recent_queries import STORED_SIDE, QueryFolder
-from tests.conftest import write_skimage_catalog
+from tests.conftest import indexed_skimage
 
 CAP_MB = 1
 JUNK = b"TRAILING-JUNK-" * 4000  # 56 kB after the JPEG's end marker: still decodes, must never be kept
@@ -23,11 +22,9 @@ JUNK = b"TRAILING-JUNK-" * 4000  # 56 kB after the JPEG's end marker: still deco
 
 @pytest.fixture(scope="module")
 def indexed(base_settings, embedder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile-queries")
-    settings = base_settings.with_overrides(
-        data_dir=folder / "data", catalog_dir=folder / "catalog", query_store_mb=CAP_MB, workers=1
+    settings = indexed_skimage(
+        base_settings, embedder, tmp_path_factory.mktemp("hostile-queries"), query_store_mb=CAP_MB, workers=1
     )
-    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
     return settings
 
 

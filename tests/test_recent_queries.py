@@ -20,10 +20,9 @@ from PIL import Image
 from indexer.config import REPO_ROOT, cpu_count
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import Whitening
-from indexer.jobs.indexing import index_catalog
 from service import create_app
 from service.recent_queries import PRUNED_MARKER, QueryFolder, RecentQueries, stored_photo
-from tests.conftest import served_catalog, skimage_photo, write_skimage_catalog
+from tests.conftest import indexed_skimage, served_catalog, skimage_photo
 from tests.support.procfs import process_tree
 from tests.support.server import running_server
 
@@ -42,10 +41,7 @@ def side_by_side(left: str, right: str, size: int = 320) -> bytes:
 
 @pytest.fixture(scope="module")
 def indexed(base_settings, embedder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("query-store")
-    settings = base_settings.with_overrides(data_dir=folder / "data", catalog_dir=folder / "catalog")
-    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
-    return settings
+    return indexed_skimage(base_settings, embedder, tmp_path_factory.mktemp("query-store"))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from PIL import Image
 from indexer.embedding.images import Box, BoxError, load_pixels, open_image, open_region
 from indexer.jobs.indexing import index_catalog
 from service import create_app
-from tests.conftest import read_csv, skimage_photo, write_skimage_catalog
+from tests.conftest import indexed_skimage, read_csv, skimage_photo
 from tests.test_images import exif_orientation, upright_layout
 
 
@@ -94,9 +94,7 @@ def test_a_box_under_16_pixels_a_side_of_the_photo_is_refused():
 
 @pytest.fixture(scope="module")
 def client(base_settings, embedder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("regions")
-    settings = base_settings.with_overrides(data_dir=folder / "data", catalog_dir=folder / "catalog")
-    index_catalog(settings, embedder, write_skimage_catalog(settings.catalog_dir), progress=False)
+    settings = indexed_skimage(base_settings, embedder, tmp_path_factory.mktemp("regions"))
     return create_app(settings, embedder).test_client()
 
 
