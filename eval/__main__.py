@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, catalog_path, product_labels, read_queries, repository_path, run_queries
 from indexer.catalog import in_catalog
 from indexer.config import REPO_ROOT, load_settings, run_with_config
 from indexer.index.segments import read_manifest
+from indexer.retrieval_metrics import hit_matrix, per_label, summarise
 from indexer.storage.store import Store
 
 OUT_DIR = REPO_ROOT / "eval"

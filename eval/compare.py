@@ -6,7 +6,9 @@ For the plain model and, when `make finetune` has made one, the fine-tuned model
 catalog's whitening, and with the whitening and extra catalog views (--views, flip and crop unless "none"):
 `make index` into <work>/<configuration>, then the shop-photo queries (fine labels, and
 coarse ones with --coarse-label), leave-one-out, and the in-process query latency (p50 of POST /api/search, one
-at a time). Writes eval/configurations.json; the table goes to docs/model.md and eval/README.md.
+at a time). Writes eval/configurations.json; the table goes to docs/model.md and eval/README.md. Last, it checks
+that the configuration this checkout serves (the one `make finetune` chose on held-out photos) is the best of the
+four without extra views on the queries too, within the margin `make finetune` requires.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.metrics import hit_matrix, per_label, summarise
 from eval.protocols import K, catalog_path, product_labels, read_queries, repository_path, run_queries
 from indexer.catalog import in_catalog
 from indexer.config import REPO_ROOT, Settings, catalog_views, load_settings, run_with_config
+from indexer.jobs.held_out import MARGIN, Candidate, best_of
+from indexer.retrieval_metrics import hit_matrix, per_label, summarise
 
 OUT_FILE = REPO_ROOT / "eval" / "configurations.json"
 # Query photos timed one at a time for the latency column.
@@ -150,9 +153,43 @@ def main(argv: list[str] | None = None) -> int:
         baseline = report["runs"][baseline_of(name)]
         if baseline is not run:
             run["largest_category_loss"] = largest_loss(baseline["per_category_recall@1"], run["per_category_recall@1"])
+    report["active"] = active_check(base, report["runs"])
+    if report["active"] is not None:
+        print(active_line(report["active"]))
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def active_name(settings: Settings) -> str:
+    """The configuration these settings serve: the active model, with the whitening that model.whitening or the
+    held-out measurement of `make finetune` chose."""
+    return ("finetuned" if settings.finetuned is not None else "plain") + ("+whitening" if settings.whitens else "")
+
+
+def active_check(settings: Settings, runs: dict[str, dict]) -> dict | None:
+    """Whether the active configuration is the best of the candidates `make finetune` chose among (each network
+    without and with whitening) on the queries too, as it was on the held-out photos: best by R@1 with mAP@10 breaking
+    near ties, or within the margin `make finetune` requires. None when the active one was not run (--only)."""
+    active = active_name(settings)
+    candidates = [
+        Candidate(name.split("+")[0], name.endswith("+whitening"), run["queries/category"]["recall@1"],
+                  run["queries/category"]["map@10"])
+        for name, run in runs.items() if name.count("+") <= 1 and not name.endswith("+views")
+    ]  # fmt: skip
+    by_name = {candidate.name: candidate for candidate in candidates}
+    if active not in by_name:
+        return None
+    best = best_of(candidates)
+    behind = round(best.recall_at_1 - by_name[active].recall_at_1, 4)
+    return {"configuration": active, "recall@1": by_name[active].recall_at_1, "best": best.name,
+            "best_recall@1": best.recall_at_1, "behind": behind, "holds": behind <= MARGIN}  # fmt: skip
+
+
+def active_line(check: dict) -> str:
+    verdict = "holds" if check["holds"] else f"does not hold: more than {MARGIN} behind"
+    return (f"check: the active configuration, {check['configuration']} (R@1 {check['recall@1']:.3f}), against the "
+            f"best on the queries, {check['best']} ({check['best_recall@1']:.3f}): {verdict}")  # fmt: skip
 
 
 def largest_loss(before: dict[str, float], after: dict[str, float]) -> dict[str, object]:

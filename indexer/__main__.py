@@ -149,6 +149,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         print("the plain ImageNet model is active again; run `make index` to re-embed the catalog")
         return 0
     from indexer.jobs.finetune import finetune, split_layer
+    from indexer.jobs.held_out import describe, verdict
 
     catalog = Path(args.catalog) if args.catalog else settings.catalog_dir
     metadata = in_catalog(catalog, args.metadata)
@@ -161,11 +162,20 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     summary = finetune(settings, catalog, metadata, options, progress=not args.quiet)
-    print(
-        f"model version {summary['version']} is active: validation R@1 {summary['validation_recall@1']:.3f} "
-        f"(epoch {summary['best_epoch']} of {options.epochs}, {summary['seconds'] / 60:.1f} min)."
-    )
-    print("Next: make index CATALOG=... to re-embed the catalog with it.")
+    print(f"trained in {summary['seconds'] / 60:.1f} min: validation R@1 {summary['validation_recall@1']:.3f} "
+          f"(epoch {summary['best_epoch']} of {options.epochs})")  # fmt: skip
+    if summary["held_out"] is not None:
+        print("\n".join(describe(summary["held_out"])))
+    print(verdict(summary["held_out"]))
+    if summary["activated"]:
+        print("Next: make index CATALOG=... to re-embed the catalog with it.")
+        return 0
+    print(f"The trained version is kept in {settings.models_dir / summary['weights']}, not active.")
+    if settings.finetuned is not None:
+        print(
+            f"The active model is still {settings.finetuned.name.removesuffix('.weights.h5')}; "
+            "`python -m indexer finetune --reset` returns to the plain network."
+        )
     return 0
 
 

@@ -61,9 +61,10 @@ class Settings:
     # every protocol measured, 2.3x as fast: docs/model.md "Precision"); or "fp32".
     precision: str = "int8"
     # Whitening learned on the catalog (indexer/embedding/whitening.py), fitted by the first `make index` of a catalog;
-    # `whitening_dims` directions are kept. None ("auto"): the plain network's vectors are whitened, a fine-tuned
-    # model's are not (it cost one category 0.11-0.15 R@1 on both fine-tune seeds measured: eval/README.md);
-    # True or False forces it either way (`whitens` is the outcome). WHITENING overrides (auto/on/off).
+    # `whitening_dims` directions are kept. None ("auto"): what `make finetune` measured best on the catalog's
+    # held-out photos for the active model (indexer/jobs/held_out.py); without that measurement the plain network's
+    # vectors are whitened and a fine-tuned model's are not. True or False forces it either way (`whitens` is the
+    # outcome). WHITENING overrides (auto/on/off).
     whitening: bool | None = None
     whitening_dims: int = 96
     # How the last feature map becomes one vector: "avg" (average pooling) or "gem" (generalised mean, with p).
@@ -73,6 +74,9 @@ class Settings:
     use_finetuned: bool = True
     # Weights of a fine-tuned version of this model (from models/active-model.json), if any.
     finetuned: Path | None = None
+    # Whether to whiten the active model's vectors, as `make finetune` chose on the held-out photos (from
+    # models/active-model.json); None where nothing was measured. Followed when model.whitening is "auto".
+    held_out_whitening: bool | None = None
     # Inference threads per interpreter, and indexing threads (each decodes a batch and embeds it
     # with its own interpreter); 0 = automatic.
     model_threads: int = 0
@@ -143,8 +147,11 @@ class Settings:
 
     @property
     def whitens(self) -> bool:
-        """Whether `make index` whitens this model's vectors: model.whitening, or with "auto" the plain network's."""
-        return self.finetuned is None if self.whitening is None else self.whitening
+        """Whether `make index` whitens this model's vectors: model.whitening; with "auto", what the held-out
+        measurement chose for the active model, or else the plain network's and not a fine-tuned model's."""
+        if self.whitening is not None:
+            return self.whitening
+        return self.finetuned is None if self.held_out_whitening is None else self.held_out_whitening
 
     @property
     def embed_workers(self) -> int:
@@ -195,6 +202,9 @@ class Settings:
         return self.milvus_uri or str(self.data_dir / "milvus.db")
 
     def with_overrides(self, **changes: object) -> Settings:
+        # The held-out choice belongs to the model it was measured on: another model starts without one.
+        if changes.get("finetuned", self.finetuned) != self.finetuned:
+            changes.setdefault("held_out_whitening", None)
         return replace(self, **changes)
 
 
@@ -440,8 +450,9 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, **overrides
             values[spec.field] = spec.parse(table[name], spec.shown(key))
     settings = _in_folder(Settings(**values), config_path.resolve().parent)
     settings = replace(settings, **overrides) if overrides else settings
-    if settings.use_finetuned and "finetuned" not in overrides:
-        settings = replace(settings, finetuned=active_finetuned(settings))
+    if "finetuned" not in overrides:
+        finetuned, whitening = active_model(settings)
+        settings = replace(settings, finetuned=finetuned, held_out_whitening=whitening)
     validate(settings)
     return settings
 
@@ -471,16 +482,23 @@ def _in_folder(settings: Settings, folder: Path) -> Settings:
     )
 
 
-def active_finetuned(settings: Settings) -> Path | None:
-    """The fine-tuned weights `make finetune` activated for this base model and weights, if any."""
+def active_model(settings: Settings) -> tuple[Path | None, bool | None]:
+    """What `make finetune` activated for this base model and weights: the fine-tuned weights (None: the plain
+    network), and whether the held-out measurement chose to whiten them (None: not measured). A fine-tuned version
+    is followed only with model.use_finetuned; a missing weights file is the plain network."""
     try:
         active = json.loads((settings.models_dir / ACTIVE_MODEL_FILE).read_text())
     except FileNotFoundError:
-        return None
+        return None, None
     if active.get("base_model") != settings.model_name or active.get("base_weights") != settings.weights:
-        return None
+        return None, None
+    whitening = active.get("whitening")
+    if active.get("weights") is None:  # the plain network, measured best with or without its whitening
+        return None, whitening
     path = settings.models_dir / active["weights"]
-    return path if path.exists() else None
+    if not settings.use_finetuned or not path.exists():
+        return None, None
+    return path, whitening
 
 
 def validate(settings: Settings) -> None:

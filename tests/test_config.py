@@ -88,10 +88,10 @@ def test_an_empty_config_gives_settings_defaults_with_paths_in_the_config_files_
     }
 
 
-def test_every_settings_field_but_the_finetuned_weights_is_set_by_one_key():
+def test_every_settings_field_but_what_make_finetune_activated_is_set_by_one_key():
     fields = [spec.field for spec in KEYS.values()]
     assert len(fields) == len(set(fields))
-    assert set(fields) == {f.name for f in dataclasses.fields(Settings)} - {"finetuned"}
+    assert set(fields) == {f.name for f in dataclasses.fields(Settings)} - {"finetuned", "held_out_whitening"}
 
 
 def test_config_toml_states_every_key_with_settings_default():

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.metrics import average_precision, hit_matrix, mean_average_precision, per_label, recall_at, summarise
+from indexer.retrieval_metrics import (
+    average_precision,
+    hit_matrix,
+    mean_average_precision,
+    per_label,
+    recall_at,
+    summarise,
+)
 
 
 def test_hit_matrix_marks_results_with_the_query_label_and_pads_short_lists():

@@ -9,7 +9,8 @@ picks the best epoch. The recipe was chosen on grocery shop photos: eval/README.
 
 Interrupting is safe: the cache fills in resumable chunks and training resumes from the last
 finished epoch (Keras BackupAndRestore). The result is a new model version under
-models/finetuned/, made the active one in models/active-model.json; `make index` then
+models/finetuned/. It is made the active one in models/active-model.json only when the held-out
+photos say it serves better than the plain network (indexer/jobs/held_out.py); `make index` then
 re-embeds everything with it.
 """
 
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from indexer.catalog import CatalogImage, scan_catalog
 from indexer.config import ACTIVE_MODEL_FILE, Settings
 from indexer.embedding.images import load_pixels, open_image
+from indexer.jobs.held_out import Decision, decide, embed_photos, measure
 
 # The last blocks of MobileNet v1 (blocks 1-13) that are trained; the layer before them is the last frozen one.
 BLOCKS = 3
@@ -347,9 +349,9 @@ def _train(trainer, upper, classifier, maps: np.ndarray, data: _TrainingSet, dat
     return best, history
 
 
-def _save_and_activate(settings: Settings, plain: Settings, feature_model, data: _TrainingSet, trained: dict):
-    """Write the new version's weights and its summary (what `trained` says of the run), then make it the active
-    model with an atomic rename. Returns the weights' path and the summary."""
+def _save_version(settings: Settings, plain: Settings, feature_model, data: _TrainingSet, trained: dict):
+    """Write the new version's weights under models/finetuned/, named by base model, catalog and time; nothing is
+    activated yet. Returns the weights' path and the summary (what `trained` says of the run)."""
     out_dir = settings.models_dir / "finetuned"
     out_dir.mkdir(parents=True, exist_ok=True)
     version = f"{settings.model_name}-{data.root.name}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
@@ -363,16 +365,38 @@ def _save_and_activate(settings: Settings, plain: Settings, feature_model, data:
         "catalog": str(data.root),
         **trained,
     }
-    weights_path.with_suffix("").with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    partial = settings.models_dir / (ACTIVE_MODEL_FILE + ".partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    partial.replace(settings.models_dir / ACTIVE_MODEL_FILE)
     return weights_path, summary
+
+
+def activate(settings: Settings, record: dict) -> None:
+    """Make `record` the active model (models/active-model.json), with an atomic rename: a fine-tuned version (it
+    names its weights) or the plain network, each with the whitening the held-out photos chose."""
+    partial = settings.models_dir / (ACTIVE_MODEL_FILE + ".partial")
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(settings.models_dir / ACTIVE_MODEL_FILE)
+
+
+def held_out_decision(plain: Settings, tuned: Settings, data: _TrainingSet, catalog_dir: Path, metadata: Path | None,
+                      progress: bool) -> Decision | None:  # fmt: skip
+    """Every candidate of the plain and the fine-tuned network measured on the held-out photos (None when none
+    could be held out); photos that do not decode are left out of both."""
+    embedded = {network: embed_photos(settings, data.images, network, progress, catalog_dir, metadata)
+                for network, settings in (("plain", plain), ("finetuned", tuned))}  # fmt: skip
+    decoded = embedded["plain"][1] & embedded["finetuned"][1]
+    train, held = data.train[decoded[data.train]], data.val[decoded[data.val]]
+    if len(held) == 0:
+        return None
+    dims = plain.whitening_dims
+    candidates = [candidate for network, (vectors, _) in embedded.items()
+                  for candidate in measure(network, vectors, data.labels, train, held, dims)]  # fmt: skip
+    return decide(candidates, plain.whitening, len(held), len(train))
 
 
 def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, options: FinetuneOptions | None = None,
              *, progress: bool = True) -> dict:  # fmt: skip
-    """Train, pick the best epoch on the validation split, save and activate the new model version."""
+    """Train and pick the best epoch on the validation split; save the new version; then measure every candidate
+    configuration on the held-out photos and activate the best when it beats the plain default (held_out.py).
+    Returns the version's summary, which says what was activated, if anything."""
     import keras
 
     from indexer.embedding.model import build_feature_model, ensure_litert_export
@@ -401,12 +425,26 @@ def finetune(settings: Settings, catalog_dir: Path, metadata: Path | None, optio
         "best_epoch": best["epoch"],
         "validation_recall@1": round(best["val_recall@1"], 4),
         "history": history,
-        "seconds": round(time.perf_counter() - started, 1),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    weights_path, summary = _save_and_activate(settings, plain, feature_model, data, trained)
+    weights_path, summary = _save_version(settings, plain, feature_model, data, trained)
+    tuned = settings.with_overrides(finetuned=weights_path)
     if settings.engine == "litert":
-        ensure_litert_export(settings.with_overrides(finetuned=weights_path), catalog=catalog_dir, metadata=metadata)
+        ensure_litert_export(tuned, catalog=catalog_dir, metadata=metadata)
+    decision = held_out_decision(plain, tuned, data, catalog_dir, metadata, progress)
+    summary["held_out"] = None if decision is None else decision.as_dict()
+    summary["activated"] = decision is not None and decision.activated
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if summary["activated"]:
+        chosen = decision.best
+        if chosen.network == "finetuned":
+            activate(settings, {**summary, "whitening": chosen.whitened})
+        else:
+            plain_record = {
+                key: summary[key] for key in ("base_model", "base_weights", "catalog", "held_out", "created")
+            }
+            activate(settings, {"version": "plain", **plain_record, "whitening": chosen.whitened})
+    weights_path.with_suffix("").with_suffix(".json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(work_dir / "backup", ignore_errors=True)
     (work_dir / "progress.json").unlink(missing_ok=True)
     return summary
