@@ -142,6 +142,7 @@ def test_a_finetune_that_cannot_beat_the_plain_network_is_not_activated_and_says
     activate_a_finetuned_model(models)  # an earlier version, which stays active
     before = (models / ACTIVE_MODEL_FILE).read_text()
     monkeypatch.setenv("MODELS_DIR", str(models))
+    monkeypatch.setenv("CATALOG_VIEWS", "flip")  # the candidates are measured with the catalog's extra views
 
     status = main(["finetune", "--catalog", str(grocery), "--metadata", str(metadata), "--epochs", "1",
                    "--views", "2", "--quiet"])  # fmt: skip
