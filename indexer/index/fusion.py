@@ -17,7 +17,7 @@ def fuse(visual: list[ShownProduct], text: list[ShownProduct], k: int, text_weig
     """The k best products of both rankings (each best first, one entry per product), by their fused score; ties
     go to the better visual rank, then the better text rank."""
     visual_ranks = {product.sku: rank for rank, product in enumerate(visual, 1)}
-    text_ranks = {product.sku: rank for rank, product in enumerate(text, 1)}
+    text_ranks = shared_ranks(text)
     products = {product.sku: product for product in (*text, *visual)}  # the visual result's fields win
 
     def fused(sku: str) -> float:
@@ -37,6 +37,18 @@ def fuse(visual: list[ShownProduct], text: list[ShownProduct], k: int, text_weig
         )
         for sku in order[:k]
     ]
+
+
+def shared_ranks(text: list[ShownProduct]) -> dict[str, int]:
+    """sku -> rank in the words' ranking (best first), equally relevant products sharing the better rank ("1, 2,
+    2, 4"): the order among equals is arbitrary, and would otherwise favour some of them over the others."""
+    ranks: dict[str, int] = {}
+    previous = None
+    for position, product in enumerate(text, 1):
+        if previous is None or product.score != previous[0]:
+            previous = (product.score, position)
+        ranks[product.sku] = previous[1]
+    return ranks
 
 
 def words_alone(text: list[ShownProduct]) -> list[ShownProduct]:
