@@ -137,7 +137,7 @@ class Settings:
     # Words beside a photo (q): the weight of the words' ranking in the reciprocal rank fusion with the visual
     # ranking, score = 1/(60 + visual rank) + text_weight/(60 + text rank); 0 ranks by the photo alone among
     # the union of both rankings.
-    text_weight: float = 1.0
+    text_weight: float = 0.25
 
     @property
     def pooling_name(self) -> str:
