@@ -1,5 +1,5 @@
-"""A request's parameters: k, the category and price filters, the words (q), and an uploaded photo with its vectors (a search's
-or a write's), each checked with a 400 that says what to send.
+"""A request's parameters: k, the category and price filters, the words (q), and an uploaded photo with its vectors
+(a search's or a write's), each checked with a 400 that says what to send.
 
 Which photo a search is about (an upload, an image_url, a token, a box) is service/search_photo.py; recent query
 photos are remembered by service/recent_queries.py.

@@ -14,8 +14,8 @@ import pytest
 import requests
 from PIL import Image
 
-from service import create_app
 from indexer.storage.text import MAX_WORDS_CHARS
+from service import create_app
 from service.recent_queries import STORED_SIDE, QueryFolder
 from tests.conftest import indexed_skimage, served_catalog, skimage_jpeg
 from tests.support.server import running_server

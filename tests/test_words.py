@@ -60,8 +60,10 @@ def test_words_alone_find_the_live_products_holding_every_word_case_and_accents_
 
 def test_writes_are_found_or_gone_at_once(served):
     url, settings = served
-    put = requests.put(f"{url}/api/products/cam", headers=AUTH, timeout=60,
-                       files={"image": ("c.jpg", skimage_jpeg("camera"))}, data={"title": "Vintage tripod"})  # fmt: skip
+    photo = {"image": ("c.jpg", skimage_jpeg("camera"))}
+    put = requests.put(
+        f"{url}/api/products/cam", headers=AUTH, files=photo, data={"title": "Vintage tripod"}, timeout=60
+    )
     assert put.status_code == 200, put.text
     assert words(url, "tripod") == ["cam"]
     assert words(url, "cameraman") == []

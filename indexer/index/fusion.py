@@ -32,9 +32,7 @@ def fuse(visual: list[ShownProduct], text: list[ShownProduct], k: int, text_weig
     order = sorted(products, key=lambda s: (-fused(s), visual_ranks.get(s, inf), text_ranks.get(s, inf)))
     visual_scores = {product.sku: product.score for product in visual}
     return [
-        products[sku].scored(
-            fused(sku), Match(visual_ranks.get(sku), visual_scores.get(sku), text_ranks.get(sku))
-        )
+        products[sku].scored(fused(sku), Match(visual_ranks.get(sku), visual_scores.get(sku), text_ranks.get(sku)))
         for sku in order[:k]
     ]
 
