@@ -163,17 +163,18 @@ endif
 	  $(if $(METADATA),--metadata "$(METADATA)")
 
 # Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
+# WORDS=<column of QUERIES>: each photo also searched with q set to that column, beside the photo-only figures.
 # COMPARE=1: every configuration (plain / fine-tuned, without / with whitening, with whitening and VIEWS=<extra
 # catalog views>, flip,crop unless none) side by side, each indexed anew, with COARSE=<second label column> and
 # query latency, to eval/configurations.json.
 eval: weights migrate
-	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category] [COMPARE=1 [COARSE=coarse_category] [VIEWS=flip,crop]]"; exit 2; }
+	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category] [WORDS=<column>] [COMPARE=1 [COARSE=coarse_category] [VIEWS=flip,crop]]"; exit 2; }
 ifdef COMPARE
 	$(PY) -m eval.compare --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
 	  --queries "$(QUERIES)" $(if $(COARSE),--coarse-label "$(COARSE)") $(if $(VIEWS),--views "$(VIEWS)")
 else
 	$(PY) -m eval --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
-	  $(if $(QUERIES),--queries "$(QUERIES)") $(if $(LABEL),--label "$(LABEL)")
+	  $(if $(QUERIES),--queries "$(QUERIES)") $(if $(LABEL),--label "$(LABEL)") $(if $(WORDS),--words "$(WORDS)")
 endif
 
 # Transfer learning on the catalog's categories; the new model version becomes the active one.

@@ -4,7 +4,9 @@
 
 Queries go through the service itself (POST /api/search, or GET /api/products/<sku>/similar for
 leave-one-out when no query set is given) on the index in DATA_DIR, so what is measured is what
-shoppers get. Writes eval/results.json and eval/hardest.png.
+shoppers get. With --words <column>, each photo is searched again with q set to that column of the
+queries file, and those figures are written beside the photo-only ones. Writes eval/results.json and
+eval/hardest.png.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ def hardest_figure(rows: list[dict], app, path: Path, count: int) -> None:
         path.write_bytes(render_grid(grid))
 
 
+def words_figures(app, queries: list[dict], column: str, labels: dict, query_labels: list) -> dict[str, object]:
+    """The same photos searched with q set to `column` of their rows: the summary, and the text_weight used."""
+    results = run_queries(app, queries, [], words=column)
+    hits = hit_matrix(query_labels, [[labels.get(r["sku"]) for r in rs] for rs in results], K)
+    text_weight = app.extensions["catalog_search"].settings.text_weight
+    return {"words": column, "text_weight": text_weight, "summary": summarise(hits)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -48,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", help="accepted for symmetry with `make index`; labels come from the index")
     parser.add_argument("--queries", help="CSV of query photos (image,<label>); default: leave-one-out")
     parser.add_argument("--label", default="category", help="the column that defines a hit (default: category)")
+    parser.add_argument("--words", help="a column of the queries file: also search each photo with q set to it")
     parser.add_argument("--hardest", type=int, default=8, help="queries shown in eval/hardest.png")
     parser.add_argument("--out", default=str(OUT_DIR))
     args = parser.parse_args(argv)
@@ -66,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = app.extensions["catalog_search"].current().manifest
     labels = product_labels(app, args.label)
     queries = None
+    if args.words and not args.queries:
+        parser.error("--words needs --queries (the column is read from the queries file)")
     if args.queries:
-        queries = read_queries(in_catalog(catalog, args.queries), catalog, args.label)
+        queries = read_queries(in_catalog(catalog, args.queries), catalog, args.label, args.words)
     skus = sorted(labels)
     started = time.perf_counter()
     results = run_queries(app, queries, skus)
@@ -80,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in result_list:
             result["label"] = labels.get(result["sku"])
     hits = hit_matrix(query_labels, [[r["label"] for r in rs] for rs in results], K)
+    with_words = words_figures(app, queries, args.words, labels, query_labels) if args.words else None
 
     summary = summarise(hits)
     table = per_label(query_labels, hits)
@@ -103,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seconds": round(seconds, 1),
         "summary": summary,
+        "with_words": with_words,
         "per_label": table,
         "hardest": [{**row, "query_path": catalog_path(row["query_path"], catalog)} for row in hardest],
     }
@@ -111,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{report['protocol']} on {catalog.name}, label '{args.label}', {summary['queries']} queries:")
     print("  R@1 {recall@1:.3f}  R@5 {recall@5:.3f}  R@10 {recall@10:.3f}  mAP@10 {map@10:.3f}".format(**summary))
+    if with_words:
+        print("  with words (q = {words}, text_weight {text_weight}):".format(**with_words))
+        print("  R@1 {recall@1:.3f}  R@5 {recall@5:.3f}  R@10 {recall@10:.3f}  mAP@10 {map@10:.3f}".format(
+            **with_words["summary"]))  # fmt: skip
     print("  worst labels:")
     for row in table[:10]:
         print(

@@ -34,25 +34,30 @@ def catalog_path(path: str | Path, catalog: Path) -> str:
     return repository_path(resolved)
 
 
-def read_queries(path: Path, catalog: Path, label: str) -> list[dict[str, str]]:
+def read_queries(path: Path, catalog: Path, label: str, words: str | None = None) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "image" not in rows[0] or label not in rows[0]:
         raise SystemExit(f"error: {path} needs an 'image' and a '{label}' column")
+    if words is not None and words not in rows[0]:
+        raise SystemExit(f"error: {path} has no '{words}' column for --words")
     for row in rows:  # like metadata, image paths are relative to the catalog folder
         row["path"] = str(catalog / row["image"])
     return rows
 
 
-def run_queries(app, queries: list[dict[str, str]] | None, skus: list[str]) -> list[list[dict]]:
-    """Result lists from the API, one per query photo (or per catalog sku for leave-one-out)."""
+def run_queries(
+    app, queries: list[dict[str, str]] | None, skus: list[str], words: str | None = None
+) -> list[list[dict]]:
+    """Result lists from the API, one per query photo (or per catalog sku for leave-one-out); with `words`, each
+    photo is searched with q set to that column of its row (a shopper's words beside the photo)."""
 
     def by_photo(query: dict[str, str]) -> list[dict]:
         photo = Path(query["path"]).read_bytes()
-        response = app.test_client().post(
-            "/api/search", data={"image": (io.BytesIO(photo), "query.jpg"), "k": str(K)},
-            content_type="multipart/form-data",
-        )  # fmt: skip
+        fields = {"image": (io.BytesIO(photo), "query.jpg"), "k": str(K)}
+        if words is not None:
+            fields["q"] = query[words]
+        response = app.test_client().post("/api/search", data=fields, content_type="multipart/form-data")
         if response.status_code != 200:
             raise SystemExit(f"error: {query['image']}: {response.status_code} {response.get_json()}")
         return response.get_json()["results"]

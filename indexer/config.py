@@ -134,6 +134,10 @@ class Settings:
     # A request's headers, and each part of its body, must arrive within this many seconds (the body also at
     # 20 kB/s or faster past them), else the server answers 408 and closes the connection.
     read_timeout_s: float = 5.0
+    # Words beside a photo (q): the weight of the words' ranking in the reciprocal rank fusion with the visual
+    # ranking, score = 1/(60 + visual rank) + text_weight/(60 + text rank); 0 ranks by the photo alone among
+    # the union of both rankings.
+    text_weight: float = 0.25
 
     @property
     def pooling_name(self) -> str:
@@ -391,6 +395,7 @@ KEYS: dict[str, Key] = {
     "service.memory_budget_mb": Key("memory_budget_mb", _whole, "MEMORY_BUDGET_MB"),
     "service.cors_origins": Key("cors_origins", _list, "CORS_ORIGINS"),
     "service.read_timeout_s": Key("read_timeout_s", _number),
+    "service.text_weight": Key("text_weight", _number, "TEXT_WEIGHT"),
 }
 
 
@@ -527,6 +532,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("service.default_k must be between 1 and service.max_k")
     if settings.preview_max_k < 1:
         raise ConfigError("service.preview_max_k must be at least 1")
+    if not 0.0 <= settings.text_weight <= 100.0:
+        raise ConfigError("service.text_weight must be a number from 0 to 100")
     if settings.index_backend not in BACKENDS:
         raise ConfigError(f'index.backend (or VECTOR_STORE) = {settings.index_backend!r}: choose "faiss" or "milvus"')
     uri = settings.milvus_target

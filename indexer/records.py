@@ -64,9 +64,24 @@ class ProductFields:
 
 
 @dataclass(frozen=True, slots=True)
+class Match:
+    """How a result of a search with words matched: its rank (1 = best) and score in the visual ranking, and its
+    rank in the words' ranking; None for a ranking it is not in."""
+
+    visual_rank: int | None = None
+    visual_score: float | None = None
+    text_rank: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        score = None if self.visual_score is None else round(self.visual_score, 6)
+        return {"visual_rank": self.visual_rank, "visual_score": score, "text_rank": self.text_rank}
+
+
+@dataclass(frozen=True, slots=True)
 class ShownProduct:
     """A product as the API and the pages show it, read from the store: as a search result (with the score of the
-    match, no attributes) or on its own (with its attributes, no score)."""
+    match, no attributes, and how it matched when words were searched) or on its own (with its attributes, no
+    score)."""
 
     sku: str
     title: str
@@ -75,18 +90,20 @@ class ShownProduct:
     url: str | None = None
     attributes: dict[str, str] | None = None
     score: float | None = None
+    match: Match | None = None
 
     @property
     def link(self) -> str | None:
         """The product's url when it is a safe http(s) link (safe_link), else None: what pages and JSON show."""
         return safe_link(self.url)
 
-    def scored(self, score: float) -> ShownProduct:
-        """This product as a search result: the same fields with the match's score."""
-        return ShownProduct(self.sku, self.title, self.category, self.price, self.url, score=score)
+    def scored(self, score: float, match: Match | None = None) -> ShownProduct:
+        """This product as a search result: the same fields with the match's score (and how it matched)."""
+        return ShownProduct(self.sku, self.title, self.category, self.price, self.url, score=score, match=match)
 
     def as_dict(self) -> dict[str, object]:
-        """The product's JSON, in its documented order: the shown fields, then its attributes or its score."""
+        """The product's JSON, in its documented order: the shown fields, then its attributes or its score, and
+        how it matched (a search with words)."""
         shown: dict[str, object] = {
             "sku": self.sku,
             "title": self.title,
@@ -98,4 +115,6 @@ class ShownProduct:
             shown["attributes"] = self.attributes
         if self.score is not None:
             shown["score"] = round(self.score, 6)
+        if self.match is not None:
+            shown["match"] = self.match.as_dict()
         return shown

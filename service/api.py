@@ -14,9 +14,9 @@ from indexer.index.live_index import Filters
 from indexer.index.search import CatalogSearch, IndexView
 from indexer.records import ShownProduct
 from service.errors import BadRequest
-from service.params import read_filters, read_k
+from service.params import read_filters, read_k, read_words
 from service.preview import render_preview
-from service.search_photo import read_search_query
+from service.search_photo import SOURCES, names_a_photo, read_search_query
 
 api = Blueprint("api", __name__)
 
@@ -64,16 +64,26 @@ def search_by_photo():
     # the upload when there is nothing to search.
     view = search.current()
     k, filters = _search_inputs(view)
-    recent = current_app.extensions["recent_queries"]
-    query = read_search_query(request, search.settings, view.embedder, recent)
-    matches = search.search(view, query.vector, k, filters)
+    words = read_words(request)
+    query = None
+    if words is not None and not names_a_photo(request):
+        if request.values.get("box", "").strip():
+            raise BadRequest("box applies to a photo (image, image_url or query); q alone searches words")
+        matches = search.search_words(words, k, filters)
+    else:
+        if words is None and not names_a_photo(request):
+            raise BadRequest(f"send the photo as {SOURCES}; or words to search for as q")
+        recent = current_app.extensions["recent_queries"]
+        query = read_search_query(request, search.settings, view.embedder, recent)
+        matches = search.search(view, query.vector, k, filters, words=words)
     return jsonify(
         {
             "results": results_json(matches),
             "k": k,
             **_filters_json(filters),
-            "query": query.token,
-            "box": query.box.as_list() if query.box else None,
+            "q": request.values.get("q") if words is not None else None,
+            "query": query.token if query else None,
+            "box": query.box.as_list() if query and query.box else None,
             "index_version": view.version,
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
@@ -86,8 +96,9 @@ def similar_products(sku: str):
     search = catalog_search()
     view = search.current()  # once per request: the filters and the search see the same state
     k, filters = _search_inputs(view)
+    words = read_words(request)
     try:
-        matches = search.similar(view, sku, k, filters)
+        matches = search.similar(view, sku, k, filters, words)
     except UnknownProduct:
         # The widget asks this way: a 404 would put a red "failed to load" line in the shop's console.
         if request.args.get("unknown") != "empty":
@@ -99,6 +110,7 @@ def similar_products(sku: str):
             "results": results_json(matches),
             "k": k,
             **_filters_json(filters),
+            "q": request.values.get("q") if words is not None else None,
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
     )

@@ -11,8 +11,8 @@ from werkzeug.exceptions import HTTPException
 from indexer.errors import NotReady
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.params import read_filters, read_k
-from service.search_photo import read_search_query
+from service.params import read_filters, read_k, read_words
+from service.search_photo import names_a_photo, read_search_query
 
 pages = Blueprint("pages", __name__)
 
@@ -32,6 +32,8 @@ def search_page():
         "categories": search.categories() if status["ready"] else [],
         "k": search.settings.default_k,
         "category": None,
+        "q": "",
+        "query": None,
         "matches": None,
         "error": None,
     }
@@ -41,20 +43,27 @@ def search_page():
             context["k"] = read_k(request, search.settings.default_k, search.settings.max_k)
             filters = read_filters(request, context["categories"])
             context["category"] = filters.category
-            recent = current_app.extensions["recent_queries"]
-            query = read_search_query(request, search.settings, view.embedder, recent)
+            words = read_words(request, blank_is_none=True)  # the words box, left empty, is no words
+            context["q"] = request.values.get("q", "") if words is not None else ""
+            query = None
+            if words is None or names_a_photo(request):
+                recent = current_app.extensions["recent_queries"]
+                query = read_search_query(request, search.settings, view.embedder, recent)
         except (BadRequest, NotReady) as exc:
             context["error"] = str(exc)
             return render_template("search.html", **context), 400 if isinstance(exc, BadRequest) else 503
         except HTTPException as exc:  # a forgotten query token (404), an image_url that failed (502)
             context["error"] = exc.description
             return render_template("search.html", **context), exc.code
-        context.update(
-            query=query,
-            # The whole photo, with the box drawn on it: the shopper drags a new box on this picture.
-            query_image=_data_url(query.query.thumbnail()),
-            matches=search.search(view, query.vector, context["k"], filters),
-        )
+        if query is None:
+            context["matches"] = search.search_words(words, context["k"], filters)
+        else:
+            context.update(
+                query=query,
+                # The whole photo, with the box drawn on it: the shopper drags a new box on this picture.
+                query_image=_data_url(query.query.thumbnail()),
+                matches=search.search(view, query.vector, context["k"], filters, words=words),
+            )
     return render_template("search.html", **context)
 
 

@@ -1,5 +1,5 @@
-"""A request's parameters: k, the category and price filters, and an uploaded photo with its vectors (a search's
-or a write's), each checked with a 400 that says what to send.
+"""A request's parameters: k, the category and price filters, the words (q), and an uploaded photo with its vectors
+(a search's or a write's), each checked with a 400 that says what to send.
 
 Which photo a search is about (an upload, an image_url, a token, a box) is service/search_photo.py; recent query
 photos are remembered by service/recent_queries.py.
@@ -16,6 +16,7 @@ from PIL import Image
 from indexer.embedding.images import ImageError
 from indexer.embedding.model import Embedder
 from indexer.index.live_index import Filters
+from indexer.storage.text import Words, WordsError
 from service.errors import BadRequest
 
 
@@ -73,6 +74,18 @@ def read_filters(request: Request, known_categories: list[str] | Callable[[], li
     if filters.min_price is not None and filters.max_price is not None and filters.min_price > filters.max_price:
         raise BadRequest("min_price is above max_price")
     return filters
+
+
+def read_words(request: Request, blank_is_none: bool = False) -> Words | None:
+    """q, the words to search for, or None when it was not sent (or, with blank_is_none, left blank: a page's
+    empty words box); 400 for a blank q, one too long, or one without a word."""
+    raw = request.values.get("q")
+    if raw is None or (blank_is_none and not raw.strip()):
+        return None
+    try:
+        return Words.parse(raw)
+    except WordsError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def embed_upload(data: bytes | Image.Image, embedder: Embedder, views: tuple[str, ...] | None = None) -> np.ndarray:

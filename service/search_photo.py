@@ -89,6 +89,24 @@ def fetch_photo(url: str, settings: Settings) -> bytes:
     return fetched.data
 
 
+def names_a_photo(request: Request) -> bool:
+    """Whether the request names a photo in any way (an upload, a raw image body, image_url or a query token); a
+    search by words alone names none."""
+    if request.mimetype in RAW_IMAGE_TYPES or request.values.get("image_url", "").strip():
+        return True
+    if request.values.get("query", "").strip():
+        return True
+    upload = request.files.get("image")
+    if upload is None:
+        return False
+    if upload.filename:
+        return True
+    # A part without a filename: a photo if it holds bytes (a browser's empty file input holds none).
+    held = bool(upload.stream.read(1))
+    upload.stream.seek(0)
+    return held
+
+
 def read_search_query(request: Request, settings: Settings, embedder: Embedder, recent: RecentQueries) -> SearchQuery:
     """The one photo the request names (an 'image' upload, a raw image body, image_url, or query token) and its
     optional box, embedded; 400 for a missing, doubled or unusable photo or a bad box, 404 for a forgotten token."""

@@ -1,6 +1,7 @@
-"""Query photos as an attacker would send them: many distinct photos padded with junk stay within
+"""Queries as an attacker would send them: many distinct photos padded with junk stay within
 service.query_store_mb on disk, what is kept is the decoded photo written again (never the bytes as sent), and a
-token tells nothing to whoever holds a copy of the photo."""
+token tells nothing to whoever holds a copy of the photo; words (q) that are blank, too long, hold no word or
+spell the full-text engines' own query syntax get a 400 or plain results, never a 5xx, through the real server."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
+from indexer.storage.text import MAX_WORDS_CHARS
 from service import create_app
 from service.recent_queries import STORED_SIDE, QueryFolder
-from tests.conftest import indexed_skimage
+from tests.conftest import indexed_skimage, served_catalog, skimage_jpeg
+from tests.support.server import running_server
 
 CAP_MB = 1
 JUNK = b"TRAILING-JUNK-" * 4000  # 56 kB after the JPEG's end marker: still decodes, must never be kept
@@ -97,3 +101,74 @@ def test_a_token_is_not_derivable_from_the_photo(indexed, embedder, tmp_path):
     assert QueryFolder(indexed.data_dir / "queries", 3600).token(stored) == token  # any process of this one
     key = indexed.data_dir / "queries" / ".token_key"
     assert key.stat().st_mode & 0o077 == 0  # readable by the service alone
+
+
+# q values that hold no word, or too many characters: a 400 that says what to send.
+REFUSED_WORDS = {
+    "": "empty",
+    "   \t ": "empty",
+    '"': "no word",
+    "*": "no word",
+    "-": "no word",
+    "()^:+": "no word",
+    "%_%": "no word",
+    "\x00": "no word",
+    "\u0301\u0301": "no word",  # combining accents alone
+    "x" * (MAX_WORDS_CHARS + 1): f"at most {MAX_WORDS_CHARS}",
+}
+# q values that spell FTS5's or tsquery's syntax, or SQL: searched as plain words (quoted), never as syntax.
+PLAIN_WORDS = [
+    "NEAR(",
+    "OR",
+    "AND NOT",
+    '"coffee',
+    "coffee*",
+    "title:coffee",
+    "^coffee",
+    "coffee OR -x",
+    "NEAR(coffee chelsea, 2)",
+    "coffee & !chelsea | (x:*)",
+    "'; DROP TABLE products; --",
+    "🍎 apple",
+    "a " * (MAX_WORDS_CHARS // 2),  # a hundred tokens: the first few are searched
+]
+
+
+@pytest.fixture(scope="module")
+def served(base_settings, embedder, tmp_path_factory):
+    env, _ = served_catalog(base_settings, embedder, tmp_path_factory.mktemp("hostile-words"))
+    with running_server(env, timeout=120) as running:
+        yield running.url
+
+
+def a_sku(url: str) -> str:
+    return requests.post(f"{url}/api/search", data={"q": "drinks"}, timeout=30).json()["results"][0]["sku"]
+
+
+@pytest.mark.parametrize("q", list(REFUSED_WORDS), ids=range(len(REFUSED_WORDS)))
+def test_words_without_a_word_or_too_long_get_a_400_that_says_why(served, q):
+    for response in (
+        requests.post(f"{served}/api/search", data={"q": q}, timeout=30),
+        requests.post(f"{served}/api/search", files={"image": ("q.jpg", skimage_jpeg("coffee"))}, data={"q": q},
+                      timeout=60),
+        requests.get(f"{served}/api/products/{a_sku(served)}/similar", params={"q": q}, timeout=30),
+    ):  # fmt: skip
+        assert response.status_code == 400, response.text
+        assert REFUSED_WORDS[q] in response.json()["message"]
+
+
+@pytest.mark.parametrize("q", PLAIN_WORDS, ids=range(len(PLAIN_WORDS)))
+def test_query_syntax_in_words_is_searched_as_plain_words(served, q):
+    alone = requests.post(f"{served}/api/search", data={"q": q}, timeout=30)
+    assert alone.status_code == 200, alone.text
+    page = requests.post(f"{served}/", data={"q": q}, timeout=30)
+    assert page.status_code == 200, page.text
+    similar = requests.get(f"{served}/api/products/{a_sku(served)}/similar", params={"q": q}, timeout=30)
+    assert similar.status_code == 200, similar.text
+
+
+def test_words_search_the_catalog_after_hostile_ones(served):
+    for q in ('"', "NEAR(", "x" * 1000):
+        requests.post(f"{served}/api/search", data={"q": q}, timeout=30)
+    response = requests.post(f"{served}/api/search", data={"q": "drinks"}, timeout=30)
+    assert response.status_code == 200 and len(response.json()["results"]) == 1

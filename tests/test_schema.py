@@ -21,6 +21,7 @@ from indexer.embedding.model import l2_normalize
 from indexer.storage.database import SCHEMA_REVISION, make_engine, migrate, shown_url
 from indexer.storage.schema import Product, ProductImage
 from indexer.storage.store import Store
+from indexer.storage.text import Words
 from tests.conftest import both_databases
 
 
@@ -81,7 +82,7 @@ def test_upgrading_one_revision_at_a_time_keeps_the_rows_and_downgrading_undoes_
             ),
             {"sha": "0" * 64, "embedding": vector.tobytes(), "updated_at": datetime(2026, 11, 27, 12, tzinfo=UTC)},
         )
-    for revision in ("0002", "0003", "0004", "0005", "0006"):
+    for revision in ("0002", "0003", "0004", "0005", "0006"):  # 0007 below
         command.upgrade(config, revision)
     assert Store(engine).head() == 0
     with sessionmaker(engine)() as session:
@@ -100,6 +101,12 @@ def test_upgrading_one_revision_at_a_time_keeps_the_rows_and_downgrading_undoes_
         connection.execute(add_view, view_row)
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(add_view, view_row)
+    # 0007: the products already stored are in the words index, by title and by attribute value.
+    command.upgrade(config, "0007")
+    words = Store(engine).text
+    assert [p.sku for p in words.search(Words.parse("APPLE"), 10)] == ["A1"]
+    assert [p.sku for p in words.search(Words.parse("nz"), 10)] == ["A1"]
+    assert words.search(Words.parse("origin"), 10) == []  # attribute names are not words of the product
     engine.dispose()
     command.downgrade(config, "base")
     engine = make_engine(settings.db_url)
@@ -113,6 +120,7 @@ OPEN_AND_REPORT_MODULES = """
 import sys
 from indexer.config import load_settings
 from indexer.storage.store import Store
+from indexer.storage.text import Words
 Store.open(load_settings().with_overrides(data_dir=__import__("pathlib").Path(sys.argv[1])))
 print("alembic" in sys.modules, "psycopg" in sys.modules)
 """

@@ -34,6 +34,7 @@ from indexer.config import REPO_ROOT, Settings, process_memory_mb
 from indexer.embedding.model import Embedder, ModelIdentity
 from indexer.errors import NotReady, UnknownProduct
 from indexer.index.compaction import compaction_due, index_whitening
+from indexer.index.fusion import FUSION_DEPTH, fuse, words_alone
 from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.index.rows import ProductRows
 from indexer.index.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
@@ -41,6 +42,7 @@ from indexer.index.vector_index import VectorIndex
 from indexer.records import ShownProduct
 from indexer.storage.locks import compaction_running
 from indexer.storage.store import Store
+from indexer.storage.text import Words
 
 log = logging.getLogger(__name__)
 # Several images of one product collapse into one result, so fetch a few more neighbours (and as many again
@@ -311,9 +313,16 @@ class CatalogSearch:
         k: int,
         filters: Filters = NO_FILTERS,
         exclude_sku: str | None = None,
+        words: Words | None = None,
     ) -> list[ShownProduct]:
         """The k best products for a unit query vector made by view.embedder, best first, one per product, each
-        with its score."""
+        with its score. With `words`, the best FUSION_DEPTH of the photo's and of the words' rankings fused
+        (indexer.index.fusion), each result saying how it matched."""
+        if words is not None:
+            depth = max(k, FUSION_DEPTH)
+            visual = self.search(view, vector, depth, filters, exclude_sku)
+            text = self.store.text.search(words, depth, filters, exclude_sku)
+            return fuse(visual, text, k, self.settings.text_weight)
         if not getattr(_faiss_threads, "set", False):
             # Requests already run in parallel, and an idle OpenMP team spins on the cores
             # that the interpreters need.
@@ -326,15 +335,23 @@ class CatalogSearch:
             raise NotReady(str(exc)) from None
         return self._matches(view, ids, scores, k, exclude_sku)
 
-    def similar(self, view: IndexView, sku: str, k: int, filters: Filters = NO_FILTERS) -> list[ShownProduct]:
-        """'More like this': neighbours of a catalog product's own vector (read from the store), without itself."""
+    def search_words(self, words: Words, k: int, filters: Filters = NO_FILTERS) -> list[ShownProduct]:
+        """The k live products that hold every word, most relevant first (the full-text index's relevance as
+        their score), with the filters applied."""
+        return words_alone(self.store.text.search(words, k, filters))
+
+    def similar(
+        self, view: IndexView, sku: str, k: int, filters: Filters = NO_FILTERS, words: Words | None = None
+    ) -> list[ShownProduct]:
+        """'More like this': neighbours of a catalog product's own vector (read from the store), without itself;
+        with `words`, fused with the products that hold them."""
         identity = view.identity
         vector = self.store.vectors.of_product(sku, identity.key, identity.dim)
         if vector is None:
             if self.store.products.is_live(sku):
                 raise NotReady("the product's photo is being embedded with the current model; try again shortly")
             raise UnknownProduct(sku)
-        return self.search(view, vector, k, filters, exclude_sku=sku)
+        return self.search(view, vector, k, filters, exclude_sku=sku, words=words)
 
     def _matches(
         self, view: IndexView, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None

@@ -3,6 +3,7 @@
     store.products   products and the writes that start from one (indexer.storage.products)
     store.vectors    image rows, their vectors and the change log (indexer.storage.vectors)
     store.models     whitenings and other model metadata (indexer.storage.models)
+    store.text       the full-text index of the products' words, and searching it (indexer.storage.text)
 
 The store itself opens the database and reads the change number ("head") that every committed write takes
 (indexer.storage.database); the writers' and compaction's locks are in indexer.storage.locks.
@@ -19,6 +20,7 @@ from indexer.config import Settings
 from indexer.storage.database import make_engine, migrate, read_head, schema_behind
 from indexer.storage.models import Models
 from indexer.storage.products import Products
+from indexer.storage.text import ProductText
 from indexer.storage.vectors import Vectors
 
 
@@ -30,6 +32,7 @@ class Store:
         self.products = Products(engine)
         self.vectors = Vectors(engine)
         self.models = Models(engine)
+        self.text = ProductText(engine)
         # SQLite: a connection of its own for change_marker, opened at the first call.
         self._marker_connection = None
         self._marker_lock = threading.Lock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from indexer.storage.text import MAX_WORDS_CHARS
 from service.openapi.schemas import JSON, Schema, ref
 from service.search_photo import RAW_IMAGE_TYPES
 
@@ -35,7 +36,8 @@ def errors(*statuses: int, html: bool = False) -> dict[str, Schema]:
 
 ERRORS = {
     400: "The request is unusable: a missing, empty or unreadable image, more than one of image, image_url and "
-    "query, an image_url that is refused, or a bad k, category, price bound or box. The message says what to send "
+    "query, an image_url that is refused, or a bad k, category, price bound, box or q (blank, too long, or without "
+    "a word). The message says what to send "
     "instead.",
     401: "The API key is missing or wrong.",
     403: "The write API is off: no service.api_key (or API_KEY) is configured.",
@@ -79,6 +81,16 @@ BOX: Schema = {
     "with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, covering enough of the photo; empty for the whole photo.",
     "examples": ["0.1,0.2,0.6,0.9"],
 }
+WORDS: Schema = {
+    "type": "string",
+    "maxLength": MAX_WORDS_CHARS,
+    "description": f"Words to search for in the products' titles, categories and attribute values (at most "
+    f"{MAX_WORDS_CHARS} characters; case and, on SQLite, accents do not matter; every word must occur). Alone, the "
+    "products that hold them, most relevant first; with a photo (or on /similar), fused with its ranking by "
+    "reciprocal rank fusion (service.text_weight), each result then saying how it `match`ed. Sent but blank, or "
+    "holding no letter or digit: 400.",
+    "examples": ["white mug"],
+}
 TOKEN: Schema = {
     "type": "string",
     "description": "The `query` token of a recent search: the service remembers its photo for a while.",
@@ -107,6 +119,7 @@ def query_param(name: str, schema: Schema) -> Schema:
 
 
 FILTER_PARAMS = [query_param(name, schema) for name, schema in FILTERS.items()]
+WORDS_PARAM = query_param("q", WORDS)
 # The fields a raw photo body leaves to the query string (a form may send them there too).
 SEARCH_PARAMS = [*FILTER_PARAMS, query_param("box", BOX)]
 
@@ -132,15 +145,29 @@ NAMED_BY = {
 }
 
 
-def search_body(description: str, *, required: bool = True, raw: bool = False) -> Schema:
+# Words alone (POST /api/search): q, and no photo named in any way.
+WORDS_ALONE: Schema = {
+    "required": ["q"],
+    "properties": {
+        "q": {"pattern": r"\w"},
+        "image_url": {"pattern": r"^\s*$"},
+        "query": {"pattern": r"^\s*$"},
+        "image": False,
+    },
+}
+
+
+def search_body(description: str, *, required: bool = True, raw: bool = False, words: bool = False) -> Schema:
     """The photo and filters of a search: multipart with an upload, or url-encoded with image_url or query; with
-    raw, also the photo itself as the body (RAW_IMAGE_TYPES)."""
-    body = multipart(SEARCH_FIELDS, description, required=required, extra={"oneOf": list(NAMED_BY.values())})
+    raw, also the photo itself as the body (RAW_IMAGE_TYPES); with words, also q, beside a photo or alone."""
+    fields = {**SEARCH_FIELDS, "q": WORDS} if words else SEARCH_FIELDS
+    named = [*NAMED_BY.values(), WORDS_ALONE] if words else list(NAMED_BY.values())
+    body = multipart(fields, description, required=required, extra={"oneOf": named})
     body["content"]["application/x-www-form-urlencoded"] = {
         "schema": {
             "type": "object",
-            "properties": {name: field for name, field in SEARCH_FIELDS.items() if name != "image"},
-            "oneOf": [NAMED_BY["image_url"], NAMED_BY["query"]],
+            "properties": {name: field for name, field in fields.items() if name != "image"},
+            "oneOf": [NAMED_BY["image_url"], NAMED_BY["query"], *([WORDS_ALONE] if words else [])],
         }
     }
     if raw:

@@ -15,6 +15,7 @@ from service.openapi.parts import (
     SEARCH_PARAMS,
     SKU,
     TOKEN,
+    WORDS_PARAM,
     error,
     errors,
     json_response,
@@ -36,10 +37,13 @@ PATHS: Schema = {
             "description": "The catalog products that look most like a photo, best first. Send the photo as `image`, "
             "or its address as `image_url`, or the `query` token of a recent search (one of them); `box` searches "
             "for a region of it. The fields may also come in the query string. Or send the photo's bytes as the "
-            f"whole body (Content-Type {', '.join(RAW_IMAGE_TYPES)}), with the other fields in the query string.",
-            "parameters": SEARCH_PARAMS,
+            f"whole body (Content-Type {', '.join(RAW_IMAGE_TYPES)}), with the other fields in the query string. "
+            "`q` adds words beside the photo, or searches by words alone when no photo is named.",
+            "parameters": [*SEARCH_PARAMS, WORDS_PARAM],
             "requestBody": search_body(
-                "The photo (or its address, or a recent query's token) and optional filters.", raw=True
+                "The photo (or its address, or a recent query's token), or words (q), and optional filters.",
+                raw=True,
+                words=True,
             ),
             "responses": {
                 "200": json_response("The matches.", ref("SearchResults")),
@@ -82,10 +86,12 @@ PATHS: Schema = {
             "x-endpoint": "api.similar_products",
             "tags": ["search"],
             "summary": "More like this",
-            "description": "The products that look most like a catalog product, itself excluded.",
+            "description": "The products that look most like a catalog product, itself excluded; with `q`, fused "
+            "with the products that hold the words.",
             "parameters": [
                 SKU,
                 *FILTER_PARAMS,
+                WORDS_PARAM,
                 param(
                     "unknown",
                     "query",
@@ -272,8 +278,8 @@ PATHS: Schema = {
             "operationId": "results_page",
             "x-endpoint": "pages.search_page",
             "tags": ["pages"],
-            "summary": "The results page for a photo",
-            "requestBody": search_body("As for POST /api/search (the search form).", required=False),
+            "summary": "The results page for a photo, words, or both",
+            "requestBody": search_body("As for POST /api/search (the search form).", required=False, words=True),
             "responses": {
                 "200": HTML,
                 **{

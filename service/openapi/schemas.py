@@ -32,7 +32,23 @@ RESULT: Schema = {
     "additionalProperties": False,
     "properties": {
         **PRODUCT_FIELDS,
-        "score": {"type": "number", "description": "Cosine similarity to the query (higher is closer)."},
+        "score": {
+            "type": "number",
+            "description": "Higher is better. A photo alone: cosine similarity to the query. Words alone: the "
+            "full-text relevance (-bm25 on SQLite, ts_rank_cd on PostgreSQL). A photo and words: the fused score, "
+            "1/(60 + visual_rank) + service.text_weight/(60 + text_rank), a term for each ranking the product is in.",
+        },
+        "match": {
+            "type": "object",
+            "description": "How the result matched, when the search had words (q); null for a ranking it is not in.",
+            "required": ["visual_rank", "visual_score", "text_rank"],
+            "additionalProperties": False,
+            "properties": {
+                "visual_rank": {"type": ["integer", "null"], "minimum": 1},
+                "visual_score": nullable("number"),
+                "text_rank": {"type": ["integer", "null"], "minimum": 1},
+            },
+        },
         "image_url": {"type": "string", "description": "The product's photo (GET /images/{sku})."},
         "product_url": {"type": "string", "description": "The product's page (GET /products/{sku})."},
     },
@@ -45,7 +61,7 @@ FILTERS_ECHO: Schema = {
 }
 SEARCH_RESULTS: Schema = {
     "type": "object",
-    "required": ["results", "k", "category", "min_price", "max_price", "box", "query", "index_version", "took_ms"],
+    "required": ["results", "k", "category", "min_price", "max_price", "box", "query", "q", "index_version", "took_ms"],
     "additionalProperties": False,
     "properties": {
         "results": {"type": "array", "items": ref("Result"), "description": "Best first, one per product."},
@@ -58,22 +74,24 @@ SEARCH_RESULTS: Schema = {
             "description": "The region searched for, x0, y0, x1, y1; null for the whole photo.",
         },
         "query": {
-            "type": "string",
+            "type": ["string", "null"],
             "description": "Token for this photo: GET /api/search/preview.png?query=, "
-            "or POST /api/search with query= to search again without uploading it.",
+            "or POST /api/search with query= to search again without uploading it; null for words alone.",
         },
+        "q": {"type": ["string", "null"], "description": "The words searched for, as sent; null without q."},
         "index_version": {"type": "string", "description": "The base version + the change number applied."},
         "took_ms": {"type": "number"},
     },
 }
 SIMILAR_RESULTS: Schema = {
     "type": "object",
-    "required": ["sku", "results", "k", "category", "min_price", "max_price", "took_ms"],
+    "required": ["sku", "results", "k", "category", "min_price", "max_price", "q", "took_ms"],
     "additionalProperties": False,
     "properties": {
         "sku": {"type": "string"},
         "results": {"type": "array", "items": ref("Result")},
         **FILTERS_ECHO,
+        "q": {"type": ["string", "null"], "description": "The words fused in, as sent; null without q."},
         "took_ms": {"type": "number"},
     },
 }

@@ -3,6 +3,7 @@
  *
  *   <script src="https://search.example/widget.js" async></script>
  *   <div data-similar-sku="SKU" data-k="8"></div>
+ *   <div data-similar-sku="SKU" data-q="leather"></div>   (data-q: words that count too)
  *
  * Fills every such div (also ones added later) with a row of similar products from
  * GET <api>/api/products/<sku>/similar on the script's own origin (or the data-api attribute of the
@@ -46,11 +47,11 @@
     return new URL("/", document.baseURI).href;
   }
 
-  function similarUrl(base, sku, k) {
+  function similarUrl(base, sku, k, q) {
     // Skus may contain '/': encode each path segment, keep the slashes.
     var path = sku.split("/").map(encodeURIComponent).join("/");
     // unknown=empty: an unknown sku answers 200 with no results, so the browser logs no failed request.
-    var query = "?unknown=empty" + (k ? "&k=" + k : "");
+    var query = "?unknown=empty" + (k ? "&k=" + k : "") + (q && q.trim() ? "&q=" + encodeURIComponent(q) : "");
     return new URL("api/products/" + path + "/similar" + query, base).href;
   }
 
@@ -131,7 +132,7 @@
   }
 
   function currentKey(element) {
-    var parts = [SKU_ATTRIBUTE, "data-k", "data-api"].map(function (name) {
+    var parts = [SKU_ATTRIBUTE, "data-k", "data-q", "data-api"].map(function (name) {
       return element.getAttribute(name) || "";
     });
     return parts.join("\n");
@@ -148,7 +149,7 @@
     var k = parseInt(element.getAttribute("data-k"), 10);
     element.setAttribute("data-similar-state", "loading");
     addStyle();
-    fetch(similarUrl(base, sku, k > 0 ? Math.min(k, 100) : 0), { mode: "cors", credentials: "omit" })
+    fetch(similarUrl(base, sku, k > 0 ? Math.min(k, 100) : 0, element.getAttribute("data-q")), { mode: "cors", credentials: "omit" })
       .then(function (response) {
         return response.ok ? response.json() : null;
       })
@@ -195,7 +196,7 @@
       childList: true,
       subtree: true,
       attributes: true,
-      attributeFilter: [SKU_ATTRIBUTE, "data-k", "data-api"]
+      attributeFilter: [SKU_ATTRIBUTE, "data-k", "data-q", "data-api"]
     });
   }
 

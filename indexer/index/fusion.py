@@ -1,0 +1,54 @@
+"""Words beside a photo: the visual ranking and the words' ranking (indexer.storage.text) fused by reciprocal rank
+fusion, score = 1/(RRF_K + visual rank) + text_weight/(RRF_K + text rank), a term for each ranking a product is in.
+Each result keeps how it matched (records.Match)."""
+
+from __future__ import annotations
+
+from indexer.records import Match, ShownProduct
+
+# The constant of reciprocal rank fusion (Cormack et al., 2009; what Elasticsearch, Weaviate and Milvus use).
+RRF_K = 60
+# How deep each ranking takes part in the fusion: the best this many products of the photo and of the words (or
+# k, when more are asked for). A product deeper than this in one ranking gets no term from it.
+FUSION_DEPTH = 100
+
+
+def fuse(visual: list[ShownProduct], text: list[ShownProduct], k: int, text_weight: float) -> list[ShownProduct]:
+    """The k best products of both rankings (each best first, one entry per product), by their fused score; ties
+    go to the better visual rank, then the better text rank."""
+    visual_ranks = {product.sku: rank for rank, product in enumerate(visual, 1)}
+    text_ranks = shared_ranks(text)
+    products = {product.sku: product for product in (*text, *visual)}  # the visual result's fields win
+
+    def fused(sku: str) -> float:
+        score = 0.0
+        if (rank := visual_ranks.get(sku)) is not None:
+            score += 1.0 / (RRF_K + rank)
+        if (rank := text_ranks.get(sku)) is not None:
+            score += text_weight / (RRF_K + rank)
+        return score
+
+    inf = float("inf")
+    order = sorted(products, key=lambda s: (-fused(s), visual_ranks.get(s, inf), text_ranks.get(s, inf)))
+    visual_scores = {product.sku: product.score for product in visual}
+    return [
+        products[sku].scored(fused(sku), Match(visual_ranks.get(sku), visual_scores.get(sku), text_ranks.get(sku)))
+        for sku in order[:k]
+    ]
+
+
+def shared_ranks(text: list[ShownProduct]) -> dict[str, int]:
+    """sku -> rank in the words' ranking (best first), equally relevant products sharing the better rank ("1, 2,
+    2, 4"): the order among equals is arbitrary, and would otherwise favour some of them over the others."""
+    ranks: dict[str, int] = {}
+    previous = None
+    for position, product in enumerate(text, 1):
+        if previous is None or product.score != previous[0]:
+            previous = (product.score, position)
+        ranks[product.sku] = previous[1]
+    return ranks
+
+
+def words_alone(text: list[ShownProduct]) -> list[ShownProduct]:
+    """The words' ranking as results: each keeps its relevance as its score, and says its text rank."""
+    return [product.scored(product.score or 0.0, Match(text_rank=rank)) for rank, product in enumerate(text, 1)]
