@@ -1,5 +1,5 @@
-"""A request's parameters: k, the category, price and attribute filters, and an uploaded photo with its vectors (a search's
-or a write's), each checked with a 400 that says what to send.
+"""A request's parameters: k, the category, price and attribute filters, and an uploaded photo with its vectors (a
+search's or a write's), each checked with a 400 that says what to send.
 
 Which photo a search is about (an upload, an image_url, a token, a box) is service/search_photo.py; recent query
 photos are remembered by service/recent_queries.py.
@@ -79,7 +79,7 @@ def read_attributes(request: Request, known: Callable[[], list[str]]) -> tuple[t
     name, a long value, or too many."""
     wanted: dict[str, set[str]] = {}
     given = 0
-    for key in request.values.keys():
+    for key in request.values:
         if not key.startswith(ATTRIBUTE_PREFIX):
             continue
         name = key[len(ATTRIBUTE_PREFIX) :]
@@ -90,7 +90,7 @@ def read_attributes(request: Request, known: Callable[[], list[str]]) -> tuple[t
         for value in request.values.getlist(key):
             given += 1
             if given > MAX_ATTRIBUTE_VALUES:
-                raise BadRequest(f"at most {MAX_ATTRIBUTE_VALUES} attribute filter values (attr.<name>=<value>) at once")
+                raise BadRequest(f"at most {MAX_ATTRIBUTE_VALUES} attribute filters (attr.<name>=<value>) a search")
             if len(value) > MAX_ATTRIBUTE_VALUE:
                 raise BadRequest(f"attribute values are at most {MAX_ATTRIBUTE_VALUE} characters (attr.{name[:40]})")
             if value.strip():

@@ -78,6 +78,6 @@ class Postings:
         """A base's postings (rows memory-mapped); None for a base written before bases had them."""
         if not (folder / VOCABULARY).exists():
             return None
-        vocabulary = json.loads((folder / VOCABULARY).read_text())
-        vocabulary = {name: {v: (int(s), int(e)) for v, (s, e) in values.items()} for name, values in vocabulary.items()}
+        read = json.loads((folder / VOCABULARY).read_text())
+        vocabulary = {name: {v: (int(s), int(e)) for v, (s, e) in values.items()} for name, values in read.items()}
         return cls(vocabulary, np.load(folder / ROWS, mmap_mode="r"))

@@ -1,10 +1,11 @@
 """Base segments on disk: an immutable snapshot of every live vector, written by compaction, read by servers.
 
 A base is a folder `base-<version>/` holding the vectors (memory-mapped by servers, sorted by category so a
-category is one contiguous block), their image ids, category codes and prices, attribute postings, and an optional approximate
-structure (ann.faiss) that proposes candidates for exact re-ranking. manifest.json names the current base and
-the change number it was built through; it is replaced with one atomic rename. Servers hold a shared lock on
-the base they use, so old bases are removed as soon as nobody uses them.
+category is one contiguous block), their image ids, category codes and prices, attribute postings
+(indexer.index.attributes), and an optional approximate structure (ann.faiss) that proposes candidates for exact
+re-ranking. manifest.json names the current base and the change number it was built through; it is replaced with
+one atomic rename. Servers hold a shared lock on the base they use, so old bases are removed as soon as nobody uses
+them.
 
 The index folder may be shared by servers on several hosts (NFSv4): Linux's NFS client turns flock into a lock
 on the whole file that the NFS server arbitrates across clients, so the in-use locks work between hosts. Such
