@@ -104,7 +104,7 @@ def random_filters(rng: random.Random, products: list[dict]) -> dict:
     choices = {
         "size": SIZES,
         "colour": COLOURS,
-        "coarse_category": COARSE + ("Apple",),  # Apple: a value no product here has
+        "coarse_category": (*COARSE, "Apple"),  # Apple: a value no product here has
     }
     for name in rng.sample(sorted(choices), rng.choice([1, 1, 2, 3])):
         values = rng.sample(choices[name], rng.choice([1, 1, 2]))

@@ -1,6 +1,7 @@
 """Query photos as an attacker would send them: many distinct photos padded with junk stay within
 service.query_store_mb on disk, what is kept is the decoded photo written again (never the bytes as sent), and a
-token tells nothing to whoever holds a copy of the photo."""
+token tells nothing to whoever holds a copy of the photo. Attribute filters as an attacker would send them get
+clear 400s from a real server, which keeps serving."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from service import create_app
+from service.params import MAX_ATTRIBUTE_NAME, MAX_ATTRIBUTE_VALUE, MAX_ATTRIBUTE_VALUES
 from service.recent_queries import STORED_SIDE, QueryFolder
-from tests.conftest import indexed_skimage
+from tests.conftest import indexed_skimage, served_catalog
+from tests.support.server import running_server
 
 CAP_MB = 1
 JUNK = b"TRAILING-JUNK-" * 4000  # 56 kB after the JPEG's end marker: still decodes, must never be kept
@@ -97,3 +101,49 @@ def test_a_token_is_not_derivable_from_the_photo(indexed, embedder, tmp_path):
     assert QueryFolder(indexed.data_dir / "queries", 3600).token(stored) == token  # any process of this one
     key = indexed.data_dir / "queries" / ".token_key"
     assert key.stat().st_mode & 0o077 == 0  # readable by the service alone
+
+
+ATTRIBUTED_CSV = """sku,image,title,category,size,colour
+cat-1,animals/chelsea.jpg,Cat,animals,S,Ginger
+cup-1,drinks/coffee.jpg,Cup,drinks,M,Brown
+suit-1,people/astronaut.jpg,Suit,people,L,White
+"""
+
+
+def test_hostile_attribute_filters_get_clear_400s_from_a_real_server(settings, embedder, tmp_path):
+    env, _ = served_catalog(settings, embedder, tmp_path, products_csv=ATTRIBUTED_CSV)
+    photo = noise_jpeg(7)
+    with running_server(env) as server:
+        similar = f"{server.url}/api/products/cat-1/similar"
+
+        def refused(query: list[tuple[str, str]], says: str) -> None:
+            for answer in (
+                requests.get(similar, params=query, timeout=30),
+                requests.post(
+                    f"{server.url}/api/search",
+                    params=query,
+                    data=photo,
+                    headers={"Content-Type": "image/jpeg"},
+                    timeout=30,
+                ),
+                requests.post(f"{server.url}/api/search", data=query, files={"image": photo}, timeout=30),
+            ):
+                assert answer.status_code == 400, (query, answer.text)
+                assert says in answer.json()["message"], (query, answer.json())
+
+        refused([("attr.", "M")], "needs a name")
+        refused([("attr.   ", "M")], "needs a name")
+        refused([("attr." + "n" * (MAX_ATTRIBUTE_NAME + 1), "M")], f"at most {MAX_ATTRIBUTE_NAME} characters")
+        refused([("attr.size", "M" * (MAX_ATTRIBUTE_VALUE + 1))], f"at most {MAX_ATTRIBUTE_VALUE} characters")
+        refused([("attr.size", str(i)) for i in range(MAX_ATTRIBUTE_VALUES + 1)], f"at most {MAX_ATTRIBUTE_VALUES}")
+        refused([(f"attr.a{i}", "x") for i in range(500)], f"at most {MAX_ATTRIBUTE_VALUES}")
+        refused([("attr.brand", "Acme")], "unknown attribute 'brand'; the known attributes are 'colour', 'size'")
+        refused([("attr.\x00", "x")], "unknown attribute")
+        # the HTML page answers the same with a page that says so
+        page = requests.post(f"{server.url}/", data={"attr.brand": "x"}, files={"image": photo}, timeout=30)
+        assert page.status_code == 400 and "unknown attribute" in page.text
+        # and the server keeps serving, filters and all
+        answer = requests.get(similar, params=[("attr.size", "m"), ("attr.size", "L"), ("k", "5")], timeout=30)
+        assert answer.status_code == 200
+        assert sorted(r["sku"] for r in answer.json()["results"]) == ["cup-1", "suit-1"]
+        assert answer.json()["attributes"] == {"size": ["l", "m"]}
