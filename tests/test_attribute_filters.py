@@ -5,6 +5,7 @@ the matching rows does, through the app; a write through the API is filterable a
 from __future__ import annotations
 
 import io
+import json
 import random
 import zlib
 
@@ -13,7 +14,8 @@ import pytest
 from sqlalchemy import select
 
 from indexer.index import live_index
-from indexer.index.compaction import compact
+from indexer.index.compaction import compact, compaction_due
+from indexer.index.segments import read_manifest
 from indexer.jobs.indexing import index_catalog
 from indexer.storage.schema import LIVE, Product, ProductImage
 from indexer.storage.store import Store
@@ -203,3 +205,39 @@ def test_a_write_is_filterable_at_once_gone_when_deleted_and_the_same_after_a_co
     after = client.get(f"/api/products/{seed}/similar", query_string={"k": "20", "attr.size": "m"}).json
     assert [r["sku"] for r in after["results"]] == [r["sku"] for r in before["results"]]
     assert client.delete("/api/products/new-xxl", headers=AUTH).status_code in (200, 204)
+
+
+def test_the_search_page_keeps_the_attribute_filters_across_a_refinement(indexed, grocery):
+    settings, client = indexed
+    photo = (grocery / read_csv(settings.metadata_path)[0]["image"]).read_bytes()
+    data = {"image": (io.BytesIO(photo), "q.jpg"), "attr.size": "S", "attr.colour": "red", "k": "5"}
+    page = client.post("/", data=data, content_type="multipart/form-data")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    # the region form (a box dragged on the photo) and the new-photo form both carry them
+    assert html.count('<input type="hidden" name="attr.size" value="s">') == 2
+    assert html.count('<input type="hidden" name="attr.colour" value="red">') == 2
+    token = html.split('name="query" value="')[1].split('"')[0]
+    refined = client.post("/", data={"query": token, "box": "0,0,0.8,0.8", "attr.size": "s", "attr.colour": "red"})
+    assert refined.status_code == 200
+    assert refined.get_data(as_text=True).count('name="attr.size" value="s"') == 3  # and "search the whole photo"
+    assert "attr.size=s" in refined.get_data(as_text=True)  # the preview grid's link
+
+
+def test_a_base_written_without_postings_refuses_attribute_filters_until_compacted(indexed, embedder):
+    settings, client = indexed
+    manifest = read_manifest(settings.index_dir)
+    folder = settings.index_dir / manifest["base"]
+    for name in ("attributes.json", "attribute_rows.npy"):
+        (folder / name).unlink()
+    del manifest["attribute_postings"]
+    (settings.index_dir / "manifest.json").write_text(json.dumps(manifest))
+    store = Store.open(settings)
+    assert "attribute postings" in compaction_due(settings, store, embedder)
+    old = create_app(settings, embedder).test_client()
+    sku = read_csv(settings.metadata_path)[0]["sku"]
+    answer = old.get(f"/api/products/{sku}/similar", query_string={"attr.size": "s"})
+    assert answer.status_code == 400 and "python -m indexer compact" in answer.json["message"]
+    assert old.get(f"/api/products/{sku}/similar", query_string={"category": "Banana"}).status_code == 200
+    compact(settings, store, embedder)
+    assert old.get(f"/api/products/{sku}/similar", query_string={"attr.size": "s"}).status_code == 200
