@@ -225,7 +225,7 @@ def test_the_search_page_keeps_the_attribute_filters_across_a_refinement(indexed
 
 
 def test_a_base_written_without_postings_refuses_attribute_filters_until_compacted(indexed, embedder):
-    settings, client = indexed
+    settings, _ = indexed
     manifest = read_manifest(settings.index_dir)
     folder = settings.index_dir / manifest["base"]
     for name in ("attributes.json", "attribute_rows.npy"):
