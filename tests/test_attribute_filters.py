@@ -241,3 +241,16 @@ def test_a_base_written_without_postings_refuses_attribute_filters_until_compact
     assert old.get(f"/api/products/{sku}/similar", query_string={"category": "Banana"}).status_code == 200
     compact(settings, store, embedder)
     assert old.get(f"/api/products/{sku}/similar", query_string={"attr.size": "s"}).status_code == 200
+
+
+def test_an_attribute_changed_in_the_catalog_is_filterable_after_make_index(indexed, embedder):
+    settings, client = indexed
+    rows = read_csv(settings.metadata_path)
+    changed, seed = rows[2], rows[3]["sku"]
+    query = {"k": "50", "attr.colour": "Turquoise"}
+    assert client.get(f"/api/products/{seed}/similar", query_string=query).json["results"] == []
+    changed["colour"] = "turquoise"  # only an attribute: no field a result shows
+    write_csv(settings.metadata_path, rows)
+    index_catalog(settings, embedder, settings.catalog_dir, metadata=settings.metadata_path, progress=False)
+    found = client.get(f"/api/products/{seed}/similar", query_string=query).json["results"]
+    assert [r["sku"] for r in found] == [changed["sku"]]
