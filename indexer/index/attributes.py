@@ -56,18 +56,26 @@ class Postings:
         return set(self.vocabulary)
 
     def matching(self, wanted: Wanted) -> np.ndarray:
-        """The rows (int64, increasing) that hold, for every name, one of its values."""
-        found: np.ndarray | None = None
+        """The rows (int64, increasing) that hold, for every name, one of its values. The name with the fewest rows
+        is listed, and the others only tested on those (a binary search each), so a common value ANDed with a rare
+        one costs about the rare one's rows."""
+        per_name: list[list[np.ndarray]] = []
         for name, values in wanted:
             held = self.vocabulary.get(name, {})
             slices = [self.rows[held[v][0] : held[v][1]] for v in sorted(values) if v in held]
             if not slices:
                 return np.zeros(0, np.int64)
-            rows = slices[0] if len(slices) == 1 else np.unique(np.concatenate(slices))
-            found = rows if found is None else np.intersect1d(found, rows, assume_unique=True)
-            if not len(found):
-                break
-        return np.zeros(0, np.int64) if found is None else found.astype(np.int64)
+            per_name.append(slices)
+        if not per_name:
+            return np.zeros(0, np.int64)
+        per_name.sort(key=lambda slices: sum(map(len, slices)))
+        found = _union(per_name[0])
+        for slices in per_name[1:]:
+            keep = np.zeros(len(found), dtype=bool)
+            for rows in slices:
+                keep |= _holds(rows, found)
+            found = found[keep]
+        return found
 
     def save(self, folder: Path) -> None:
         (folder / VOCABULARY).write_text(json.dumps(self.vocabulary, ensure_ascii=False, separators=(",", ":")))
@@ -81,3 +89,33 @@ class Postings:
         read = json.loads((folder / VOCABULARY).read_text())
         vocabulary = {name: {v: (int(s), int(e)) for v, (s, e) in values.items()} for name, values in read.items()}
         return cls(vocabulary, np.load(folder / ROWS, mmap_mode="r"))
+
+
+def _union(slices: list[np.ndarray]) -> np.ndarray:
+    """The rows of several values of one name, increasing (a row holds one value of a name, so they are disjoint):
+    through a mask over the rows when they are many, else sorted."""
+    if len(slices) == 1:
+        return np.asarray(slices[0], dtype=np.int64)
+    total, bound = sum(map(len, slices)), max(int(rows[-1]) for rows in slices) + 1
+    if total * 8 < bound:
+        return np.sort(np.concatenate(slices)).astype(np.int64)
+    mask = np.zeros(bound, dtype=bool)
+    for rows in slices:
+        mask[rows] = True
+    return np.flatnonzero(mask)
+
+
+def _holds(rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Which candidates (increasing) are among `rows` (increasing): a binary search each when they are few, else
+    through a mask over the rows (one pass over `rows` beats that many binary searches)."""
+    if not len(rows) or not len(candidates):
+        return np.zeros(len(candidates), dtype=bool)
+    if len(candidates) * 32 > len(rows):
+        mask = np.zeros(max(int(rows[-1]), int(candidates[-1])) + 1, dtype=bool)
+        mask[rows] = True
+        return mask[candidates]
+    at = np.searchsorted(rows, candidates)
+    inside = at < len(rows)
+    held = np.zeros(len(candidates), dtype=bool)
+    held[inside] = rows[at[inside]] == candidates[inside]
+    return held
