@@ -22,3 +22,11 @@ class UnknownProduct(CatalogError, LookupError):
 
     status = 404
     error = "not_found"
+
+
+class AttributesUnavailable(CatalogError, ValueError):
+    """The index cannot filter by attribute (a base written before attribute postings, or a Milvus collection);
+    the message says what to do."""
+
+    status = 400
+    error = "bad_request"

@@ -49,11 +49,17 @@ def _search_inputs(view: IndexView, most: int | None = None) -> tuple[int, Filte
     """k (at most `most`, else service.max_k) and the filters."""
     search = catalog_search()
     k = read_k(request, min(search.settings.default_k, most or search.settings.max_k), most or search.settings.max_k)
-    return k, read_filters(request, lambda: search.categories(view))
+    return k, read_filters(request, lambda: search.categories(view), view.live.attribute_names)
 
 
 def _filters_json(filters: Filters) -> dict[str, object]:
-    return {"category": filters.category, "min_price": filters.min_price, "max_price": filters.max_price}
+    return {
+        "category": filters.category,
+        "min_price": filters.min_price,
+        "max_price": filters.max_price,
+        # name -> the values asked for, case-folded as they are matched
+        "attributes": {name: sorted(values) for name, values in filters.attributes},
+    }
 
 
 @api.post("/api/search")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from indexer.errors import NotReady, UnknownProduct
+from indexer.errors import AttributesUnavailable, NotReady, UnknownProduct
 
 
 class BadRequest(ValueError):
@@ -24,6 +24,10 @@ def _respond(status: int, error: str, message: str) -> Response:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(BadRequest)
     def bad_request(exc: BadRequest):
+        return _respond(400, "bad_request", str(exc))
+
+    @app.errorhandler(AttributesUnavailable)
+    def attributes_unavailable(exc: AttributesUnavailable):
         return _respond(400, "bad_request", str(exc))
 
     @app.errorhandler(UnknownProduct)

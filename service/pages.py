@@ -8,7 +8,7 @@ import io
 from flask import Blueprint, current_app, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from indexer.errors import NotReady
+from indexer.errors import AttributesUnavailable, NotReady
 from service.api import catalog_search
 from service.errors import BadRequest
 from service.params import read_filters, read_k, read_words
@@ -34,6 +34,9 @@ def search_page():
         "category": None,
         "q": "",
         "query": None,
+        # the attribute filters searched with, kept by every form of the page: (name, value) pairs
+        "attributes": [],
+        "attribute_args": {},
         "matches": None,
         "error": None,
     }
@@ -41,17 +44,19 @@ def search_page():
         try:
             view = search.current()  # the query is embedded as this view's vectors were, and searched in it
             context["k"] = read_k(request, search.settings.default_k, search.settings.max_k)
-            filters = read_filters(request, context["categories"])
+            filters = read_filters(request, context["categories"], view.live.attribute_names)
             context["category"] = filters.category
+            context["attributes"] = [(name, value) for name, values in filters.attributes for value in sorted(values)]
+            context["attribute_args"] = {f"attr.{name}": sorted(values) for name, values in filters.attributes}
             words = read_words(request, blank_is_none=True)  # the words box, left empty, is no words
             context["q"] = request.values.get("q", "") if words is not None else ""
             query = None
             if words is None or names_a_photo(request):
                 recent = current_app.extensions["recent_queries"]
                 query = read_search_query(request, search.settings, view.embedder, recent)
-        except (BadRequest, NotReady) as exc:
+        except (BadRequest, AttributesUnavailable, NotReady) as exc:
             context["error"] = str(exc)
-            return render_template("search.html", **context), 400 if isinstance(exc, BadRequest) else 503
+            return render_template("search.html", **context), 503 if isinstance(exc, NotReady) else 400
         except HTTPException as exc:  # a forgotten query token (404), an image_url that failed (502)
             context["error"] = exc.description
             return render_template("search.html", **context), exc.code

@@ -1,5 +1,5 @@
-"""A request's parameters: k, the category and price filters, the words (q), and an uploaded photo with its vectors
-(a search's or a write's), each checked with a 400 that says what to send.
+"""A request's parameters: k, the category, price and attribute filters, the words (q), and an uploaded photo with
+its vectors (a search's or a write's), each checked with a 400 that says what to send.
 
 Which photo a search is about (an upload, an image_url, a token, a box) is service/search_photo.py; recent query
 photos are remembered by service/recent_queries.py.
@@ -64,12 +64,66 @@ def read_price_bound(request: Request, name: str) -> float | None:
     return value
 
 
-def read_filters(request: Request, known_categories: list[str] | Callable[[], list[str]]) -> Filters:
-    """category, min_price and max_price from the query string or form; 400 when they make no sense."""
+# Attribute filters: attr.<name>=<value>. Longer names or values, or more of them, are refused (400): real
+# attributes are short, and each value is a lookup.
+ATTRIBUTE_PREFIX = "attr."
+MAX_ATTRIBUTE_NAME = 100
+MAX_ATTRIBUTE_VALUE = 200
+MAX_ATTRIBUTE_VALUES = 64
+# Known names listed in an unknown name's 400, at most.
+LISTED_NAMES = 30
+
+
+def read_attributes(request: Request, known: Callable[[], list[str]]) -> tuple[tuple[str, frozenset[str]], ...]:
+    """The attr.<name>=<value> filters: a repeated name is any of its values, different names all must hold;
+    values case-folded (an empty one is no filter, as an unset form field). 400 for an empty, long or unknown
+    name, a long value, or too many."""
+    wanted: dict[str, set[str]] = {}
+    given = 0
+    for key in request.values:
+        if not key.startswith(ATTRIBUTE_PREFIX):
+            continue
+        name = key[len(ATTRIBUTE_PREFIX) :]
+        if not name.strip():
+            raise BadRequest("an attribute filter needs a name: attr.<name>=<value>, e.g. attr.size=M")
+        if len(name) > MAX_ATTRIBUTE_NAME:
+            raise BadRequest(f"attribute names are at most {MAX_ATTRIBUTE_NAME} characters; {name[:40]!r}… is longer")
+        for value in request.values.getlist(key):
+            given += 1
+            if given > MAX_ATTRIBUTE_VALUES:
+                raise BadRequest(f"at most {MAX_ATTRIBUTE_VALUES} attribute filters (attr.<name>=<value>) a search")
+            if len(value) > MAX_ATTRIBUTE_VALUE:
+                raise BadRequest(f"attribute values are at most {MAX_ATTRIBUTE_VALUE} characters (attr.{name[:40]})")
+            if value.strip():
+                wanted.setdefault(name, set()).add(value.strip().casefold())
+    if wanted:
+        names = set(known())
+        for name in sorted(wanted):
+            if name not in names:
+                raise BadRequest(f"unknown attribute {name[:80]!r}; {_listed(sorted(names))}")
+    return tuple((name, frozenset(values)) for name, values in sorted(wanted.items()))
+
+
+def _listed(names: list[str]) -> str:
+    if not names:
+        return "no product has attributes to filter by"
+    shown = ", ".join(repr(n[:60]) for n in names[:LISTED_NAMES])
+    more = f" and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else ""
+    return f"the known attributes are {shown}{more}"
+
+
+def read_filters(
+    request: Request,
+    known_categories: list[str] | Callable[[], list[str]],
+    known_attributes: Callable[[], list[str]] = list,
+) -> Filters:
+    """category, min_price, max_price and attr.<name> from the query string or form; 400 when they make no
+    sense. The known names are asked for only when an attribute filter is given."""
     filters = Filters(
         category=read_category(request, known_categories),
         min_price=read_price_bound(request, "min_price"),
         max_price=read_price_bound(request, "max_price"),
+        attributes=read_attributes(request, known_attributes),
     )
     if filters.min_price is not None and filters.max_price is not None and filters.min_price > filters.max_price:
         raise BadRequest("min_price is above max_price")

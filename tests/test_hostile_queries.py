@@ -1,7 +1,8 @@
 """Queries as an attacker would send them: many distinct photos padded with junk stay within
 service.query_store_mb on disk, what is kept is the decoded photo written again (never the bytes as sent), and a
 token tells nothing to whoever holds a copy of the photo; words (q) that are blank, too long, hold no word or
-spell the full-text engines' own query syntax get a 400 or plain results, never a 5xx, through the real server."""
+spell the full-text engines' own query syntax get a 400 or plain results, never a 5xx, and attribute filters as an
+attacker would send them get clear 400s, through the real server, which keeps serving."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from indexer.storage.text import MAX_WORDS_CHARS
 from service import create_app
+from service.params import MAX_ATTRIBUTE_NAME, MAX_ATTRIBUTE_VALUE, MAX_ATTRIBUTE_VALUES
 from service.recent_queries import STORED_SIDE, QueryFolder
 from tests.conftest import indexed_skimage, served_catalog, skimage_jpeg
 from tests.support.server import running_server
@@ -172,3 +174,49 @@ def test_words_search_the_catalog_after_hostile_ones(served):
         requests.post(f"{served}/api/search", data={"q": q}, timeout=30)
     response = requests.post(f"{served}/api/search", data={"q": "drinks"}, timeout=30)
     assert response.status_code == 200 and len(response.json()["results"]) == 1
+
+
+ATTRIBUTED_CSV = """sku,image,title,category,size,colour
+cat-1,animals/chelsea.jpg,Cat,animals,S,Ginger
+cup-1,drinks/coffee.jpg,Cup,drinks,M,Brown
+suit-1,people/astronaut.jpg,Suit,people,L,White
+"""
+
+
+def test_hostile_attribute_filters_get_clear_400s_from_a_real_server(settings, embedder, tmp_path):
+    env, _ = served_catalog(settings, embedder, tmp_path, products_csv=ATTRIBUTED_CSV)
+    photo = noise_jpeg(7)
+    with running_server(env) as server:
+        similar = f"{server.url}/api/products/cat-1/similar"
+
+        def refused(query: list[tuple[str, str]], says: str) -> None:
+            for answer in (
+                requests.get(similar, params=query, timeout=30),
+                requests.post(
+                    f"{server.url}/api/search",
+                    params=query,
+                    data=photo,
+                    headers={"Content-Type": "image/jpeg"},
+                    timeout=30,
+                ),
+                requests.post(f"{server.url}/api/search", data=query, files={"image": photo}, timeout=30),
+            ):
+                assert answer.status_code == 400, (query, answer.text)
+                assert says in answer.json()["message"], (query, answer.json())
+
+        refused([("attr.", "M")], "needs a name")
+        refused([("attr.   ", "M")], "needs a name")
+        refused([("attr." + "n" * (MAX_ATTRIBUTE_NAME + 1), "M")], f"at most {MAX_ATTRIBUTE_NAME} characters")
+        refused([("attr.size", "M" * (MAX_ATTRIBUTE_VALUE + 1))], f"at most {MAX_ATTRIBUTE_VALUE} characters")
+        refused([("attr.size", str(i)) for i in range(MAX_ATTRIBUTE_VALUES + 1)], f"at most {MAX_ATTRIBUTE_VALUES}")
+        refused([(f"attr.a{i}", "x") for i in range(500)], f"at most {MAX_ATTRIBUTE_VALUES}")
+        refused([("attr.brand", "Acme")], "unknown attribute 'brand'; the known attributes are 'colour', 'size'")
+        refused([("attr.\x00", "x")], "unknown attribute")
+        # the HTML page answers the same with a page that says so
+        page = requests.post(f"{server.url}/", data={"attr.brand": "x"}, files={"image": photo}, timeout=30)
+        assert page.status_code == 400 and "unknown attribute" in page.text
+        # and the server keeps serving, filters and all
+        answer = requests.get(similar, params=[("attr.size", "m"), ("attr.size", "L"), ("k", "5")], timeout=30)
+        assert answer.status_code == 200
+        assert sorted(r["sku"] for r in answer.json()["results"]) == ["cup-1", "suit-1"]
+        assert answer.json()["attributes"] == {"size": ["l", "m"]}

@@ -128,6 +128,7 @@ def test_category_and_price_filters(shop):
     assert sorted(search(client, query, min_price=3.2, max_price=9.99)) == ["cam-1", "cat-1", "mug-1"]
     assert sorted(search(client, query, min_price=9.99)) == ["cat-1", "eye-1", "rocket-1"]
     assert sorted(search(client, query, max_price=8.5)) == ["cam-1", "mug-1"]
+
     assert search(client, query, category="people", max_price=100) == ["cam-1"]
     assert search(client, query, min_price=1e300) == []  # beyond float32: no price reaches it
     assert sorted(search(client, query, max_price=1e300)) == ["cam-1", "cat-1", "eye-1", "mug-1", "rocket-1"]
@@ -135,6 +136,16 @@ def test_category_and_price_filters(shop):
     unknown = client.post("/api/search", data={"image": (io.BytesIO(query), "q.jpg"), "category": "boats"},
                           content_type="multipart/form-data")  # fmt: skip
     assert unknown.status_code == 400
+
+
+def test_attribute_filters_on_faiss_and_a_clear_400_on_milvus(shop):
+    settings, _, client = shop
+    assert put(client, "grey-1", jpeg("camera", 90), title="Grey", colour="grey").status_code == 201
+    answer = client.get("/api/products/suit-1/similar", query_string={"k": 6, "attr.colour": "GREY"})
+    if settings.index_backend == "milvus":
+        assert answer.status_code == 400 and "need the FAISS index" in answer.json["message"]
+    else:
+        assert answer.status_code == 200 and [r["sku"] for r in answer.json["results"]] == ["grey-1"]
 
 
 def test_writes_and_deletes_are_searchable_at_once_and_after_a_restart(shop, embedder):

@@ -52,6 +52,10 @@ def test_words_alone_find_the_live_products_holding_every_word_case_and_accents_
     assert words(url, "white", max_price="50") == ["mug"]
     assert words(url, "white", min_price="50") == ["rocket"]
     assert words(url, "colour") == []  # an attribute's name is not a word of the product
+    # Attribute filters apply to words as to photos: values case-folded, a repeated name is OR.
+    assert set(words(url, "white", **{"attr.colour": "WHITE"})) == {"mug", "rocket"}
+    assert words(url, "white", **{"attr.colour": "WHITE"}, max_price="50") == ["mug"]
+    assert words(url, "tabby", **{"attr.colour": "grey"}) == []
     assert words(url, "scan retina") == ["eye"]
     results = requests.post(f"{url}/api/search", data={"q": "tabby"}, timeout=30).json()["results"]
     assert results[0]["match"] == {"visual_rank": None, "visual_score": None, "text_rank": 1}

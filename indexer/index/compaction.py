@@ -1,6 +1,6 @@
 """Compaction: fold every live vector into a new base segment, off the request path, and publish it.
 
-Reads the store (ids, categories and prices first, then the vectors streamed by id into a memory-mapped file
+Reads the store (ids, categories, prices and attributes first, then the vectors streamed by id into a memory-mapped file
 sorted by category), builds and tunes the approximate structure the catalog size calls for, and publishes the
 base atomically. Servers switch to it and replay the changes committed after it from the store.
 """
@@ -22,6 +22,7 @@ from indexer.config import Settings
 from indexer.embedding.model import Embedder, ModelIdentity
 from indexer.embedding.whitening import Whitening, by_sha256, configured, in_use
 from indexer.index.ann import build_ann, resolve_factory, tune
+from indexer.index.attributes import Postings
 from indexer.index.segments import (
     NO_CATEGORY,
     new_version,
@@ -103,6 +104,8 @@ def compaction_due(settings: Settings, store: Store, embedder: Embedder) -> str 
         return "there is no base segment yet"
     if manifest.get("model_key") != embedder.identity.key or manifest.get("model_version") != embedder.version:
         return "the base was built with another model"
+    if not manifest.get("attribute_postings"):
+        return "the base has no attribute postings (written by an older version); attribute filters need them"
     if manifest.get("configured_factory") != settings.index_factory:
         return f"index.factory changed to {settings.index_factory!r}"
     pending = store.vectors.pending_changes(int(manifest.get("built_through", 0)))
@@ -165,6 +168,7 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
     if ann is not None:
         faiss.write_index(ann, str(folder / "ann.faiss"))
     write_arrays(folder, ids, codes, prices)
+    Postings.build(snapshot.attributes[i] for i in order).save(folder)
     del vectors, ann
 
     manifest = {
@@ -179,6 +183,8 @@ def _compact(settings: Settings, store: Store, embedder: Embedder, progress: boo
         "categories": names,
         # What the vectors are of besides each photo (index.catalog_views as configured when built).
         "catalog_views": list(settings.catalog_views),
+        # attributes.json and attribute_rows.npy are there (bases written before them cannot filter by attribute)
+        "attribute_postings": True,
     }
     base = publish_base(index_dir, folder, manifest)
     if (purge_through := _settled_through(previous)) is not None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from indexer.errors import AttributesUnavailable
 from indexer.index.ann import candidates
+from indexer.index.attributes import Postings, Wanted
 from indexer.index.segments import NO_CATEGORY, BaseSegment
 from indexer.storage.vectors import Changes
 
@@ -30,6 +32,8 @@ class Filters:
     category: str | None = None
     min_price: float | None = None
     max_price: float | None = None
+    # (name, case-folded values): a product passes when, for every name, its value is one of those (case-folded)
+    attributes: Wanted = ()
 
     @property
     def prices_bounded(self) -> bool:
@@ -56,6 +60,7 @@ class _Delta:
     vectors: np.ndarray
     codes: np.ndarray
     prices: np.ndarray
+    attributes: list[dict]
 
 
 @dataclass
@@ -68,6 +73,13 @@ class _State:
     live_counts: np.ndarray  # live vectors per category code
     # FAISS selectors built for this state (bitmaps over image ids), kept with the bitmaps they point to
     selectors: dict[object, tuple[faiss.IDSelector, np.ndarray]] = field(default_factory=dict)
+    # the delta's attribute postings (over its positions), built on the first attribute filter this state sees
+    delta_postings: Postings | None = None
+
+    def postings(self) -> Postings:
+        if self.delta_postings is None:  # two threads may both build it: the same either way
+            self.delta_postings = Postings.build(self.delta.attributes)
+        return self.delta_postings
 
 
 def _top(ids: np.ndarray, scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +93,17 @@ def _top(ids: np.ndarray, scores: np.ndarray, count: int) -> tuple[np.ndarray, n
 
 
 _NONE = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+def plan(matches: int, span: int, has_ann: bool) -> str:
+    """How to search `matches` base rows that pass the filters, spread over `span` rows (a category's block, or
+    the whole base): "ann" (the FAISS structure with a selector of exactly those rows, then re-ranked exactly),
+    "gather" (score just those rows) or "scan" (score the whole span, the others masked out). The one place the
+    choice is made. Exact below the limits: approximate structures lose recall when few of the vectors they
+    visit qualify, and gathering a scattered row costs about seven times scanning one."""
+    if has_ann and matches > GATHER_LIMIT and span > EXACT_LIMIT:
+        return "ann"
+    return "gather" if matches * 7 < span else "scan"
 
 
 class LiveIndex:
@@ -99,7 +122,11 @@ class LiveIndex:
             masked_count=0,
             masked_ids=np.zeros(0, np.int64),
             delta=_Delta(
-                np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+                np.zeros(0, np.int64),
+                np.zeros((0, dim), np.float32),
+                np.zeros(0, np.int32),
+                np.zeros(0, np.float32),
+                [],
             ),
             live_counts=self._base_counts,
         )
@@ -151,12 +178,22 @@ class LiveIndex:
                 vectors=np.concatenate([old.vectors[keep], changes.vectors.astype(np.float32, copy=False)]),
                 codes=np.concatenate([old.codes[keep], codes]),
                 prices=np.concatenate([old.prices[keep], changes.prices]),
+                attributes=[a for a, kept in zip(old.attributes, keep, strict=True) if kept] + list(changes.attributes),
             )
             masked_count = len(masked_ids)
             live_counts = self._counts(delta.codes) - self._counts(self.base.category_codes[masked])
             live_counts[: len(self._base_counts)] += self._base_counts
             self._state = _State(changes.head, masked, masked_count, masked_ids, delta, live_counts)
             return touched
+
+    def attribute_names(self) -> list[str]:
+        """The attribute names filters may use: those of the base's postings and of the delta's rows."""
+        if self.base.postings is None:
+            raise AttributesUnavailable(
+                "this index base was written before attribute filters existed; rebuild it with "
+                "`python -m indexer compact` (or `make index`), then filter by attribute"
+            )
+        return sorted(self.base.postings.names | self._state.postings().names)
 
     def _code(self, name: str | None) -> int:
         if name is None:
@@ -190,14 +227,22 @@ class LiveIndex:
             scores[delta.codes != code] = -np.inf
         if (ok := filters.price_mask(delta.prices)) is not None:
             scores[~ok] = -np.inf
+        if filters.attributes:
+            ok = np.zeros(len(delta.ids), dtype=bool)
+            ok[state.postings().matching(filters.attributes)] = True
+            scores[~ok] = -np.inf
         return _top(delta.ids, scores, count)
 
     def _search_base(self, state: _State, query: np.ndarray, count: int, filters: Filters, code: int | None):
         base = self.base
+        start, end = 0, len(base)
         if code is not None:  # one block of rows, within which a price filter is a mask
             if code not in base.blocks:
                 return _NONE
             start, end = base.blocks[code]
+        if filters.attributes:
+            return self._search_rows(state, query, count, self._attribute_rows(state, filters, start, end), start, end)
+        if code is not None:
             ok = filters.price_mask(base.prices[start:end])
             if state.masked_count:
                 live = ~state.masked[start:end]
@@ -205,23 +250,49 @@ class LiveIndex:
             matches = (end - start) if ok is None else int(ok.sum())
             if matches == 0:
                 return _NONE
-            if base.ann is None or matches <= GATHER_LIMIT or end - start <= EXACT_LIMIT:
-                return self._exact(query, count, start, end, ok)
+            if (how := plan(matches, end - start, base.ann is not None)) != "ann":
+                return self._exact(query, count, start, end, ok, gather=how == "gather")
             ids = base.ids[start:end] if ok is None else base.ids[start:end][ok]
             cache_key = None if filters.prices_bounded else code
             return self._approximate(state, query, count, ids, cache_key)
         if filters.prices_bounded:  # rows from the price index, without a pass over every price
-            start, end = base.price_range(filters.min_price, filters.max_price)
-            if end - start <= GATHER_LIMIT:
-                rows = np.sort(base.price_order[start:end])  # the memory map read in order
-                rows = rows[~state.masked[rows]]
-                return _top(base.ids[rows], base.vectors[rows] @ query, count) if len(rows) else _NONE
-            if base.ann is None:
-                return self._exact(query, count, 0, len(base), _mask(len(base), base.price_order[start:end], state))
-            return self._approximate(state, query, count, base.ids_by_price[start:end], None)
+            low, high = base.price_range(filters.min_price, filters.max_price)
+            how = plan(high - low, len(base), base.ann is not None)
+            if how == "ann":
+                return self._approximate(state, query, count, base.ids_by_price[low:high], None)
+            rows = np.sort(base.price_order[low:high])  # the memory map read in order
+            return self._search_rows(state, query, count, rows[~state.masked[rows]], 0, len(base), how)
         if base.ann is None:
             return self._exact(query, count, 0, len(base), ~state.masked if state.masked_count else None)
         return self._approximate(state, query, count, None, "all")
+
+    def _attribute_rows(self, state: _State, filters: Filters, start: int, end: int) -> np.ndarray:
+        """The live base rows in start..end (increasing) that pass the attribute and price filters, from the
+        base's postings."""
+        postings = self.base.postings
+        if postings is None:
+            self.attribute_names()  # raises: says how to get a base with postings
+        rows = postings.matching(filters.attributes)
+        rows = rows[np.searchsorted(rows, start) : np.searchsorted(rows, end)]
+        if (ok := filters.price_mask(self.base.prices[rows])) is not None:
+            rows = rows[ok]
+        return rows[~state.masked[rows]] if state.masked_count else rows
+
+    def _search_rows(
+        self, state: _State, query: np.ndarray, count: int, rows: np.ndarray, start: int, end: int, how: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The best of these live base rows (increasing, within start..end), by the plan for them."""
+        base = self.base
+        if not len(rows):
+            return _NONE
+        how = how or plan(len(rows), end - start, base.ann is not None)
+        if how == "ann":
+            return self._approximate(state, query, count, base.ids[rows], None)
+        if how == "gather":
+            return _top(base.ids[rows], base.vectors[rows] @ query, count)
+        ok = np.zeros(end - start, dtype=bool)
+        ok[rows - start] = True
+        return self._exact(query, count, start, end, ok, gather=False)
 
     def _approximate(
         self, state: _State, query: np.ndarray, count: int, members: np.ndarray | None, cache_key: object
@@ -239,11 +310,13 @@ class LiveIndex:
             return _NONE
         return _top(base.ids[rows], base.vectors[rows] @ query, count)
 
-    def _exact(self, query: np.ndarray, count: int, start: int, end: int, ok: np.ndarray | None):
-        """Score rows start..end exactly: the whole block with the rows that fail masked out, or, when only a
-        few pass, just those (gathering a row costs about seven times scanning one)."""
+    def _exact(
+        self, query: np.ndarray, count: int, start: int, end: int, ok: np.ndarray | None, gather: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score rows start..end exactly: the whole block with the rows that fail masked out, or, with `gather`,
+        just the rows that pass."""
         base = self.base
-        if ok is not None and ok.sum() * 7 < end - start:
+        if gather and ok is not None:
             rows = start + np.flatnonzero(ok)
             return _top(base.ids[rows], base.vectors[rows] @ query, count)
         scores = base.vectors[start:end] @ query

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.config import ConfigError, Settings, is_milvus_lite
+from indexer.errors import AttributesUnavailable
 from indexer.index.live_index import NO_FILTERS, Filters
 from indexer.storage.locks import write_lock
 from indexer.storage.store import Store
@@ -494,8 +495,17 @@ class MilvusIndex:
         self._live += int((codes != ABSENT).sum()) - int((old != ABSENT).sum())
         self._code_by_id[ids] = codes
 
+    def attribute_names(self) -> list[str]:
+        """Attribute filters are not offered here: the collection holds no attributes (a 400 that says so)."""
+        raise AttributesUnavailable(
+            "attribute filters (attr.<name>) need the FAISS index (index.backend = 'faiss'); this server searches "
+            "Milvus, which filters by category and price only"
+        )
+
     def search(self, query: np.ndarray, count: int, filters: Filters = NO_FILTERS) -> tuple[np.ndarray, np.ndarray]:
         """The ids and cosine scores of the `count` nearest live vectors passing the filters, best first."""
+        if filters.attributes:
+            self.attribute_names()
         if filters.category is not None and filters.category not in self.code_of:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         with _reported(self.settings):

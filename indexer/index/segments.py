@@ -1,10 +1,11 @@
 """Base segments on disk: an immutable snapshot of every live vector, written by compaction, read by servers.
 
 A base is a folder `base-<version>/` holding the vectors (memory-mapped by servers, sorted by category so a
-category is one contiguous block), their image ids, category codes and prices, and an optional approximate
-structure (ann.faiss) that proposes candidates for exact re-ranking. manifest.json names the current base and
-the change number it was built through; it is replaced with one atomic rename. Servers hold a shared lock on
-the base they use, so old bases are removed as soon as nobody uses them.
+category is one contiguous block), their image ids, category codes and prices, attribute postings
+(indexer.index.attributes), and an optional approximate structure (ann.faiss) that proposes candidates for exact
+re-ranking. manifest.json names the current base and the change number it was built through; it is replaced with
+one atomic rename. Servers hold a shared lock on the base they use, so old bases are removed as soon as nobody uses
+them.
 
 The index folder may be shared by servers on several hosts (NFSv4): Linux's NFS client turns flock into a lock
 on the whole file that the NFS server arbitrates across clients, so the in-use locks work between hosts. Such
@@ -27,6 +28,7 @@ import faiss
 import numpy as np
 
 from indexer.index.ann import SearchTuning
+from indexer.index.attributes import Postings
 
 MANIFEST = "manifest.json"
 IN_USE = "in-use.lock"
@@ -174,6 +176,9 @@ class BaseSegment:
     price_order: np.ndarray
     sorted_prices: np.ndarray
     ids_by_price: np.ndarray
+    # which rows hold each attribute value (indexer.index.attributes); None for a base written before bases had
+    # them: attribute filters then refuse (AttributesUnavailable) until a compaction writes a new base
+    postings: Postings | None = None
     _lock_descriptor: int | None = None
 
     @property
@@ -219,6 +224,7 @@ def load_base(index_dir: Path) -> BaseSegment | None:
         ids = np.load(folder / "ids.npy")
         codes = np.load(folder / "category.npy")
         prices = np.load(folder / "price.npy")
+        postings = Postings.load(folder)
         ann = None
         if (folder / "ann.faiss").exists():
             # Memory-mapped where FAISS can (IVF lists): servers share the page cache instead of copies.
@@ -250,6 +256,7 @@ def load_base(index_dir: Path) -> BaseSegment | None:
         price_order=(order := np.argsort(prices, kind="stable")),
         sorted_prices=prices[order],
         ids_by_price=ids[order],
+        postings=postings,
         _lock_descriptor=descriptor,
     )
 

@@ -48,6 +48,10 @@ class VectorIndex(Protocol):
 
     def live_categories(self) -> list[str]: ...
 
+    def attribute_names(self) -> list[str]:
+        """The attribute names filters may use; raises AttributesUnavailable where this index cannot filter by
+        attribute (the message says what to do)."""
+
     def apply(self, changes: Changes) -> np.ndarray:
         """Bring the index up to changes.head; returns the image ids whose state changed."""
 

@@ -24,6 +24,10 @@ SCHEMA_REVISION = "0007"
 CHUNK = 2_000
 
 
+def _casefold(value: object) -> object:
+    return value.casefold() if isinstance(value, str) else value
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,8 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+            # SQLite's lower() folds ASCII only; attribute filters on words compare values as str.casefold does.
+            connection.create_function("casefold", 1, _casefold, deterministic=True)
 
     elif engine.dialect.name == "postgresql":
 

@@ -100,7 +100,8 @@ class Products:
 
     def upsert(self, products: Iterable[ProductFields]) -> dict[str, int]:
         """Create or refresh products (the first of each sku wins); returns sku -> product id. A change to a
-        field that results show takes a change number for the product's live images, so servers refresh it."""
+        field that results show, or to the attributes that filters match, takes a change number for the product's
+        live images, so servers refresh it."""
         first: dict[str, ProductFields] = {}
         for product in products:
             first.setdefault(product.sku, product)
@@ -136,7 +137,8 @@ class Products:
                         update(Product).where(Product.id == bindparam("pid")),
                         [{"pid": pid, **_product_values(p)} for pid, p in changed],
                     )
-                    shown_changed = [pid for pid, p in changed if tuple(stored[p.sku][2:6]) != p.shown()]
+                    # every change here is one a server holds: a shown field, or the attributes its filters match
+                    shown_changed = [pid for pid, _ in changed]
                     if shown_changed:
                         change = change or next_change(connection)
                         connection.execute(

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Float, Integer, bindparam, column, func, select, table, text
+from sqlalchemy import Float, Integer, bindparam, column, func, literal, select, table, text
 from sqlalchemy.engine import Engine
 
 from indexer.records import ShownProduct
@@ -99,7 +99,7 @@ class ProductText:
                 .join(_FTS, _FTS.c.rowid == Product.id)
                 .where(text(f"{FTS_TABLE} MATCH :words").bindparams(words=words.fts5_query()))
             )
-        statement = statement.where(HAS_LIVE_IMAGE, *_conditions(filters))
+        statement = statement.where(HAS_LIVE_IMAGE, *_conditions(filters, self.engine.dialect.name))
         if exclude_sku is not None:
             statement = statement.where(Product.sku != exclude_sku)
         statement = statement.order_by(text("relevance DESC"), Product.id).limit(limit)
@@ -114,7 +114,7 @@ class ProductText:
 _SHOWN = (Product.id, Product.sku, Product.title, Product.category, Product.price, Product.url)
 
 
-def _conditions(filters: Filters | None) -> list:
+def _conditions(filters: Filters | None, dialect: str) -> list:
     """The filters as conditions on products, as the vector search applies them."""
     if filters is None:
         return []
@@ -125,4 +125,22 @@ def _conditions(filters: Filters | None) -> list:
         conditions.append(Product.price >= filters.min_price)
     if filters.max_price is not None:
         conditions.append(Product.price <= filters.max_price)
+    for name, values in filters.attributes:
+        conditions.append(_attribute_in(name, values, dialect))
     return conditions
+
+
+def _attribute_in(name: str, values: frozenset[str], dialect: str):
+    """The product's attribute `name` is one of `values` (already case-folded), as the vector search matches it:
+    str.casefold on SQLite (a function the engine registers), lower() on PostgreSQL (the same but for a few letters
+    such as ß)."""
+    values = sorted(values)
+    if dialect == "postgresql":
+        return func.lower(Product.attributes[name].as_string()).in_(values)
+    entries = func.json_each(Product.attributes).table_valued("key", "value")
+    return (
+        select(literal(1))
+        .select_from(entries)
+        .where(entries.c.key == name, func.casefold(entries.c.value).in_(values))
+        .exists()
+    )

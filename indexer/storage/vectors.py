@@ -10,7 +10,7 @@ indexer.storage.locks.write_lock; readers never block them (SQLite WAL; PostgreS
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -70,6 +70,8 @@ class Changes:
     categories: list[str | None]
     prices: np.ndarray
     removed: np.ndarray
+    # each live row's product attributes (what attribute filters match), in the order of `ids`
+    attributes: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids) + len(self.removed)
@@ -77,12 +79,14 @@ class Changes:
 
 @dataclass
 class Snapshot:
-    """Every live vector of one model, with its image id, product category and price, as of change `head`."""
+    """Every live vector of one model, with its image id, product category, price and attributes, as of change
+    `head`."""
 
     head: int
     ids: np.ndarray
     categories: list[str | None]
     prices: np.ndarray
+    attributes: list[dict] = field(default_factory=list)
 
 
 class Vectors:
@@ -114,6 +118,7 @@ class Vectors:
                     ProductImage.embedding,
                     Product.category,
                     Product.price,
+                    Product.attributes,
                 )
                 .join(Product)
                 # no ORDER BY: SQLite would walk the whole table in id order instead of the change index
@@ -129,14 +134,15 @@ class Vectors:
             categories=[r[4] for r in live],
             prices=_prices(r[5] for r in live),
             removed=removed,
+            attributes=[r[6] or {} for r in live],
         )
 
     def snapshot(self, model_key: str) -> Snapshot:
-        """Ids, categories and prices of every live vector of the model, by id (without the vectors)."""
+        """Ids, categories, prices and attributes of every live vector of the model, by id (without the vectors)."""
         with self.engine.connect() as connection:
             head = read_head(connection)
             rows = connection.execute(
-                select(ProductImage.id, Product.category, Product.price)
+                select(ProductImage.id, Product.category, Product.price, Product.attributes)
                 .join(Product)
                 .where(LIVE, ProductImage.model_key == model_key)
                 .order_by(ProductImage.id)
@@ -146,6 +152,7 @@ class Vectors:
             ids=np.array([r[0] for r in rows], dtype=np.int64),
             categories=[r[1] for r in rows],
             prices=_prices(r[2] for r in rows),
+            attributes=[r[3] or {} for r in rows],
         )
 
     # --- reads ---------------------------------------------------------------------------------

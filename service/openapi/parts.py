@@ -73,6 +73,18 @@ FILTERS: Schema = {
     "min_price": {"type": "number", "description": "Lowest price, inclusive; products without a price never pass."},
     "max_price": {"type": "number", "description": "Highest price, inclusive; not below min_price."},
 }
+# attr.<name>=<value> (service/params.py): any attribute name, so an object whose properties are the parameters.
+ATTRIBUTES: Schema = {
+    "type": "object",
+    "propertyNames": {"pattern": r"^attr\.\S", "maxLength": 105},
+    "additionalProperties": {"type": "string", "maxLength": 200},
+    "maxProperties": 64,
+    "description": "Attribute filters, `attr.<name>=<value>` (e.g. `attr.size=M&attr.size=L&attr.brand=Acme`): a "
+    "repeated name passes any of its values, different names must all hold; values match exactly, case-insensitively "
+    "(an empty value is no filter); combined with category and prices. An unknown name is a 400 that lists the known "
+    "ones; a value no product has gives no results. Names are at most 100 characters, values 200, and at most 64 "
+    "of them a search. Applied inside the vector search (the FAISS index; Milvus answers 400).",
+}
 BOX: Schema = {
     "type": "string",
     # Four comma-separated parts, or nothing (the whole photo); the numbers themselves are checked by the server.
@@ -118,7 +130,10 @@ def query_param(name: str, schema: Schema) -> Schema:
     return param(name, "query", {k: v for k, v in schema.items() if k != "description"}, schema["description"])
 
 
-FILTER_PARAMS = [query_param(name, schema) for name, schema in FILTERS.items()]
+FILTER_PARAMS = [
+    *(query_param(name, schema) for name, schema in FILTERS.items()),
+    {**query_param("attributes", ATTRIBUTES), "style": "form", "explode": True},
+]
 WORDS_PARAM = query_param("q", WORDS)
 # The fields a raw photo body leaves to the query string (a form may send them there too).
 SEARCH_PARAMS = [*FILTER_PARAMS, query_param("box", BOX)]

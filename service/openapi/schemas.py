@@ -58,10 +58,18 @@ FILTERS_ECHO: Schema = {
     "category": nullable("string"),
     "min_price": nullable("number"),
     "max_price": nullable("number"),
+    "attributes": {
+        "type": "object",
+        "additionalProperties": {"type": "array", "items": {"type": "string"}},
+        "description": "The attribute filters: name -> the values asked for, case-folded as they are matched.",
+    },
 }
 SEARCH_RESULTS: Schema = {
     "type": "object",
-    "required": ["results", "k", "category", "min_price", "max_price", "box", "query", "q", "index_version", "took_ms"],
+    "required": [
+        *("results", "k", "category", "min_price", "max_price", "attributes", "box", "query", "q", "index_version"),
+        "took_ms",
+    ],
     "additionalProperties": False,
     "properties": {
         "results": {"type": "array", "items": ref("Result"), "description": "Best first, one per product."},
@@ -85,7 +93,7 @@ SEARCH_RESULTS: Schema = {
 }
 SIMILAR_RESULTS: Schema = {
     "type": "object",
-    "required": ["sku", "results", "k", "category", "min_price", "max_price", "q", "took_ms"],
+    "required": ["sku", "results", "k", "category", "min_price", "max_price", "attributes", "q", "took_ms"],
     "additionalProperties": False,
     "properties": {
         "sku": {"type": "string"},
