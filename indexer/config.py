@@ -138,6 +138,11 @@ class Settings:
     # ranking, score = 1/(60 + visual rank) + text_weight/(60 + text rank); 0 ranks by the photo alone among
     # the union of both rankings.
     text_weight: float = 0.25
+    # Facets (facets=category,price,attr.<name>) count the best facet_depth matches of a search after its
+    # filters, unless the request asks for another depth (facet_depth=), at most max_facet_depth: each match
+    # counted is one more product searched for and read.
+    facet_depth: int = 200
+    max_facet_depth: int = 1000
 
     @property
     def pooling_name(self) -> str:
@@ -396,6 +401,8 @@ KEYS: dict[str, Key] = {
     "service.cors_origins": Key("cors_origins", _list, "CORS_ORIGINS"),
     "service.read_timeout_s": Key("read_timeout_s", _number),
     "service.text_weight": Key("text_weight", _number, "TEXT_WEIGHT"),
+    "service.facet_depth": Key("facet_depth", _whole),
+    "service.max_facet_depth": Key("max_facet_depth", _whole),
 }
 
 
@@ -534,6 +541,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("service.preview_max_k must be at least 1")
     if not 0.0 <= settings.text_weight <= 100.0:
         raise ConfigError("service.text_weight must be a number from 0 to 100")
+    if not 1 <= settings.facet_depth <= settings.max_facet_depth:
+        raise ConfigError("service.facet_depth must be between 1 and service.max_facet_depth")
     if settings.index_backend not in BACKENDS:
         raise ConfigError(f'index.backend (or VECTOR_STORE) = {settings.index_backend!r}: choose "faiss" or "milvus"')
     uri = settings.milvus_target

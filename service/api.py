@@ -10,11 +10,12 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_file,
 from werkzeug.routing import PathConverter
 
 from indexer.errors import UnknownProduct
+from indexer.index.facets import FacetRequest
 from indexer.index.live_index import Filters
 from indexer.index.search import CatalogSearch, IndexView
 from indexer.records import ShownProduct
 from service.errors import BadRequest
-from service.params import read_filters, read_k, read_words
+from service.params import read_facets, read_filters, read_k, read_words
 from service.preview import render_preview
 from service.search_photo import SOURCES, names_a_photo, read_search_query
 
@@ -52,6 +53,21 @@ def _search_inputs(view: IndexView, most: int | None = None) -> tuple[int, Filte
     return k, read_filters(request, lambda: search.categories(view), view.live.attribute_names)
 
 
+def _facets_inputs(k: int) -> tuple[FacetRequest | None, int, int]:
+    """The facets asked for, the matches they count (facet_depth), and how many matches to search for: k, or
+    the facet depth when facets are asked for and it is larger (the results are the first k of them)."""
+    settings = catalog_search().settings
+    asked, depth = read_facets(request, settings.facet_depth, settings.max_facet_depth)
+    return asked, depth, max(k, depth) if asked else k
+
+
+def _facets_json(matches: list[ShownProduct], asked: FacetRequest | None, depth: int) -> dict[str, object]:
+    """The answer's facets, counted over the best `depth` matches; nothing when none was asked for."""
+    if asked is None:
+        return {}
+    return {"facets": catalog_search().facets(matches[:depth], asked), "facet_depth": depth}
+
+
 def _filters_json(filters: Filters) -> dict[str, object]:
     return {
         "category": filters.category,
@@ -70,27 +86,29 @@ def search_by_photo():
     # the upload when there is nothing to search.
     view = search.current()
     k, filters = _search_inputs(view)
+    asked, depth, wanted = _facets_inputs(k)
     words = read_words(request)
     query = None
     if words is not None and not names_a_photo(request):
         if request.values.get("box", "").strip():
             raise BadRequest("box applies to a photo (image, image_url or query); q alone searches words")
-        matches = search.search_words(words, k, filters)
+        matches = search.search_words(words, wanted, filters)
     else:
         if words is None and not names_a_photo(request):
             raise BadRequest(f"send the photo as {SOURCES}; or words to search for as q")
         recent = current_app.extensions["recent_queries"]
         query = read_search_query(request, search.settings, view.embedder, recent)
-        matches = search.search(view, query.vector, k, filters, words=words)
+        matches = search.search(view, query.vector, wanted, filters, words=words)
     return jsonify(
         {
-            "results": results_json(matches),
+            "results": results_json(matches[:k]),
             "k": k,
             **_filters_json(filters),
             "q": request.values.get("q") if words is not None else None,
             "query": query.token if query else None,
             "box": query.box.as_list() if query and query.box else None,
             "index_version": view.version,
+            **_facets_json(matches, asked, depth),
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
     )
@@ -102,9 +120,10 @@ def similar_products(sku: str):
     search = catalog_search()
     view = search.current()  # once per request: the filters and the search see the same state
     k, filters = _search_inputs(view)
+    asked, depth, wanted = _facets_inputs(k)
     words = read_words(request)
     try:
-        matches = search.similar(view, sku, k, filters, words)
+        matches = search.similar(view, sku, wanted, filters, words)
     except UnknownProduct:
         # The widget asks this way: a 404 would put a red "failed to load" line in the shop's console.
         if request.args.get("unknown") != "empty":
@@ -113,10 +132,11 @@ def similar_products(sku: str):
     return jsonify(
         {
             "sku": sku,
-            "results": results_json(matches),
+            "results": results_json(matches[:k]),
             "k": k,
             **_filters_json(filters),
             "q": request.values.get("q") if words is not None else None,
+            **_facets_json(matches, asked, depth),
             "took_ms": round((time.perf_counter() - started) * 1000, 2),
         }
     )

@@ -9,9 +9,11 @@ from flask import Blueprint, current_app, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from indexer.errors import AttributesUnavailable, NotReady
+from indexer.index.facets import PAGE_FACETS
 from service.api import catalog_search
 from service.errors import BadRequest
-from service.params import read_filters, read_k, read_words
+from service.params import read_facets, read_filters, read_k, read_words
+from service.refine import refine_groups, search_state
 from service.search_photo import names_a_photo, read_search_query
 
 pages = Blueprint("pages", __name__)
@@ -38,6 +40,8 @@ def search_page():
         "attributes": [],
         "attribute_args": {},
         "matches": None,
+        "refine": [],
+        "state": [],
         "error": None,
     }
     if request.method == "POST":
@@ -50,6 +54,9 @@ def search_page():
             context["attribute_args"] = {f"attr.{name}": sorted(values) for name, values in filters.attributes}
             words = read_words(request, blank_is_none=True)  # the words box, left empty, is no words
             context["q"] = request.values.get("q", "") if words is not None else ""
+            # The refine list: the facets asked for, else category and price; the results are the first k.
+            asked, depth = read_facets(request, search.settings.facet_depth, search.settings.max_facet_depth)
+            wanted = max(context["k"], depth)
             query = None
             if words is None or names_a_photo(request):
                 recent = current_app.extensions["recent_queries"]
@@ -61,14 +68,15 @@ def search_page():
             context["error"] = exc.description
             return render_template("search.html", **context), exc.code
         if query is None:
-            context["matches"] = search.search_words(words, context["k"], filters)
+            matches = search.search_words(words, wanted, filters)
         else:
-            context.update(
-                query=query,
-                # The whole photo, with the box drawn on it: the shopper drags a new box on this picture.
-                query_image=_data_url(query.query.thumbnail()),
-                matches=search.search(view, query.vector, context["k"], filters, words=words),
-            )
+            matches = search.search(view, query.vector, wanted, filters, words=words)
+            # The whole photo, with the box drawn on it: the shopper drags a new box on this picture.
+            context.update(query=query, query_image=_data_url(query.query.thumbnail()))
+        context["matches"] = matches[: context["k"]]
+        # What runs this search again: the refine list, and a box dragged on the photo, add to it.
+        context["state"] = state = search_state(request, query.token if query else None)
+        context["refine"] = refine_groups(search.facets(matches[:depth], asked or PAGE_FACETS), state)
     return render_template("search.html", **context)
 
 

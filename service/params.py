@@ -1,5 +1,5 @@
-"""A request's parameters: k, the category, price and attribute filters, the words (q), and an uploaded photo with
-its vectors (a search's or a write's), each checked with a 400 that says what to send.
+"""A request's parameters: k, the category, price and attribute filters, the words (q), the facets, and an uploaded
+photo with its vectors (a search's or a write's), each checked with a 400 that says what to send.
 
 Which photo a search is about (an upload, an image_url, a token, a box) is service/search_photo.py; recent query
 photos are remembered by service/recent_queries.py.
@@ -15,6 +15,8 @@ from PIL import Image
 
 from indexer.embedding.images import ImageError
 from indexer.embedding.model import Embedder
+from indexer.index.attributes import ATTRIBUTE_PREFIX, MAX_ATTRIBUTE_NAME, MAX_ATTRIBUTE_VALUE
+from indexer.index.facets import FacetRequest, FacetsError
 from indexer.index.live_index import Filters
 from indexer.storage.text import Words, WordsError
 from service.errors import BadRequest
@@ -64,11 +66,8 @@ def read_price_bound(request: Request, name: str) -> float | None:
     return value
 
 
-# Attribute filters: attr.<name>=<value>. Longer names or values, or more of them, are refused (400): real
-# attributes are short, and each value is a lookup.
-ATTRIBUTE_PREFIX = "attr."
-MAX_ATTRIBUTE_NAME = 100
-MAX_ATTRIBUTE_VALUE = 200
+# Attribute filters: attr.<name>=<value> (names and values as long as indexer.index.attributes allows). More values
+# than this in one search are refused (400): each is a lookup.
 MAX_ATTRIBUTE_VALUES = 64
 # Known names listed in an unknown name's 400, at most.
 LISTED_NAMES = 30
@@ -140,6 +139,28 @@ def read_words(request: Request, blank_is_none: bool = False) -> Words | None:
         return Words.parse(raw)
     except WordsError as exc:
         raise BadRequest(str(exc)) from None
+
+
+def read_facets(request: Request, default: int, most: int) -> tuple[FacetRequest | None, int]:
+    """The facets asked for (facets=category,price,attr.<name>, comma-separated or repeated; None when none is
+    named) and facet_depth, the matches they count (default when not sent); 400 for a facet that is none of
+    those, or a facet_depth that is not a whole number from 1 to `most` (service.max_facet_depth)."""
+    try:
+        asked = FacetRequest.parse(request.values.getlist("facets"))
+    except FacetsError as exc:
+        raise BadRequest(str(exc)) from None
+    raw = request.values.get("facet_depth", "").strip()
+    if not raw:
+        return asked, default
+    try:
+        depth = int(raw)
+    except ValueError:
+        depth = 0
+    if not 1 <= depth <= most:
+        raise BadRequest(
+            f"facet_depth must be a whole number from 1 to {most} (service.max_facet_depth), not {raw[:40]!r}"
+        )
+    return asked, depth
 
 
 def embed_upload(data: bytes | Image.Image, embedder: Embedder, views: tuple[str, ...] | None = None) -> np.ndarray:

@@ -25,13 +25,14 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright's own brows
 SCREENSHOTS = Path(__file__).with_name("screenshots")
 
 # A sku with a '/' (the widget must encode it per segment) and a title that would run if it were HTML.
-PRODUCTS_CSV = """sku,image,title,category,price,url
-cat-1,animals/chelsea.jpg,Chelsea the cat,animals,9.99,https://shop.example/cat-1
-cam-1,people/camera.jpg,<script>window.pwned = 1</script> Cameraman,people,8.50,
-mug-1,drinks/coffee.jpg,Espresso cup,drinks,3.20,
-people/suit-1,people/astronaut.jpg,Astronaut portrait,people,,
-rocket-1,space/rocket.jpg,Rocket launch,space,1000000,
-eye-1,medical/retina.jpg,Retina scan,medical,,
+# Four products of the brand Acme, for the words box.
+PRODUCTS_CSV = """sku,image,title,category,price,url,brand
+cat-1,animals/chelsea.jpg,Chelsea the cat,animals,9.99,https://shop.example/cat-1,Acme
+cam-1,people/camera.jpg,<script>window.pwned = 1</script> Cameraman,people,8.50,,Acme
+mug-1,drinks/coffee.jpg,Espresso cup,drinks,3.20,,Acme
+people/suit-1,people/astronaut.jpg,Astronaut portrait,people,,,Other
+rocket-1,space/rocket.jpg,Rocket launch,space,1000000,,Acme
+eye-1,medical/retina.jpg,Retina scan,medical,,,Other
 """
 SCRIPT_TITLE = "<script>window.pwned = 1</script> Cameraman"
 
@@ -178,6 +179,39 @@ def test_choosing_a_category_shows_only_that_category(page, service, tmp_path):
     assert all(meta.startswith("people") for meta in page.locator(".card .meta:first-of-type").all_inner_texts())
     expect(page.locator("select[name=category]")).to_have_value("people")
     screenshot(page, "search-category")
+
+
+@pytest.mark.slow
+def test_words_then_facets_narrow_the_results_keeping_what_was_chosen(page, service):
+    page.goto(service + "/")
+    page.fill("input[name=q]", "acme")
+    page.click("button[type=submit]")
+    expect(page.locator(".card")).to_have_count(4)  # the products of the brand, and no other
+    refine = page.locator(".refine")
+    expect(refine.locator("h3")).to_have_text(["Category", "Price"])
+    screenshot(page, "refine-words")
+    # The prices 3.20, 8.50, 9.99 and 1,000,000 in bands cut at round figures.
+    expect(refine.locator("button")).to_contain_text(["under 7.50 1", "7.50 – 10 2", "10 and over 1"])
+    refine.locator("button", has_text="7.50 – 10").click()
+    expect(page.locator(".card")).to_have_count(2)
+    assert sorted(card_titles(page)) == sorted(["Chelsea the cat", SCRIPT_TITLE])
+    expect(page.locator("form.upload input[name=q]")).to_have_value("acme")  # the words box still holds the words
+    page.locator(".refine button", has_text="animals").click()
+    expect(page.locator(".card")).to_have_count(1)
+    assert card_titles(page) == ["Chelsea the cat"]
+    expect(page.locator("select[name=category]")).to_have_value("animals")
+    screenshot(page, "refine-words-price-category")
+
+
+@pytest.mark.slow
+def test_a_facet_refines_a_photo_search_and_keeps_the_photo(page, service, tmp_path):
+    search_with(page, service, cat_photo(tmp_path))
+    expect(page.locator(".card")).to_have_count(6)
+    page.locator(".refine button", has_text="people").click()
+    expect(page.locator(".card")).to_have_count(2)
+    assert sorted(card_titles(page)) == sorted(["Astronaut portrait", SCRIPT_TITLE])
+    expect(page.locator("#query-photo")).to_be_visible()  # the same photo, searched again by its token
+    screenshot(page, "refine-photo-category")
 
 
 @pytest.mark.slow

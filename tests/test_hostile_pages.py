@@ -1,8 +1,10 @@
 """What a hostile catalog, write or request makes the pages and the API send, through the real server: product
-links only ever http(s), skus that would collide with a route refused, and every page's security headers."""
+links only ever http(s), skus that would collide with a route refused, facet values shown as text, and every
+page's security headers."""
 
 from __future__ import annotations
 
+import html
 import io
 import re
 import secrets
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 from flask import Flask
+from markupsafe import escape
 from PIL import Image
 
 from indexer.catalog import scan_catalog
@@ -244,3 +247,24 @@ def test_an_import_reports_script_links_and_colliding_skus(base_settings, embedd
     ]
     products = Store.open(settings).products
     assert products.by_sku("a").url is None and products.by_sku("c").url == "https://shop.example/c"
+
+
+def test_facet_values_from_shop_data_stay_text_in_the_refine_list(served):
+    category, colour = "<img src=x onerror=alert(1)>", '"><script>alert(1)</script>'
+    assert (
+        put(served, "hostile-1", title="Hostile facets", category=category, colour=colour, price="5").status_code == 201
+    )
+    answer = requests.post(f"{served}/api/search", data={"q": "hostile", "facets": "category,attr.colour"}, timeout=30)
+    assert answer.json()["facets"] == {
+        "category": [{"value": category, "count": 1}],
+        "attr.colour": [{"value": colour, "count": 1}],
+    }
+    page = requests.post(f"{served}/", data={"q": "hostile", "facets": "category,attr.colour"}, timeout=30)
+    assert page.status_code == 200
+    assert category not in page.text and "<script>alert" not in page.text
+    assert page.text.count(str(escape(category))) >= 2 and str(escape(colour)) in page.text  # a label, a field
+    # The refine form sends the category back as it was stored, and the search finds the product by it.
+    sent = re.search(r'name="category" value="([^"]*)"', page.text)
+    assert sent is not None and html.unescape(sent.group(1)) == category
+    refined = requests.post(f"{served}/", data={"q": "hostile", "category": category}, timeout=30)
+    assert refined.status_code == 200 and refined.text.count('class="card"') == 1

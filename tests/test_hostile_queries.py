@@ -1,8 +1,9 @@
 """Queries as an attacker would send them: many distinct photos padded with junk stay within
 service.query_store_mb on disk, what is kept is the decoded photo written again (never the bytes as sent), and a
 token tells nothing to whoever holds a copy of the photo; words (q) that are blank, too long, hold no word or
-spell the full-text engines' own query syntax get a 400 or plain results, never a 5xx, and attribute filters as an
-attacker would send them get clear 400s, through the real server, which keeps serving."""
+spell the full-text engines' own query syntax get a 400 or plain results, never a 5xx; attribute filters as an
+attacker would send them, facets naming nothing known and facet depths out of range get clear 400s; all through
+the real server, which keeps serving."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from markupsafe import escape
 from PIL import Image
 
+from indexer.index.attributes import MAX_ATTRIBUTE_NAME, MAX_ATTRIBUTE_VALUE
 from indexer.storage.text import MAX_WORDS_CHARS
 from service import create_app
-from service.params import MAX_ATTRIBUTE_NAME, MAX_ATTRIBUTE_VALUE, MAX_ATTRIBUTE_VALUES
+from service.params import MAX_ATTRIBUTE_VALUES
 from service.recent_queries import STORED_SIDE, QueryFolder
 from tests.conftest import indexed_skimage, served_catalog, skimage_jpeg
 from tests.support.server import running_server
@@ -220,3 +223,55 @@ def test_hostile_attribute_filters_get_clear_400s_from_a_real_server(settings, e
         assert answer.status_code == 200
         assert sorted(r["sku"] for r in answer.json()["results"]) == ["cup-1", "suit-1"]
         assert answer.json()["attributes"] == {"size": ["l", "m"]}
+
+
+# facets lists naming nothing that can be counted, and facet_depth values that are not a whole number from 1 to
+# service.max_facet_depth (1000): a 400 that says what to send, on every search and on the page.
+REFUSED_FACETS = {
+    "foo": "unknown facet 'foo'; ask for category, price or attr.<name>",
+    "attr.": "unknown facet 'attr.'",
+    "attr.  ,price": "unknown facet 'attr.'",
+    "category,Price": "unknown facet 'Price'",
+    "<script>": "unknown facet '<script>'",
+    ",".join(f"attr.a{n}" for n in range(21)): "ask for at most 20",
+    "attr." + "x" * 101: "an attribute name is at most 100 long",
+}
+REFUSED_DEPTHS = ["abc", "0", "-1", "1.5", "1e3", "1001", "10" * 40, "9" * 5000, "NaN"]
+
+
+def refused(served: str, data: dict[str, str], message: str) -> None:
+    """The same parameters on every search that counts facets (a photo, words alone, "more like this", the
+    page): each a 400 that holds `message` (escaped on the page)."""
+    photo = {"image": ("q.jpg", skimage_jpeg("coffee"))}
+    for response in (
+        requests.post(f"{served}/api/search", files=photo, data=data, timeout=60),
+        requests.post(f"{served}/api/search", data={"q": "drinks", **data}, timeout=30),
+        requests.get(f"{served}/api/products/{a_sku(served)}/similar", params=data, timeout=30),
+    ):
+        assert response.status_code == 400, response.text
+        assert message in response.json()["message"]
+    page = requests.post(f"{served}/", data={"q": "drinks", **data}, timeout=30)
+    assert page.status_code == 400 and str(escape(message)) in page.text
+
+
+@pytest.mark.parametrize("facets", list(REFUSED_FACETS), ids=range(len(REFUSED_FACETS)))
+def test_a_facets_list_naming_nothing_known_gets_a_400_that_lists_what_to_ask_for(served, facets):
+    refused(served, {"facets": facets}, REFUSED_FACETS[facets])
+
+
+@pytest.mark.parametrize("depth", REFUSED_DEPTHS, ids=range(len(REFUSED_DEPTHS)))
+def test_a_facet_depth_that_is_not_a_whole_number_up_to_the_cap_gets_a_400(served, depth):
+    refused(served, {"facets": "category", "facet_depth": depth}, "facet_depth must be a whole number from 1 to 1000")
+
+
+def test_facets_of_an_attribute_no_product_has_are_empty_and_the_service_keeps_serving(served):
+    for facets in ("attr.nothing", "attr.<img src=x>", "attr.%00", "attr.colour,attr.colour"):
+        response = requests.post(f"{served}/api/search", data={"q": "drinks", "facets": facets}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["facets"] == {facets.split(",")[0]: []}
+    blank = requests.post(f"{served}/api/search", data={"q": "drinks", "facets": " , "}, timeout=30)
+    assert blank.status_code == 200 and "facets" not in blank.json()  # a blank list asks for none
+    deepest = requests.post(
+        f"{served}/api/search", data={"q": "drinks", "facets": "category", "facet_depth": "1000"}, timeout=30
+    )
+    assert deepest.json()["facets"] == {"category": [{"value": "drinks", "count": 1}]}

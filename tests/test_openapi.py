@@ -174,6 +174,7 @@ def with_real_values(case: schemathesis.Case, url: str, photos: list[bytes], tok
         "category": sorted(SKIMAGE_CATALOG),
         "query": [token],
         "image_url": [f"{url}/images/{sku}" for sku in SKUS],
+        "facets": ["category,price,attr.colour", "price"],
     }
     for values in (case.body, case.path_parameters, case.query):
         if not isinstance(values, dict):

@@ -14,6 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+# A request names an attribute as attr.<name>, in filters and facets alike. Longer names or values are refused
+# (400): real attributes are short, and each value is a lookup.
+ATTRIBUTE_PREFIX = "attr."
+MAX_ATTRIBUTE_NAME = 100
+MAX_ATTRIBUTE_VALUE = 200
+
 VOCABULARY, ROWS = "attributes.json", "attribute_rows.npy"
 
 # What a filter asks for: (name, the case-folded values any of which passes), ANDed across names.

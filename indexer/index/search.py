@@ -34,6 +34,7 @@ from indexer.config import REPO_ROOT, Settings, process_memory_mb
 from indexer.embedding.model import Embedder, ModelIdentity
 from indexer.errors import NotReady, UnknownProduct
 from indexer.index.compaction import compaction_due, index_whitening
+from indexer.index.facets import Facet, FacetRequest, count_facets
 from indexer.index.fusion import FUSION_DEPTH, fuse, words_alone
 from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.index.rows import ProductRows
@@ -370,6 +371,12 @@ class CatalogSearch:
             if len(matches) == k:
                 break
         return matches
+
+    def facets(self, matches: list[ShownProduct], asked: FacetRequest) -> dict[str, Facet]:
+        """The facets asked for, counted over `matches` (indexer.index.facets); the matches' attributes are read
+        (one query) only when an attribute facet is asked for."""
+        skus = [m.sku for m in matches] if asked.attributes else []
+        return count_facets(matches, asked, self.store.products.attributes_of(skus) if skus else {})
 
     # --- catalog lookups ---------------------------------------------------------------------------
 

@@ -39,6 +39,16 @@ class Products:
             for row in rows
         }
 
+    def attributes_of(self, skus: Sequence[str]) -> dict[str, dict[str, str]]:
+        """sku -> the product's attributes, for these skus (one read per chunk of skus; unknown skus are absent):
+        what facets on attributes count, read for a search's matches only when such a facet is asked for."""
+        found: dict[str, dict[str, str]] = {}
+        with self.engine.connect() as connection:
+            for part in chunks(list(dict.fromkeys(skus))):
+                rows = connection.execute(select(Product.sku, Product.attributes).where(Product.sku.in_(part)))
+                found |= {row.sku: row.attributes or {} for row in rows}
+        return found
+
     def by_sku(self, sku: str) -> ShownProduct | None:
         """The product with this sku as its own page shows it (with its attributes) while it is live (has a live
         image); None otherwise."""

@@ -37,8 +37,8 @@ def errors(*statuses: int, html: bool = False) -> dict[str, Schema]:
 ERRORS = {
     400: "The request is unusable: a missing, empty or unreadable image, more than one of image, image_url and "
     "query, an image_url that is refused, or a bad k, category, price bound, box or q (blank, too long, or without "
-    "a word). The message says what to send "
-    "instead.",
+    "a word), a facets list naming something other than category, price and attr.<name>, or a facet_depth that is "
+    "not a whole number from 1 to service.max_facet_depth. The message says what to send instead.",
     401: "The API key is missing or wrong.",
     403: "The write API is off: no service.api_key (or API_KEY) is configured.",
     404: "No product with that sku (or the query token is no longer remembered).",
@@ -103,6 +103,24 @@ WORDS: Schema = {
     "holding no letter or digit: 400.",
     "examples": ["white mug"],
 }
+# Facet counts beside the results (indexer.index.facets): on POST /api/search, /similar and the results page.
+FACET_FIELDS: Schema = {
+    "facets": {
+        "type": "string",
+        "description": "Counts to return beside the results, comma-separated (or the field repeated): `category`, "
+        "`price` (bands cut at the quartiles of the matches' prices, rounded to round figures) and `attr.<name>` "
+        "(an attribute's values, counted case-insensitively; an attribute no match has: an empty list). Counted over "
+        "the best `facet_depth` matches after the filters, of which the results are the first k. Naming anything "
+        "else: 400.",
+        "examples": ["category,price,attr.colour"],
+    },
+    "facet_depth": {
+        "type": "integer",
+        "minimum": 1,
+        "description": "How many of the best matches the facets count (default service.facet_depth, 200); more "
+        "than service.max_facet_depth (1000): 400.",
+    },
+}
 TOKEN: Schema = {
     "type": "string",
     "description": "The `query` token of a recent search: the service remembers its photo for a while.",
@@ -135,6 +153,7 @@ FILTER_PARAMS = [
     {**query_param("attributes", ATTRIBUTES), "style": "form", "explode": True},
 ]
 WORDS_PARAM = query_param("q", WORDS)
+FACET_PARAMS = [query_param(name, schema) for name, schema in FACET_FIELDS.items()]
 # The fields a raw photo body leaves to the query string (a form may send them there too).
 SEARCH_PARAMS = [*FILTER_PARAMS, query_param("box", BOX)]
 
@@ -174,8 +193,9 @@ WORDS_ALONE: Schema = {
 
 def search_body(description: str, *, required: bool = True, raw: bool = False, words: bool = False) -> Schema:
     """The photo and filters of a search: multipart with an upload, or url-encoded with image_url or query; with
-    raw, also the photo itself as the body (RAW_IMAGE_TYPES); with words, also q, beside a photo or alone."""
-    fields = {**SEARCH_FIELDS, "q": WORDS} if words else SEARCH_FIELDS
+    raw, also the photo itself as the body (RAW_IMAGE_TYPES); with words, also q, beside a photo or alone, and the
+    facets (a search that returns results rather than a picture of them)."""
+    fields = {**SEARCH_FIELDS, "q": WORDS, **FACET_FIELDS} if words else SEARCH_FIELDS
     named = [*NAMED_BY.values(), WORDS_ALONE] if words else list(NAMED_BY.values())
     body = multipart(fields, description, required=required, extra={"oneOf": named})
     body["content"]["application/x-www-form-urlencoded"] = {

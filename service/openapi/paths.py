@@ -5,6 +5,7 @@ from __future__ import annotations
 from service.openapi.parts import (
     BOX,
     ERRORS,
+    FACET_PARAMS,
     FILTER_PARAMS,
     FILTERS,
     HTML,
@@ -38,8 +39,9 @@ PATHS: Schema = {
             "or its address as `image_url`, or the `query` token of a recent search (one of them); `box` searches "
             "for a region of it. The fields may also come in the query string. Or send the photo's bytes as the "
             f"whole body (Content-Type {', '.join(RAW_IMAGE_TYPES)}), with the other fields in the query string. "
-            "`q` adds words beside the photo, or searches by words alone when no photo is named.",
-            "parameters": [*SEARCH_PARAMS, WORDS_PARAM],
+            "`q` adds words beside the photo, or searches by words alone when no photo is named. `facets` adds "
+            "counts per category, price band and attribute value of the best `facet_depth` matches.",
+            "parameters": [*SEARCH_PARAMS, WORDS_PARAM, *FACET_PARAMS],
             "requestBody": search_body(
                 "The photo (or its address, or a recent query's token), or words (q), and optional filters.",
                 raw=True,
@@ -92,6 +94,7 @@ PATHS: Schema = {
                 SKU,
                 *FILTER_PARAMS,
                 WORDS_PARAM,
+                *FACET_PARAMS,
                 param(
                     "unknown",
                     "query",

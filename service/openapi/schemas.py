@@ -64,6 +64,46 @@ FILTERS_ECHO: Schema = {
         "description": "The attribute filters: name -> the values asked for, case-folded as they are matched.",
     },
 }
+# The answer's facets (indexer.index.facets.count_facets), present when the request asked for some.
+FACET_VALUES: Schema = {
+    "type": "array",
+    "description": "Each value and how many of the matches counted hold it, by count, then value.",
+    "items": {
+        "type": "object",
+        "required": ["value", "count"],
+        "additionalProperties": False,
+        "properties": {"value": {"type": "string"}, "count": {"type": "integer", "minimum": 1}},
+    },
+}
+FACETS_ECHO: Schema = {
+    "facets": {
+        "type": "object",
+        "description": "The facets asked for, by the names asked for (category, price, attr.<name>), counted over "
+        "the best facet_depth matches; a product without the field is not counted.",
+        "properties": {
+            "category": FACET_VALUES,
+            "price": {
+                "type": "array",
+                "description": "Bands, cheapest first, each holding the prices p with min <= p < max; the first is "
+                "open below (min null), the last open above (max null). The cuts are the quartiles of the "
+                "matches' prices rounded to round figures (1, 1.5, 2, 2.5, 3, 4, 5 or 7.5 times a power of ten); "
+                "a cut that would leave a band empty is dropped.",
+                "items": {
+                    "type": "object",
+                    "required": ["min", "max", "count"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "min": nullable("number"),
+                        "max": nullable("number"),
+                        "count": {"type": "integer", "minimum": 1},
+                    },
+                },
+            },
+        },
+        "additionalProperties": FACET_VALUES,  # attr.<name>: counted case-insensitively, in its commonest spelling
+    },
+    "facet_depth": {"type": "integer", "minimum": 1, "description": "The matches the facets counted, at most."},
+}
 SEARCH_RESULTS: Schema = {
     "type": "object",
     "required": [
@@ -88,6 +128,7 @@ SEARCH_RESULTS: Schema = {
         },
         "q": {"type": ["string", "null"], "description": "The words searched for, as sent; null without q."},
         "index_version": {"type": "string", "description": "The base version + the change number applied."},
+        **FACETS_ECHO,
         "took_ms": {"type": "number"},
     },
 }
@@ -100,6 +141,7 @@ SIMILAR_RESULTS: Schema = {
         "results": {"type": "array", "items": ref("Result")},
         **FILTERS_ECHO,
         "q": {"type": ["string", "null"], "description": "The words fused in, as sent; null without q."},
+        **FACETS_ECHO,
         "took_ms": {"type": "number"},
     },
 }
