@@ -27,6 +27,7 @@ from tests.conftest import (
     SKIMAGE_CATALOG,
     both_databases,
     live_index,
+    new_database,
     served_catalog,
     skimage_jpeg,
     write_skimage_catalog,
@@ -229,3 +230,33 @@ def test_through_the_api_a_variant_is_added_filtered_and_deleted_leaving_the_oth
         assert search(min_price=str(price(1, "M") - 1), max_price=str(price(1, "M") + 1))[:1] != ["coffee-M"]
         assert requests.get(f"{server.url}/api/products/coffee-M", timeout=10).status_code == 404
         assert requests.get(f"{server.url}/api/products/coffee-S", timeout=10).status_code == 200
+
+
+def test_a_hundred_grocery_photos_in_three_sizes_index_as_three_hundred_products(
+    request, database, settings, embedder, grocery, tmp_path
+):
+    photos = [row for row in csv.DictReader(open(grocery / "catalog.csv", newline=""))][::30][:100]
+    rows = [
+        {"sku": f"{row['sku']}-{size}", "image": row["image"], "title": row["title"], "category": row["category"],
+         "price": str(price(i, size)), "size": size}
+        for i, row in enumerate(photos)
+        for size in SIZES
+    ]  # fmt: skip
+    write_rows(tmp_path / "products.csv", rows)
+    report = index_catalog(settings, embedder, grocery, tmp_path / "products.csv", progress=False)
+    assert (report.embedded, report.products, report.problems) == (100, 300, [])
+    assert len(live_index(settings, embedder)) == 300
+    photo = (grocery / photos[7]["image"]).read_bytes()
+    band = Filters(min_price=price(7, "M") - 1, max_price=price(7, "M") + 1)
+    assert filtered(settings, embedder, photo, band)[0] == f"{photos[7]['sku']}-M"
+    assert index_catalog(settings, embedder, grocery, tmp_path / "products.csv", progress=False).embedded == 0
+
+    # the same 300 rows as an import of the vectors made elsewhere: row i describes vector i
+    stored = rows_by_sku(settings)
+    np.save(tmp_path / "vectors.npy", np.stack([np.frombuffer(stored[row["sku"]][2], np.float32) for row in rows]))
+    imported = settings.with_overrides(data_dir=tmp_path / "imported", database_url=new_database(request, database))
+    write_rows(tmp_path / "import.csv", [{k: v for k, v in row.items() if k != "size"} for row in rows])
+    report = import_vectors(imported, embedder, tmp_path / "vectors.npy", tmp_path / "import.csv", progress=False)
+    assert (report.stored, report.problems) == (300, [])
+    assert Store.open(imported).products.counts()[1] == 300
+    assert filtered(imported, embedder, photo, band)[0] == f"{photos[7]['sku']}-M"

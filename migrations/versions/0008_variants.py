@@ -24,12 +24,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # One product per photo again: each photo keeps its first row; the other variants' rows go (their products
-    # are removed with the next run's products left without images).
+    # One product per photo again: each photo keeps the rows of its first product (the lowest id); the other
+    # variants' rows go (their products are removed with the next run's products left without images).
     op.execute(
         sa.text(
-            "DELETE FROM images WHERE id NOT IN "
-            "(SELECT keep FROM (SELECT min(id) AS keep FROM images GROUP BY rel_path, view) AS firsts)"
+            "DELETE FROM images WHERE EXISTS (SELECT 1 FROM images AS other WHERE other.rel_path = images.rel_path "
+            "AND other.view = images.view AND other.product_id < images.product_id)"
         )
     )
     with op.batch_alter_table("images") as batch:
