@@ -213,6 +213,9 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
             url=_url(row.get("url", ""), where, problems),
             attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
         )
+        if problem := product.storage_problem():
+            problems.append(f"{where}: {problem}; skipped")
+            continue
         first, stored = first_rows.setdefault(sku, (number, product))
         if stored != product:  # another photo of the product, but one product has one title, price...
             problems.append(

@@ -386,9 +386,7 @@ def test_the_same_sku_and_photo_twice_is_reported_with_both_lines(shop):
 
 
 def test_one_sku_with_other_fields_on_another_photo_keeps_the_first_rows_fields(shop):
-    (shop / "products.csv").write_text(
-        "sku,image,price\nBAG-1,bags/tote.webp,10\nBAG-1,bags/leather/satchel.jpeg,12\n"
-    )
+    (shop / "products.csv").write_text("sku,image,price\nBAG-1,bags/tote.webp,10\nBAG-1,bags/leather/satchel.jpeg,12\n")
 
     scan = scan_catalog(shop)
 

@@ -197,3 +197,9 @@ def test_the_schema_revision_the_service_expects_is_alembics_head():
     from alembic.script import ScriptDirectory
 
     assert ScriptDirectory(str(REPO_ROOT / "migrations")).get_current_head() == SCHEMA_REVISION
+
+
+def test_the_lengths_products_are_checked_against_are_the_columns():
+    from indexer.records import MAX_LENGTHS
+
+    assert {name: Product.__table__.c[name].type.length for name in MAX_LENGTHS} == MAX_LENGTHS

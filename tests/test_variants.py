@@ -28,6 +28,7 @@ from tests.conftest import (
     both_databases,
     live_index,
     new_database,
+    read_csv,
     served_catalog,
     skimage_jpeg,
     write_skimage_catalog,
@@ -218,9 +219,9 @@ def test_through_the_api_a_variant_is_added_filtered_and_deleted_leaving_the_oth
         assert (shown["price"], shown["attributes"]) == (price(1, "L"), {"size": "L"})
 
         # a fourth variant of the same photo, through the write API
-        put = requests.put(f"{server.url}/api/products/coffee-XL", headers=auth, timeout=60,
-                           files={"image": ("p.jpg", io.BytesIO(coffee), "image/jpeg")},
-                           data={"title": "coffee in XL", "category": "drinks", "price": "99", "size": "XL"})  # fmt: skip
+        fields = {"title": "coffee in XL", "category": "drinks", "price": "99", "size": "XL"}
+        put = requests.put(f"{server.url}/api/products/coffee-XL", headers=auth, timeout=60, data=fields,
+                           files={"image": ("p.jpg", io.BytesIO(coffee), "image/jpeg")})  # fmt: skip
         assert put.status_code == 201, put.text
         assert sorted(r["sku"] for r in search()[:4]) == ["coffee-L", "coffee-M", "coffee-S", "coffee-XL"]
 
@@ -231,11 +232,17 @@ def test_through_the_api_a_variant_is_added_filtered_and_deleted_leaving_the_oth
         assert requests.get(f"{server.url}/api/products/coffee-M", timeout=10).status_code == 404
         assert requests.get(f"{server.url}/api/products/coffee-S", timeout=10).status_code == 200
 
+        # a field longer than the store holds is a 400 that says so, on either database
+        long = requests.put(f"{server.url}/api/products/coffee-XXL", headers=auth, timeout=60,
+                            files={"image": ("p.jpg", io.BytesIO(coffee), "image/jpeg")},
+                            data={"title": "t" * 1100, "category": "drinks"})  # fmt: skip
+        assert long.status_code == 400 and "at most 1024" in long.json()["message"]
+
 
 def test_a_hundred_grocery_photos_in_three_sizes_index_as_three_hundred_products(
     request, database, settings, embedder, grocery, tmp_path
 ):
-    photos = [row for row in csv.DictReader(open(grocery / "catalog.csv", newline=""))][::30][:100]
+    photos = read_csv(grocery / "catalog.csv")[::30][:100]
     rows = [
         {"sku": f"{row['sku']}-{size}", "image": row["image"], "title": row["title"], "category": row["category"],
          "price": str(price(i, size)), "size": size}
@@ -260,3 +267,32 @@ def test_a_hundred_grocery_photos_in_three_sizes_index_as_three_hundred_products
     assert (report.stored, report.problems) == (300, [])
     assert Store.open(imported).products.counts()[1] == 300
     assert filtered(imported, embedder, photo, band)[0] == f"{photos[7]['sku']}-M"
+
+
+def test_rows_the_store_cannot_hold_are_reported_by_line_and_the_rest_indexed(settings, embedder, tmp_path):
+    catalog = write_skimage_catalog(tmp_path / "catalog")
+    rows = variant_rows()
+    rows[3] = {**rows[3], "category": "c" * 300}  # line 5
+    rows[7] = {**rows[7], "title": "nul\x00title"}  # line 9
+    rows[9] = {**rows[9], "sku": "s" * 600}  # line 11
+    write_rows(catalog / "products.csv", rows)
+    report = index_catalog(settings, embedder, catalog, progress=False)
+    assert report.products == 15 and report.problems == [
+        "line 5: category is 300 characters long; at most 256 can be stored; skipped",
+        "line 9: product fields may not contain NUL characters; skipped",
+        "line 11: sku is 600 characters long; at most 512 can be stored; skipped",
+    ]
+
+    vectors = np.repeat(embedded_vectors(embedder, catalog), len(SIZES), axis=0)
+    np.save(tmp_path / "vectors.npy", vectors)
+    rows[12] = {**rows[12], "image": "i" * 2100}  # line 14
+    write_rows(tmp_path / "products.csv", [{k: v for k, v in row.items() if k != "size"} for row in rows])
+    imported = settings.with_overrides(data_dir=tmp_path / "imported")
+    report = import_vectors(imported, embedder, tmp_path / "vectors.npy", tmp_path / "products.csv", progress=False)
+    assert (report.stored, report.skipped) == (14, 4)
+    assert report.problems == [
+        "line 5: category is 300 characters long; at most 256 can be stored",
+        "line 9: product fields may not contain NUL characters",
+        "line 11: sku is 600 characters long; at most 512 can be stored",
+        "line 14: image is 2100 characters long; at most 2041 can be stored",
+    ]

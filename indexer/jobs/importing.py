@@ -32,6 +32,8 @@ from indexer.writes import CatalogWriter, Photo
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")
+# An image row's rel_path column holds 2048 characters (indexer.storage.schema).
+MAX_IMAGE = 2048
 
 
 @dataclass
@@ -148,7 +150,12 @@ def _checked_row(
     if problem:  # the row is kept, without its url
         problems.append(f"line {number}: {problem}")
     product = ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url)
-    return product, f"import/{row.get('image') or sku}"
+    rel_path = f"import/{row.get('image') or sku}"
+    too_long = f"image is {len(rel_path) - 7} characters long; at most {MAX_IMAGE - 7} can be stored"
+    if problem := product.storage_problem() or (too_long if len(rel_path) > MAX_IMAGE else None):
+        problems.append(f"line {number}: {problem}")
+        return None
+    return product, rel_path
 
 
 def _unchanged(photo: Photo, known: dict[str, KnownFile], product_ids: dict[str, int], model_key: str) -> bool:

@@ -372,7 +372,7 @@ class Vectors:
                     have.setdefault(rel_path, set()).add(product_id)
                     if keep[rel_path][1] != path:
                         moved.append({"row_id": row_id, "path": keep[rel_path][1]})
-                elif path.startswith(inside) or rel_path in keep:
+                elif path.startswith(inside):
                     in_folder += view == ""
                     if remove:
                         stale.append(row_id)
