@@ -296,3 +296,21 @@ def test_rows_the_store_cannot_hold_are_reported_by_line_and_the_rest_indexed(se
         "line 11: sku is 600 characters long; at most 512 can be stored",
         "line 14: image is 2100 characters long; at most 2041 can be stored",
     ]
+
+
+def test_a_new_variant_gets_the_photos_extra_views_too(settings, embedder, tmp_path):
+    settings = settings.with_overrides(catalog_views=("flip",))
+    catalog = write_skimage_catalog(tmp_path / "catalog")
+    rows = variant_rows()
+    write_rows(catalog / "products.csv", rows[:-1])
+    index_catalog(settings, embedder, catalog, progress=False)
+    write_rows(catalog / "products.csv", rows)  # rocket-L comes
+    report = index_catalog(settings, embedder, catalog, progress=False)
+    assert (report.embedded, report.products) == (0, 18)
+    with Session(Store.open(settings).engine) as session:
+        views = session.execute(
+            select(Product.sku, ProductImage.view, ProductImage.embedding).join(Product).where(LIVE)
+        ).all()
+    rocket = {(sku, view): vector for sku, view, vector in views if sku.startswith("rocket-")}
+    assert len(views) == 36 and set(rocket) == {(f"rocket-{size}", view) for size in SIZES for view in ("", "flip")}
+    assert rocket["rocket-L", "flip"] == rocket["rocket-S", "flip"] != rocket["rocket-S", ""]
