@@ -60,6 +60,15 @@ class CatalogScan:
     def skus(self) -> set[str]:
         return {image.sku for image in self.images}
 
+    @property
+    def photos(self) -> list[CatalogImage]:
+        """One image per photo file (the first row that names it): variants (several products sharing a photo) are
+        several images of one file, which is read and embedded once."""
+        first: dict[str, CatalogImage] = {}
+        for image in self.images:
+            first.setdefault(image.rel_path, image)
+        return list(first.values())
+
 
 def in_catalog(catalog: Path, path: str | Path | None) -> Path | None:
     """A path as given on the command line, or else a file of that name inside the catalog folder."""
@@ -170,8 +179,11 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[st
 
 
 def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImage]:
+    """The rows' images. Several rows may name one photo (variants: each is a product of its own) and one sku
+    may have several photos; the same sku with the same photo twice cannot be stored and is reported."""
     images: list[CatalogImage] = []
-    seen_paths: set[str] = set()
+    seen_pairs: dict[tuple[str, str], int] = {}
+    first_rows: dict[str, tuple[int, ProductFields]] = {}
     real_folders: dict[str, str] = {}
     for number, row in rows:
         sku, image = row.get("sku", "").strip(), row.get("image", "").strip()
@@ -190,25 +202,27 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
             problems.append(f"{where}: image {image!r} does not exist")
             continue
         rel = path.relative_to(root).as_posix()
-        if rel in seen_paths:
-            problems.append(f"{where}: image {image!r} is listed twice; keeping the first")
+        if (earlier := seen_pairs.setdefault((sku, rel), number)) != number:
+            problems.append(f"{where}: sku {sku!r} with image {image!r} is already listed on line {earlier}; skipped")
             continue
-        seen_paths.add(rel)
-        price = _price(row.get("price", ""), where, problems)
-        images.append(
-            CatalogImage(
-                rel_path=rel,
-                path=path,
-                product=ProductFields(
-                    sku=sku,
-                    title=row.get("title") or sku,
-                    category=row.get("category") or None,
-                    price=price,
-                    url=_url(row.get("url", ""), where, problems),
-                    attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
-                ),
-            )
+        product = ProductFields(
+            sku=sku,
+            title=row.get("title") or sku,
+            category=row.get("category") or None,
+            price=_price(row.get("price", ""), where, problems),
+            url=_url(row.get("url", ""), where, problems),
+            attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
         )
+        if problem := product.storage_problem():
+            problems.append(f"{where}: {problem}; skipped")
+            continue
+        first, stored = first_rows.setdefault(sku, (number, product))
+        if stored != product:  # another photo of the product, but one product has one title, price...
+            problems.append(
+                f"{where}: sku {sku!r} is listed on line {first} with other fields; "
+                f"its photo is kept, with line {first}'s fields"
+            )
+        images.append(CatalogImage(rel_path=rel, path=path, product=product))
     return images
 
 

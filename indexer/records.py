@@ -15,6 +15,8 @@ _WEB_SCHEME = re.compile(r"https?://", re.IGNORECASE)
 # The routes that follow a sku in a URL (GET /api/products/<sku>/similar): a sku ending in one would be read as
 # that route of a shorter sku. tests/test_hostile_pages.py holds this list to the service's URL map.
 ROUTE_SUFFIXES = ("/similar",)
+# The lengths of the products table's text columns (indexer.storage.schema; tests/test_schema.py holds them to it).
+MAX_LENGTHS = {"sku": 512, "title": 1024, "category": 256, "url": 2048}
 
 
 def safe_link(url: str | None) -> str | None:
@@ -61,6 +63,17 @@ class ProductFields:
     def shown(self) -> tuple:
         """The fields a search result shows, besides the sku."""
         return (self.title, self.category, self.price, self.url)
+
+    def storage_problem(self) -> str | None:
+        """Why the store cannot hold this product (a field longer than its column, a NUL character, which
+        PostgreSQL refuses in text), as a message that says what to send; None when it can."""
+        for name, limit in MAX_LENGTHS.items():
+            if len(value := getattr(self, name) or "") > limit:
+                return f"{name} is {len(value)} characters long; at most {limit} can be stored"
+        texts = [self.sku, self.title, self.category or "", self.url or "", *self.attributes, *self.attributes.values()]
+        if any("\x00" in text for text in texts):
+            return "product fields may not contain NUL characters"
+        return None
 
 
 @dataclass(frozen=True, slots=True)

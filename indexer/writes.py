@@ -199,7 +199,12 @@ class CatalogWriter:
         return product.sku in written.created
 
     def reconcile(
-        self, keep: dict[str, tuple[int, str]], root: str, *, remove: bool = True, most_removed: float | None = None
+        self,
+        keep: dict[str, tuple[frozenset[int], str]],
+        root: str,
+        *,
+        remove: bool = True,
+        most_removed: float | None = None,
     ) -> Reconciled:
         """Bring the catalog rows of folder `root` in line with `keep` (Store.reconcile_catalog), under the lock."""
         with write_lock(self.settings.data_dir, self.store):

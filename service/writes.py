@@ -104,6 +104,8 @@ def put_product(sku: str):
         url=_url(fields["url"]),
         attributes={k: v for k, v in request.form.items() if k not in FIELDS and v},
     )
+    if problem := product.storage_problem():  # a field longer than the store holds
+        raise BadRequest(problem)
     data = read_upload(request)
     # The view first: the photo is embedded as its vectors are, with its whitening, which a worker process loads
     # with the base (its first request may be this write). With nothing to search, a 503 here.

@@ -357,17 +357,43 @@ def test_path_that_stays_inside_the_folder_is_normalised(shop):
     assert image.rel_path == "shoes/red_runner.jpg"
 
 
-def test_duplicate_image_rows_are_reported_and_the_first_is_kept(shop):
+def test_rows_naming_one_photo_with_different_skus_are_variants_read_once(shop):
     (shop / "products.csv").write_text(
-        "sku,image,title\nFIRST,shoes/red_runner.jpg,First\nSECOND,shoes/./red_runner.jpg,Second\n"
+        "sku,image,title,size\nRUN-S,shoes/red_runner.jpg,Runner,S\nRUN-M,shoes/./red_runner.jpg,Runner,M\n"
+    )
+
+    scan = scan_catalog(shop)
+
+    assert scan.problems == []
+    assert [(image.sku, image.rel_path, image.product.attributes) for image in scan.images] == [
+        ("RUN-S", "shoes/red_runner.jpg", {"size": "S"}),
+        ("RUN-M", "shoes/red_runner.jpg", {"size": "M"}),
+    ]
+    assert [image.sku for image in scan.photos] == ["RUN-S"]  # the file is read once
+
+
+def test_the_same_sku_and_photo_twice_is_reported_with_both_lines(shop):
+    (shop / "products.csv").write_text(
+        "sku,image,title\nFIRST,shoes/red_runner.jpg,First\nFIRST,shoes/./red_runner.jpg,Again\n"
     )
 
     scan = scan_catalog(shop)
 
     assert [(image.sku, image.title) for image in scan.images] == [("FIRST", "First")]
-    assert len(scan.problems) == 1
-    assert scan.problems[0].startswith("line 3:")
-    assert "listed twice" in scan.problems[0]
+    assert scan.problems == [
+        "line 3: sku 'FIRST' with image 'shoes/./red_runner.jpg' is already listed on line 2; skipped"
+    ]
+
+
+def test_one_sku_with_other_fields_on_another_photo_keeps_the_first_rows_fields(shop):
+    (shop / "products.csv").write_text("sku,image,price\nBAG-1,bags/tote.webp,10\nBAG-1,bags/leather/satchel.jpeg,12\n")
+
+    scan = scan_catalog(shop)
+
+    assert [image.rel_path for image in scan.images] == ["bags/tote.webp", "bags/leather/satchel.jpeg"]
+    assert scan.problems == [
+        "line 3: sku 'BAG-1' is listed on line 2 with other fields; its photo is kept, with line 2's fields"
+    ]
 
 
 def test_several_images_of_the_same_sku_are_all_kept(shop):

@@ -107,6 +107,21 @@ def test_upgrading_one_revision_at_a_time_keeps_the_rows_and_downgrading_undoes_
     assert [p.sku for p in words.search(Words.parse("APPLE"), 10)] == ["A1"]
     assert [p.sku for p in words.search(Words.parse("nz"), 10)] == ["A1"]
     assert words.search(Words.parse("origin"), 10) == []  # attribute names are not words of the product
+    # 0008: another product may have rows of the same photo (a variant); one product's (rel_path, view) twice is
+    # still refused. Downgrading keeps each photo's rows of its first product.
+    command.upgrade(config, "0008")
+    variant = text(
+        "INSERT INTO images (product_id, rel_path, view, path, sha256, model_key, embedding, updated_at) "
+        "VALUES (:product, 'a/1.jpg', '', '/c/a/1.jpg', 's', 'm', :embedding, :updated_at)"
+    )
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO products (id, sku, title, attributes) VALUES (2, 'A1-M', 'M', '{}')"))
+        connection.execute(variant, {**view_row, "product": 2})
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(variant, {**view_row, "product": 2})
+    command.downgrade(config, "0007")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id FROM images WHERE view = ''")).scalars().all() == [7]
     engine.dispose()
     command.downgrade(config, "base")
     engine = make_engine(settings.db_url)
@@ -182,3 +197,9 @@ def test_the_schema_revision_the_service_expects_is_alembics_head():
     from alembic.script import ScriptDirectory
 
     assert ScriptDirectory(str(REPO_ROOT / "migrations")).get_current_head() == SCHEMA_REVISION
+
+
+def test_the_lengths_products_are_checked_against_are_the_columns():
+    from indexer.records import MAX_LENGTHS
+
+    assert {name: Product.__table__.c[name].type.length for name in MAX_LENGTHS} == MAX_LENGTHS

@@ -54,7 +54,7 @@ def calibration_sample(catalog: Path, metadata: Path | None, size: int, count: i
     """`count` photos drawn with a fixed seed from the catalog (its metadata's images, or its folders),
     skipping unreadable ones, decoded and resized by the one preprocessing path."""
     try:
-        images = scan_catalog(catalog, metadata).images
+        images = scan_catalog(catalog, metadata).photos
     except CatalogError as exc:
         raise ConfigError(f"cannot calibrate the int8 model: {exc}") from None
     order = np.random.default_rng(CALIBRATION_SEED).permutation(len(images))

@@ -235,7 +235,7 @@ class _TrainingSet:
 
 def _training_set(catalog_dir: Path, metadata: Path | None, options: FinetuneOptions) -> _TrainingSet:
     scan = scan_catalog(catalog_dir, metadata)
-    images = [image for image in scan.images if image.category]
+    images = [image for image in scan.photos if image.category]
     categories = sorted({image.category for image in images})
     if len(categories) < 2:
         raise ValueError("fine-tuning needs a catalog with at least two categories")

@@ -27,10 +27,13 @@ from indexer.jobs.indexing import compact_if_due
 from indexer.records import ProductFields, sku_problem
 from indexer.storage.schema import IMPORT
 from indexer.storage.store import Store
+from indexer.storage.vectors import KnownFile
 from indexer.writes import CatalogWriter, Photo
 
 BATCH = 10_000
 COLUMNS = ("sku", "title", "category", "price", "url", "image")
+# An image row's rel_path column holds 2048 characters (indexer.storage.schema).
+MAX_IMAGE = 2048
 
 
 @dataclass
@@ -86,40 +89,80 @@ def import_vectors(
     known = store.vectors.known_files(IMPORT)
     identity = embedder.identity
     writer = CatalogWriter(settings, store, IMPORT)
+    firsts: dict[str, tuple[int, ProductFields]] = {}
+    pairs: dict[tuple[str, str], int] = {}
     for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):
         part = rows[start : start + BATCH]
         batch = embedder.finish(np.asarray(vectors[start : start + BATCH], dtype=np.float32))
         products, photos = [], []
         for number, (row, vector) in enumerate(zip(part, batch, strict=True), start=start + 2):
-            sku = row.get("sku", "")
-            try:
-                price = parse_price(row.get("price"))
-            except ValueError:
-                report.problems.append(f"line {number}: price {row.get('price')!r} is not a number")
+            if (checked := _checked_row(row, vector, number, report.problems)) is None:
                 report.skipped += 1
                 continue
-            if not sku or not np.isfinite(vector).all():
-                report.problems.append(f"line {number}: needs a sku and a finite vector")
+            product, rel_path = checked
+            # Variants: rows naming one image with different skus are products of their own; one sku with one
+            # image twice would be one row stored twice.
+            if (earlier := pairs.setdefault((product.sku, rel_path), number)) != number:
+                report.problems.append(
+                    f"line {number}: sku {product.sku!r} with image {row.get('image', '')!r} is already on line "
+                    f"{earlier}; skipped"
+                )
                 report.skipped += 1
                 continue
-            if problem := sku_problem(sku):
-                report.problems.append(f"line {number}: {problem}")
-                report.skipped += 1
-                continue
-            url, problem = row_url(row.get("url"))
-            if problem:  # the row is kept, without its url
-                report.problems.append(f"line {number}: {problem}")
-            rel_path = f"import/{row.get('image') or sku}"
+            first, kept = firsts.setdefault(product.sku, (number, product))
+            if kept != product:
+                report.problems.append(
+                    f"line {number}: sku {product.sku!r} is on line {first} with other fields; its vector is kept, "
+                    f"with line {first}'s fields"
+                )
+            products.append(kept)
             digest = hashlib.sha256(vector.tobytes()).hexdigest()
-            stored = known.get(rel_path)
-            if stored is not None and (stored.sha256, stored.model_key) == (digest, identity.key):
-                report.unchanged += 1
-            else:
-                photos.append(Photo(sku, rel_path, row.get("image", ""), digest, vector[None]))
-            products.append(ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url))
-        writer.write(products, photos, model=identity, sync=True)  # sync: nothing with FAISS
+            photos.append(Photo(product.sku, rel_path, row.get("image", ""), digest, vector[None]))
+        writer.write(products)
+        photos = [photo for photo in photos if not _unchanged(photo, known, writer.product_ids, identity.key)]
+        report.unchanged += len(products) - len(photos)
+        writer.write(photos=photos, model=identity, sync=True)  # sync: nothing with FAISS
         report.stored += len(photos)
     if settings.index_backend != "milvus":
         report.compaction, _ = compact_if_due(settings, store, embedder, progress=progress)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _checked_row(
+    row: dict[str, str], vector: np.ndarray, number: int, problems: list[str]
+) -> tuple[ProductFields, str] | None:
+    """A products file's row as the product it describes and its vector's rel_path; None (the problem noted) when
+    it cannot be imported."""
+    sku = row.get("sku", "")
+    try:
+        price = parse_price(row.get("price"))
+    except ValueError:
+        problems.append(f"line {number}: price {row.get('price')!r} is not a number")
+        return None
+    if not sku or not np.isfinite(vector).all():
+        problems.append(f"line {number}: needs a sku and a finite vector")
+        return None
+    if problem := sku_problem(sku):
+        problems.append(f"line {number}: {problem}")
+        return None
+    url, problem = row_url(row.get("url"))
+    if problem:  # the row is kept, without its url
+        problems.append(f"line {number}: {problem}")
+    product = ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url)
+    rel_path = f"import/{row.get('image') or sku}"
+    too_long = f"image is {len(rel_path) - 7} characters long; at most {MAX_IMAGE - 7} can be stored"
+    if problem := product.storage_problem() or (too_long if len(rel_path) > MAX_IMAGE else None):
+        problems.append(f"line {number}: {problem}")
+        return None
+    return product, rel_path
+
+
+def _unchanged(photo: Photo, known: dict[str, KnownFile], product_ids: dict[str, int], model_key: str) -> bool:
+    """Whether the store already holds this vector for this row's product (importing the same files again)."""
+    stored = known.get(photo.rel_path)
+    return (
+        stored is not None
+        and (stored.sha256, stored.model_key) == (photo.sha256, model_key)
+        and product_ids[photo.sku] in stored.products
+    )

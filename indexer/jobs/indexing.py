@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -138,13 +138,18 @@ def index_catalog(
     known = store.vectors.known_files()
     writer = CatalogWriter(settings, store)
     failed: set[str] = set()
+    # Variants: each photo file is read and embedded once, and its vectors stored for every product naming it.
+    variants: dict[str, list[str]] = {}
+    for image in scan.images:
+        variants.setdefault(image.rel_path, []).append(image.sku)
+    photos = scan.photos
     with distributor(settings, embedder) as embedding:
         embed_started = time.perf_counter()
-        results = embedding.embed(scan.images, known)
+        results = embedding.embed(photos, known)
         # While the first batches are embedded: every product's metadata, which the embeddings' rows
         # point to. Products whose photos all fail are removed again by reconcile_catalog.
         writer.write([image.product for image in scan.images])
-        bar = tqdm(total=len(scan.images), desc="Indexing", unit="img", disable=not progress)
+        bar = tqdm(total=len(photos), desc="Indexing", unit="img", disable=not progress)
         for batch in results:
             for image, problem in batch.failures:
                 failed.add(image.rel_path)
@@ -152,7 +157,8 @@ def index_catalog(
             if batch.embedded or batch.restated:
                 # Milvus follows each batch, unless this run's vectors are to be whitened at its end.
                 sync = bool(batch.embedded) and not fit_pending
-                writer.write(photos=batch.photos(views), model=identity, restated=batch.restated, sync=sync)
+                embedded = [replace(p, sku=sku) for p in batch.photos(views) for sku in variants[p.rel_path]]
+                writer.write(photos=embedded, model=identity, restated=batch.restated, sync=sync)
             report.embedded += len(batch.embedded)
             report.unchanged += batch.unchanged
             bar.update(len(batch.embedded) + batch.unchanged + len(batch.failures))
@@ -160,8 +166,8 @@ def index_catalog(
         report.embed_seconds = time.perf_counter() - embed_started
 
     keep = {
-        image.rel_path: (writer.product_ids[image.sku], str(image.path))
-        for image in scan.images
+        image.rel_path: (frozenset(writer.product_ids[sku] for sku in variants[image.rel_path]), str(image.path))
+        for image in photos
         if image.rel_path not in failed
     }
     most_removed = None if prune else MOST_REMOVED

@@ -201,7 +201,9 @@ class Products:
             )
             existing = dict(
                 connection.execute(
-                    select(ProductImage.view, ProductImage.id).where(ProductImage.rel_path == image.rel_path)
+                    select(ProductImage.view, ProductImage.id).where(
+                        ProductImage.rel_path == image.rel_path, ProductImage.product_id == product_id
+                    )
                 ).all()
             )
             shared = {  # the photo's and its views' rows differ only in their view and vector

@@ -49,7 +49,9 @@ class Product(Base):
 
 class ProductImage(Base):
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("rel_path", "view", name="uq_images_rel_path_view"),)
+    # Variants: several products may share a photo, each with its own rows (one category and price per vector row
+    # for the index's filters), so a photo's rows are unique per product; rel_path first serves lookups by file.
+    __table_args__ = (UniqueConstraint("rel_path", "view", "product_id", name="uq_images_rel_path_view_product"),)
 
     # Also the vector's id in the FAISS index.
     id: Mapped[int] = mapped_column(primary_key=True)

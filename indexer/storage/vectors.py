@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import bindparam, delete, func, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from indexer.storage.database import chunks, next_change, read_head
 from indexer.storage.schema import CATALOG, HAS_IMAGE, LIVE, Product, ProductImage
@@ -31,6 +31,8 @@ class KnownFile(NamedTuple):
     mtime_ns: int | None
     # Its extra views' rows (index.catalog_views).
     views: frozenset[str] = frozenset()
+    # The products whose photo it is (variants share a photo, each with its own rows).
+    products: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -212,53 +214,72 @@ class Vectors:
         return found is not None
 
     def known_files(self, source: str = CATALOG) -> dict[str, KnownFile]:
-        """rel_path -> what is stored of each live image of that source, with the extra views it has."""
+        """rel_path -> what is stored of each live image of that source, with the extra views it has and the
+        products it is the photo of. A file whose variants' rows disagree (bytes or model) is left out, so it is
+        embedded again and all its rows rewritten."""
         with self.engine.connect() as connection:
             rows = connection.execute(
                 select(
                     ProductImage.rel_path,
                     ProductImage.view,
+                    ProductImage.product_id,
                     ProductImage.sha256,
                     ProductImage.model_key,
                     ProductImage.file_size,
                     ProductImage.file_mtime_ns,
                 ).where(ProductImage.source == source, LIVE)
             ).all()
-        files = {rel_path: KnownFile(*rest) for rel_path, view, *rest in rows if view == ""}
+        files: dict[str, KnownFile] = {}
+        owners: dict[str, set[int]] = {}
+        mixed: set[str] = set()
+        for rel_path, view, product_id, *rest in rows:
+            if view == "":
+                known = files.setdefault(rel_path, KnownFile(*rest))
+                mixed |= {rel_path} if known[:2] != tuple(rest[:2]) else set()
+                owners.setdefault(rel_path, set()).add(product_id)
         extra: dict[str, set[str]] = {}
-        for rel_path, view, _, model_key, *_ in rows:
+        for rel_path, view, _, _, model_key, *_ in rows:
             # a view of another model than its photo's is stale: left out, so the photo is embedded again
             if view and rel_path in files and model_key == files[rel_path].model_key:
                 extra.setdefault(rel_path, set()).add(view)
-        for rel_path, names in extra.items():
-            files[rel_path] = files[rel_path]._replace(views=frozenset(names))
-        return files
+        return {
+            rel_path: known._replace(views=frozenset(extra.get(rel_path, ())), products=frozenset(owners[rel_path]))
+            for rel_path, known in files.items()
+            if rel_path not in mixed
+        }
 
     # --- writes (hold write_lock) --------------------------------------------------------------
 
     def upsert(self, images: Sequence[ImageVector], model_key: str, source: str = CATALOG) -> int:
-        """Insert or replace image rows by (rel_path, view) (a returning file revives its old rows and ids), under
-        one change number. `images` holds every row of each file it names (the photo and its extra views): the
-        file's other live rows (views no longer configured) become tombstones. Returns the change number."""
+        """Insert or replace image rows by (rel_path, view, product) (a returning file revives its old rows and ids),
+        under one change number. `images` holds every row of each (file, product) it names (the photo and its extra
+        views): that product's other live rows of the file (views no longer configured) become tombstones; other
+        products' rows of the file (its other variants) are left as they are. Returns the change number."""
         if not images:
             return self._head()
         by_file: dict[str, list[ImageVector]] = {}
-        for image in images:
+        for image in {(i.rel_path, i.view, i.product_id): i for i in images}.values():  # a row named twice: the last
             by_file.setdefault(image.rel_path, []).append(image)
         with self.engine.begin() as connection:
             change = next_change(connection)
             for paths in chunks(list(by_file)):
                 part = [image for path in paths for image in by_file[path]]
                 stored = connection.execute(
-                    select(ProductImage.rel_path, ProductImage.view, ProductImage.id, ProductImage.deleted_at).where(
-                        ProductImage.rel_path.in_(paths)
-                    )
+                    select(
+                        ProductImage.rel_path,
+                        ProductImage.view,
+                        ProductImage.product_id,
+                        ProductImage.id,
+                        ProductImage.deleted_at,
+                    ).where(ProductImage.rel_path.in_(paths))
                 ).all()
-                existing = {(rel_path, view): row_id for rel_path, view, row_id, _ in stored}
-                written = {(i.rel_path, i.view) for i in part}
+                existing = {(rel_path, view, product): row_id for rel_path, view, product, row_id, _ in stored}
+                written = {(i.rel_path, i.view, i.product_id) for i in part}
+                owners = {(i.rel_path, i.product_id) for i in part}
                 now = datetime.now(UTC)
-                dropped = [row_id for rel_path, view, row_id, gone in stored
-                           if gone is None and (rel_path, view) not in written]  # fmt: skip
+                dropped = [row_id for rel_path, view, product, row_id, gone in stored
+                           if gone is None and (rel_path, product) in owners
+                           and (rel_path, view, product) not in written]  # fmt: skip
                 if dropped:
                     connection.execute(
                         update(ProductImage).where(ProductImage.id.in_(dropped)).values(deleted_at=now, change=change)
@@ -278,15 +299,16 @@ class Vectors:
                     }
                     for i in part
                 ]
+                keys = [(i.rel_path, i.view, i.product_id) for i in part]
                 fresh = [
-                    {**v, "rel_path": i.rel_path, "view": i.view, "source": source}
-                    for i, v in zip(part, values, strict=True)
-                    if (i.rel_path, i.view) not in existing
+                    {**v, "rel_path": key[0], "view": key[1], "source": source}
+                    for key, v in zip(keys, values, strict=True)
+                    if key not in existing
                 ]
                 again = [
-                    {**v, "row_id": existing[i.rel_path, i.view], "source": source}
-                    for i, v in zip(part, values, strict=True)
-                    if (i.rel_path, i.view) in existing
+                    {**v, "row_id": existing[key], "source": source}
+                    for key, v in zip(keys, values, strict=True)
+                    if key in existing
                 ]
                 if fresh:
                     connection.execute(insert(ProductImage), fresh)
@@ -324,16 +346,25 @@ class Vectors:
             )
 
     def reconcile_catalog(
-        self, keep: dict[str, tuple[int, str]], root: str, *, remove: bool = True, most_removed: float | None = None
+        self,
+        keep: dict[str, tuple[frozenset[int], str]],
+        root: str,
+        *,
+        remove: bool = True,
+        most_removed: float | None = None,
     ) -> Reconciled:
-        """Bring the catalog rows of folder `root` in line with `keep` (rel_path -> (product id, absolute path)):
-        re-point kept rows whose product or path changed (a moved catalog keeps its rows and ids), and, when
-        `remove`, tombstone the folder's live rows not in `keep`. Rows of other folders are never removed. When
-        more than `most_removed` (a fraction) of the folder's photos would go, nothing changes and the result says
-        so (`refused`). A photo's extra views follow it; the counts are of photos."""
+        """Bring the catalog rows of folder `root` in line with `keep` (rel_path -> (the ids of the products whose
+        photo it is, its absolute path)): re-point kept rows whose path changed (a moved catalog keeps its rows and
+        ids); give each product that names a stored photo but has no rows of it (a new variant, a photo that moved to
+        another sku) rows copied from the photo's others, so it is not embedded again; and, when `remove`, tombstone
+        the folder's live rows that `keep` does not name (photos gone, variants gone). Rows of other folders are
+        never removed. When more than `most_removed` (a fraction) of the folder's product photos would go, nothing
+        changes and the result says so (`refused`). A photo's extra views follow it; the counts are of photos, one
+        per product that names it."""
         inside = root.rstrip("/") + "/"
         with self.engine.begin() as connection:
             stale, stale_paths, moved, in_folder = [], [], [], 0
+            have: dict[str, set[int]] = {}
             rows = connection.execute(
                 select(
                     ProductImage.id,
@@ -344,22 +375,30 @@ class Vectors:
                 ).where(ProductImage.source == CATALOG, LIVE)
             )
             for row_id, rel_path, view, product_id, path in rows:
-                if rel_path in keep:
-                    if keep[rel_path] != (product_id, path):
-                        moved.append({"row_id": row_id, "product_id": keep[rel_path][0], "path": keep[rel_path][1]})
+                if rel_path in keep and product_id in keep[rel_path][0]:
+                    have.setdefault(rel_path, set()).add(product_id)
+                    if keep[rel_path][1] != path:
+                        moved.append({"row_id": row_id, "path": keep[rel_path][1]})
                 elif path.startswith(inside):
                     in_folder += view == ""
                     if remove:
                         stale.append(row_id)
                         if view == "":
                             stale_paths.append(rel_path)
-            in_folder += len(keep)
-            result = Reconciled(len(stale_paths), in_folder, sorted(stale_paths)[:10])
+            in_folder += sum(len(products) for products, _ in keep.values())
+            result = Reconciled(len(stale_paths), in_folder, sorted(set(stale_paths))[:10])
             if most_removed is not None and len(stale_paths) > most_removed * in_folder:
                 return Reconciled(0, in_folder, result.sample, refused=len(stale_paths))
-            if stale or moved:
+            missing = {
+                rel_path: (products - have[rel_path] if rel_path in have else products, path)
+                for rel_path, (products, path) in keep.items()
+                if rel_path not in have or products - have[rel_path]
+            }
+            if stale or moved or missing:
                 change = next_change(connection)
                 now = datetime.now(UTC)
+                # before the tombstones: a photo whose sku changed is copied from its old product's rows
+                _copy_to_variants(connection, missing, change, now)
                 for part in chunks(stale):
                     connection.execute(
                         update(ProductImage).where(ProductImage.id.in_(part)).values(deleted_at=now, change=change)
@@ -394,6 +433,64 @@ class Vectors:
     def _head(self) -> int:
         with self.engine.connect() as connection:
             return read_head(connection)
+
+
+def _copy_to_variants(
+    connection: Connection, missing: dict[str, tuple[frozenset[int], str]], change: int, now: datetime
+) -> None:
+    """Rows for products that name a stored photo without having rows of it (rel_path -> (their ids, the file's
+    path)): copies of one live catalog product's rows of the photo (its vector and its extra views'), under
+    `change`; a product's own old rows of the photo are revived (the same ids). A file without live rows (one
+    that could not be embedded) gets none."""
+    for paths in chunks(list(missing)):
+        rows = connection.execute(
+            select(
+                ProductImage.rel_path,
+                ProductImage.view,
+                ProductImage.product_id,
+                ProductImage.id,
+                ProductImage.deleted_at.is_(None) & (ProductImage.source == CATALOG),
+            ).where(ProductImage.rel_path.in_(paths))
+        ).all()
+        existing = {(rel_path, view, product): row_id for rel_path, view, product, row_id, _ in rows}
+        template: dict[str, int] = {}  # rel_path -> the product whose rows are copied
+        for rel_path, view, product, _, live in rows:
+            if live and view == "":
+                template[rel_path] = min(product, template.get(rel_path, product))
+        sources = connection.execute(
+            select(
+                ProductImage.rel_path,
+                ProductImage.product_id,
+                ProductImage.view,
+                ProductImage.sha256,
+                ProductImage.model_key,
+                ProductImage.embedding,
+                ProductImage.file_size,
+                ProductImage.file_mtime_ns,
+            ).where(
+                ProductImage.rel_path.in_(list(template)),
+                ProductImage.product_id.in_(set(template.values())),
+                LIVE,
+            )
+        ).all()
+        fresh, again = [], []
+        for rel_path, owner, view, sha256, model_key, embedding, size, mtime_ns in sources:
+            if template[rel_path] != owner:
+                continue
+            for product in missing[rel_path][0]:
+                values = {
+                    "product_id": product, "path": missing[rel_path][1], "sha256": sha256, "model_key": model_key,
+                    "source": CATALOG, "embedding": embedding, "file_size": size, "file_mtime_ns": mtime_ns,
+                    "deleted_at": None, "change": change, "updated_at": now,
+                }  # fmt: skip
+                if (row_id := existing.get((rel_path, view, product))) is None:
+                    fresh.append({**values, "rel_path": rel_path, "view": view})
+                else:
+                    again.append({**values, "row_id": row_id})
+        if fresh:
+            connection.execute(insert(ProductImage), fresh)
+        if again:
+            connection.execute(update(ProductImage).where(ProductImage.id == bindparam("row_id")), again)
 
 
 def _prices(values: Iterable[float | None]) -> np.ndarray:
