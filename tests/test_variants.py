@@ -217,6 +217,9 @@ def test_through_the_api_a_variant_is_added_filtered_and_deleted_leaving_the_oth
         assert [r["sku"] for r in medium][:1] == ["coffee-M"] and medium[0]["price"] == price(1, "M")
         shown = requests.get(f"{server.url}/api/products/coffee-L", timeout=10).json()
         assert (shown["price"], shown["attributes"]) == (price(1, "L"), {"size": "L"})
+        # the size filter returns the variant of that size, however it is spelt
+        assert [r["sku"] for r in search(**{"attr.size": "m"})][:1] == ["coffee-M"]
+        assert sorted(r["sku"] for r in search(**{"attr.size": "S", "category": "drinks"})) == ["coffee-S"]
 
         # a fourth variant of the same photo, through the write API
         fields = {"title": "coffee in XL", "category": "drinks", "price": "99", "size": "XL"}
@@ -256,6 +259,9 @@ def test_a_hundred_grocery_photos_in_three_sizes_index_as_three_hundred_products
     photo = (grocery / photos[7]["image"]).read_bytes()
     band = Filters(min_price=price(7, "M") - 1, max_price=price(7, "M") + 1)
     assert filtered(settings, embedder, photo, band)[0] == f"{photos[7]['sku']}-M"
+    by_size = Filters(attributes=(("size", frozenset({"m"})),))
+    medium = filtered(settings, embedder, photo, by_size)
+    assert medium[0] == f"{photos[7]['sku']}-M" and all(sku.endswith("-M") for sku in medium)
     assert index_catalog(settings, embedder, grocery, tmp_path / "products.csv", progress=False).embedded == 0
 
     # the same 300 rows as an import of the vectors made elsewhere: row i describes vector i
