@@ -62,7 +62,7 @@ def points(products: Products) -> list[Point]:
             Point("text", share, {"q": word_of(share)}, None, word_of(share)),
             Point(
                 "attribute+text", share, {**band, "q": word_of(share)}, products.in_band(band_of(share)), word_of(share)
-            ),  # fmt: skip
+            ),
         ]
     return made
 
@@ -136,7 +136,7 @@ def measure_sweep(client: Client, products: Products, vectors: Path, requests: i
                 **_recall(p),
                 "errors": p.errors,
                 "violations": p.violations,
-            }  # fmt: skip
+            }
             for p in sweep
         ],
     }
