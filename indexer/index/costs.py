@@ -23,6 +23,8 @@ REPEATS = 5
 # Rows in the scan and gather probes, and ids in the selector probe's bitmap (as a share of the base).
 PROBE_ROWS = 4096
 PROBE_SHARE = 0.01
+# The selector probe widens the tuned setting this much (or to every list).
+SKIP_PROBE_WIDEN = 64.0
 # The most candidates an over-fetching search asks FAISS for (count / share): beyond that its result heap and the
 # filtering afterwards cost more than a selector would.
 OVERFETCH_MAX = 4096
@@ -80,9 +82,11 @@ class Costs:
         bitmap_s = _fastest(lambda: bitmap(half, size))
         packed = bitmap(members, size)
         selector = faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed))
-        selected_s = _fastest(lambda: candidates(ann, tuning, query, 10, selector=selector, widen=wide))
-        # selected = fixed + effort x wide x (share + (1 - share) x skip)
-        scored = (selected_s - fixed) / (effort * wide)
+        # wide enough that the vectors the selector rejects outweigh the fixed part (at 4 lists they do not)
+        widest = min(SKIP_PROBE_WIDEN, cap)
+        selected_s = _fastest(lambda: candidates(ann, tuning, query, 10, selector=selector, widen=widest))
+        # selected = fixed + effort x widest x (share + (1 - share) x skip)
+        scored = (selected_s - fixed) / (effort * widest)
         skip = min(1.0, max(0.0, (scored - PROBE_SHARE) / (1 - PROBE_SHARE)))
         return cls(rows=rows, scan_row=scan_row, gather_row=gather_row, ann_fixed=fixed, ann_effort=effort,
                    widen_cap=cap, skip_ratio=skip, bitmap_row=bitmap_s / rows,
