@@ -26,7 +26,11 @@ COSINE_RANGE = (0.6, 0.9)
 # Rows per write: 16,384 x 1024 float32 is 64 MB, plus the same again for the noise.
 CHUNK = 16_384
 PRICE_RANGE = (0.5, 50.0)
-PRODUCT_COLUMNS = ("sku", "title", "category", "price", "url", "image")
+PRODUCT_COLUMNS = ("sku", "title", "category", "price", "url", "image", "band", "kind")
+# The shares of the catalog that `make bench-scale` filters hold. Each product draws, independently of its vector
+# and of each other: a category (category_of), a "band" attribute (band_of), and for each share a word (word_of)
+# that its title holds with that probability; the anchor's category is its "kind" attribute.
+SHARES = (0.001, 0.01, 0.02, 0.05, 0.2, 0.5)
 _VARIANTS = ("organic", "classic", "family pack", "fresh", "value", "premium", "loose", "local")
 _SIZES = ("250 g", "500 g", "1 kg", "2 kg", "6 pack", "1 l", "330 ml", "each")
 
@@ -43,6 +47,32 @@ class SyntheticCatalog:
     vectors: Path
     products: Path
     count: int
+
+
+def _permille(share: float) -> str:
+    return f"{round(share * 1000):04d}"
+
+
+def category_of(share: float) -> str:
+    """The category holding this share of a synthetic catalog (the rest are in "cat-other")."""
+    return f"cat{_permille(share)}"
+
+
+def band_of(share: float) -> str:
+    """The value of the "band" attribute held by this share of a synthetic catalog (the rest hold "band-other")."""
+    return f"band{_permille(share)}"
+
+
+def word_of(share: float) -> str:
+    """The title word held by this share of a synthetic catalog (each product draws each word independently)."""
+    return f"word{_permille(share)}"
+
+
+def _partition(rng: np.random.Generator, rows: int, names: list[str], other: str) -> list[str]:
+    """Each row's name among `names` (the i-th held by SHARES[i] of the rows), else `other`."""
+    edges = np.cumsum(SHARES)
+    which = np.searchsorted(edges, rng.random(rows), side="right")
+    return [names[i] if i < len(names) else other for i in which]
 
 
 def sku_of(row: int) -> str:
@@ -163,10 +193,15 @@ def generate(
                 prices = np.clip(np.round(rng.lognormal(math.log(4.0), 0.9, size=rows), 2), *PRICE_RANGE)
                 variants = rng.integers(0, len(_VARIANTS), size=rows)
                 sizes = rng.integers(0, len(_SIZES), size=rows)
+                sweep_categories = _partition(rng, rows, [category_of(s) for s in SHARES], "cat-other")
+                bands = _partition(rng, rows, [band_of(s) for s in SHARES], "band-other")
+                words = rng.random((rows, len(SHARES))) < np.asarray(SHARES)
                 for offset in range(rows):
-                    category = categories[which[offset]]
-                    title = f"{category.replace('-', ' ')}, {_VARIANTS[variants[offset]]}, {_SIZES[sizes[offset]]}"
-                    writer.writerow((sku_of(start + offset), title, category, f"{prices[offset]:.2f}", "", ""))
+                    kind = categories[which[offset]]
+                    held = "".join(f", {word_of(s)}" for s, has in zip(SHARES, words[offset], strict=True) if has)
+                    title = f"{kind.replace('-', ' ')}, {_VARIANTS[variants[offset]]}, {_SIZES[sizes[offset]]}{held}"
+                    writer.writerow((sku_of(start + offset), title, sweep_categories[offset],
+                                     f"{prices[offset]:.2f}", "", "", bands[offset], kind))  # fmt: skip
                 bar.update(rows)
     vectors.flush()
     del vectors
@@ -207,6 +242,8 @@ def cached_or_generate(
         "seed": seed,
         "cosine_range": list(COSINE_RANGE),
         "chunk": CHUNK,
+        "columns": list(PRODUCT_COLUMNS),
+        "shares": list(SHARES),
         "anchors_sha256": _digest(anchors),
         "categories": categories,
         **identity,

@@ -5,6 +5,7 @@ the matching rows does, through the app; a write through the API is filterable a
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import zlib
@@ -132,12 +133,11 @@ def assert_exact(answer: list[dict], vectors, products, query_sku: str, filters:
 
 def test_two_hundred_random_filters_answer_exactly_what_an_exact_scan_does(indexed, embedder, monkeypatch):
     settings, client = indexed
-    # Limits this catalog passes, so that every plan runs: gather, scan, and the FAISS structure with a selector.
-    monkeypatch.setattr(live_index, "GATHER_LIMIT", 40)
-    monkeypatch.setattr(live_index, "EXACT_LIMIT", 150)
+    # Every plan in turn, whatever this small catalog's costs would choose: gather, scan, the FAISS structure with
+    # a selector, and over-fetching from it.
     plans: list[str] = []
-    choose = live_index.plan
-    monkeypatch.setattr(live_index, "plan", lambda *args: plans.append(choose(*args)) or plans[-1])
+    every = itertools.cycle(("gather", "scan", "ann", "overfetch"))
+    monkeypatch.setattr(live_index, "plan", lambda *args: plans.append(next(every)) or plans[-1])
     vectors, products = stored(settings, embedder)
     rng = random.Random(27)
     empty = 0
@@ -148,7 +148,7 @@ def test_two_hundred_random_filters_answer_exactly_what_an_exact_scan_does(index
         assert answer.json["attributes"] == {n: sorted({v.casefold() for v in vs}) for n, vs in filters["attr"].items()}
         assert_exact(answer.json["results"], vectors, products, sku, filters, k)
         empty += not answer.json["results"]
-    assert {"gather", "scan", "ann"} <= set(plans), plans
+    assert {"gather", "scan", "ann", "overfetch"} <= set(plans), plans
     assert empty < 100  # most combinations match something
 
 

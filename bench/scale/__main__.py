@@ -54,6 +54,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="real photos for the anchors and the queries")
     parser.add_argument("--anchors", type=int, default=300, help="real photos embedded as cluster anchors")
     parser.add_argument("--requests", type=int, default=200, help="products asked /similar about (and recall)")
+    parser.add_argument(
+        "--sweep-requests",
+        type=int,
+        default=40,
+        help="products asked /similar about at each point of the selectivity sweep (0: no sweep)",
+    )
     parser.add_argument("--searches", type=int, default=100, help="photo searches")
     parser.add_argument("--writes", type=int, default=20, help="PUTs and DELETEs timed until visible")
     parser.add_argument("--rss-writes", type=int, default=100, help="mixed writes while memory is sampled")

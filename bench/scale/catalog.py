@@ -15,6 +15,7 @@ from bench.scale import KEY, K, log
 from bench.scale.commands import disk_usage, peak_memory_mb, run_cli
 from bench.scale.probes import delete_targets, measure_search, measure_similar, measure_visibility, mixed_writes
 from bench.scale.products import Products, exact_neighbours
+from bench.scale.sweep import measure_sweep
 from bench.synthetic import SyntheticCatalog
 from bench.timing import phase, ratio
 from tests.support.http import Client
@@ -65,6 +66,9 @@ class Samples:
     mix_replace: list[int]
     mix_delete: list[int]
 
+    def all(self) -> np.ndarray:
+        return np.concatenate([*self.similar.values(), self.delete_pool, self.mix_replace, self.mix_delete])
+
 
 def pick_samples(count: int, args) -> Samples:
     rng = np.random.default_rng([args.seed, count])
@@ -92,7 +96,7 @@ def measure_catalog(catalog: SyntheticCatalog, work: Path, photos: list[bytes], 
         exact = exact_neighbours(catalog.vectors, samples.similar["unfiltered"], K)
     log(f"{count:,} products: starting the server")
     steal = machine_steal()
-    measure_served(count, env, samples, products, exact, photos, embedder, args, report)
+    measure_served(count, env, samples, products, exact, photos, embedder, args, report, catalog.vectors)
     stolen, total = (now - then for now, then in zip(machine_steal(), steal, strict=True))
     report["machine_steal_percent"] = round(100 * stolen / max(1, total), 1)
     memory = report["memory"]
@@ -116,7 +120,7 @@ def import_catalog(catalog: SyntheticCatalog, data_dir: Path, env: dict[str, str
 
 
 def measure_served(count: int, env: dict[str, str], samples: Samples, products: Products, exact: np.ndarray,
-                   photos: list[bytes], embedder, args, report: dict) -> None:  # fmt: skip
+                   photos: list[bytes], embedder, args, report: dict, vectors: Path) -> None:  # fmt: skip
     """The server started on the imported catalog: its readiness, the reads, then the writes."""
     phases = report["phase_seconds"]
     started = time.perf_counter()
@@ -131,6 +135,11 @@ def measure_served(count: int, env: dict[str, str], samples: Samples, products: 
         with phase(phases, "similar"):
             log(f"{count:,} products: /similar, {len(samples.similar['unfiltered'])} products for each of 4 kinds")
             report["similar"] = measure_similar(client, samples.similar, products, exact, samples.mix_delete[:5],
+                                                args.seed)  # fmt: skip
+        if args.sweep_requests:
+            with phase(phases, "sweep"):
+                log(f"{count:,} products: /similar at every selectivity, {args.sweep_requests} products a point")
+                report["sweep"] = measure_sweep(client, products, vectors, args.sweep_requests, samples.all(),
                                                 args.seed)  # fmt: skip
         with phase(phases, "search"):
             log(f"{count:,} products: /api/search, {args.searches} photos")

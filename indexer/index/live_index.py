@@ -16,15 +16,14 @@ import numpy as np
 from indexer.errors import AttributesUnavailable
 from indexer.index.ann import candidates
 from indexer.index.attributes import Postings, Wanted
+from indexer.index.costs import Costs
 from indexer.index.segments import NO_CATEGORY, BaseSegment
 from indexer.storage.vectors import Changes
 
-# A category of at most this many base vectors is scanned exactly: it is one contiguous block of the base, and
-# approximate structures lose recall when few of the vectors they visit qualify.
-EXACT_LIMIT = 20_000
-# Scattered rows (a price range) cost ~7x more per row to gather than a block to scan, so only this few are
-# gathered and scored exactly; more go through the approximate structure with a selector.
-GATHER_LIMIT = 2_000
+# Selectors (bitmaps) of price and attribute filters kept per state, the oldest dropped first: a shop's filters
+# repeat (the refine list's price bands, its attribute values), and a bitmap over a million ids costs a millisecond
+# or two to make. A category's are kept beside them, one per category.
+SELECTOR_CACHE = 32
 
 
 @dataclass(frozen=True)
@@ -95,15 +94,22 @@ def _top(ids: np.ndarray, scores: np.ndarray, count: int) -> tuple[np.ndarray, n
 _NONE = (np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
-def plan(matches: int, span: int, has_ann: bool) -> str:
-    """How to search `matches` base rows that pass the filters, spread over `span` rows (a category's block, or
-    the whole base): "ann" (the FAISS structure with a selector of exactly those rows, then re-ranked exactly),
-    "gather" (score just those rows) or "scan" (score the whole span, the others masked out). The one place the
-    choice is made. Exact below the limits: approximate structures lose recall when few of the vectors they
-    visit qualify, and gathering a scattered row costs about seven times scanning one."""
-    if has_ann and matches > GATHER_LIMIT and span > EXACT_LIMIT:
-        return "ann"
-    return "gather" if matches * 7 < span else "scan"
+def plan(costs: Costs, matches: int, span: int, count: int, cached: bool = False) -> str:
+    """How to search the `matches` live base rows that pass the filters, spread over `span` rows (a category's
+    block, or the whole base), for the best `count`: the cheapest by this base's measured costs (Costs) of
+    "gather" (score just those rows), "scan" (score the whole span, the others masked out), "ann" (the FAISS
+    structure with a selector of exactly those rows, `cached` when that selector is already made) and
+    "overfetch" (the unfiltered FAISS search asked for count / share candidates, filtered afterwards). The two
+    approximate plans widen their probes by 1 / share, which keeps recall at the tuned level. The one place the
+    choice is made. No more rows than are asked for are always scored exactly: every one of them is a result."""
+    options = {"gather": costs.gather(matches), "scan": costs.scan(span)}
+    wanted = max(count, costs.rerank)
+    if costs.has_ann and matches > wanted:
+        share = matches / max(1, costs.rows)
+        options["ann"] = costs.selector(share, cached)
+        if (fetch := costs.overfetch(wanted, share)) is not None:
+            options["overfetch"] = fetch
+    return min(options, key=options.__getitem__)
 
 
 class LiveIndex:
@@ -114,6 +120,7 @@ class LiveIndex:
         self.categories: list[str] = list(base.categories)
         self.code_of: dict[str, int] = {name: code for code, name in enumerate(self.categories)}
         self._lock = threading.Lock()
+        self.costs = Costs.measure(base.vectors, base.ids, base.ann, base.tuning)
         dim = base.vectors.shape[1]
         self._base_counts = self._counts(base.category_codes)
         self._state = _State(
@@ -240,8 +247,11 @@ class LiveIndex:
             if code not in base.blocks:
                 return _NONE
             start, end = base.blocks[code]
+        # a category's selector is kept per state; those of prices and attributes in a small cache
+        key = code if not (filters.attributes or filters.prices_bounded) else ("filters", code, filters)
         if filters.attributes:
-            return self._search_rows(state, query, count, self._attribute_rows(state, filters, start, end), start, end)
+            rows = self._attribute_rows(state, filters, start, end)
+            return self._search_rows(state, query, count, rows, start, end, key)
         if code is not None:
             ok = filters.price_mask(base.prices[start:end])
             if state.masked_count:
@@ -250,18 +260,26 @@ class LiveIndex:
             matches = (end - start) if ok is None else int(ok.sum())
             if matches == 0:
                 return _NONE
-            if (how := plan(matches, end - start, base.ann is not None)) != "ann":
+            how = plan(self.costs, matches, end - start, count, key in state.selectors)
+            if how in ("gather", "scan"):
                 return self._exact(query, count, start, end, ok, gather=how == "gather")
+            if how == "overfetch":
+                found = self._overfetch(state, query, count, matches, lambda r: _within(r, start, end, ok))
+                if found is not None:
+                    return found
             ids = base.ids[start:end] if ok is None else base.ids[start:end][ok]
-            cache_key = None if filters.prices_bounded else code
-            return self._approximate(state, query, count, ids, cache_key)
+            return self._approximate(state, query, count, ids, key)
         if filters.prices_bounded:  # rows from the price index, without a pass over every price
             low, high = base.price_range(filters.min_price, filters.max_price)
-            how = plan(high - low, len(base), base.ann is not None)
-            if how == "ann":
-                return self._approximate(state, query, count, base.ids_by_price[low:high], None)
+            how = plan(self.costs, high - low, len(base), count, key in state.selectors)
+            if how == "overfetch":
+                found = self._overfetch(state, query, count, high - low, lambda r: filters.price_mask(base.prices[r]))
+                if found is not None:
+                    return found
+            if how in ("ann", "overfetch"):
+                return self._approximate(state, query, count, base.ids_by_price[low:high], key)
             rows = np.sort(base.price_order[low:high])  # the memory map read in order
-            return self._search_rows(state, query, count, rows[~state.masked[rows]], 0, len(base), how)
+            return self._search_rows(state, query, count, rows[~state.masked[rows]], 0, len(base), key, how)
         if base.ann is None:
             return self._exact(query, count, 0, len(base), ~state.masked if state.masked_count else None)
         return self._approximate(state, query, count, None, "all")
@@ -279,15 +297,20 @@ class LiveIndex:
         return rows[~state.masked[rows]] if state.masked_count else rows
 
     def _search_rows(
-        self, state: _State, query: np.ndarray, count: int, rows: np.ndarray, start: int, end: int, how: str = ""
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, state: _State, query: np.ndarray, count: int, rows: np.ndarray, start: int, end: int, key: object,
+        how: str = "",
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """The best of these live base rows (increasing, within start..end), by the plan for them."""
         base = self.base
         if not len(rows):
             return _NONE
-        how = how or plan(len(rows), end - start, base.ann is not None)
-        if how == "ann":
-            return self._approximate(state, query, count, base.ids[rows], None)
+        how = how or plan(self.costs, len(rows), end - start, count, key in state.selectors)
+        if how == "overfetch":
+            found = self._overfetch(state, query, count, len(rows), lambda r: _among(r, rows))
+            if found is not None:
+                return found
+        if how in ("ann", "overfetch"):
+            return self._approximate(state, query, count, base.ids[rows], key)
         if how == "gather":
             return _top(base.ids[rows], base.vectors[rows] @ query, count)
         ok = np.zeros(end - start, dtype=bool)
@@ -301,13 +324,32 @@ class LiveIndex:
         re-ranked exactly with the real vectors."""
         base = self.base
         selector, keep = self._selector(state, members, cache_key)
-        widen = len(base) / max(1, len(members)) if members is not None else 1.0
+        widen = self.costs.widen(len(members) / len(base)) if members is not None else 1.0
         found = candidates(base.ann, base.tuning, query, count, selector=selector, widen=widen)
         del keep  # FAISS held only pointers into it during the search
         rows = base.rows_of(found)
         rows = np.unique(rows[rows >= 0])
         if not len(rows):
             return _NONE
+        return _top(base.ids[rows], base.vectors[rows] @ query, count)
+
+    def _overfetch(
+        self, state: _State, query: np.ndarray, count: int, matches: int, passes
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The unfiltered FAISS search, widened as a selector's would be, asked for count / share candidates; those
+        that pass (`passes`: which of these rows pass the filters) re-ranked exactly. None when fewer than `count`
+        pass (the matching rows were unevenly spread): the caller then searches with a selector."""
+        base = self.base
+        share = matches / len(base)
+        wanted = self.costs.overfetch_count(max(count, base.tuning.rerank), share)
+        found = candidates(base.ann, base.tuning, query, wanted, widen=self.costs.widen(share))
+        rows = base.rows_of(found)
+        rows = rows[rows >= 0]
+        if state.masked_count:
+            rows = rows[~state.masked[rows]]
+        rows = np.unique(rows[passes(rows)])
+        if len(rows) < min(count, matches):
+            return None
         return _top(base.ids[rows], base.vectors[rows] @ query, count)
 
     def _exact(
@@ -344,8 +386,25 @@ class LiveIndex:
             bitmap = np.packbits(bits, bitorder="little")
             made = (faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap)
         if cache_key is not None:
+            if isinstance(cache_key, tuple) and len(state.selectors) >= len(self.categories) + SELECTOR_CACHE:
+                oldest = next((key for key in state.selectors if isinstance(key, tuple)), None)
+                state.selectors.pop(oldest, None)  # another thread may have dropped it already
             state.selectors[cache_key] = made
         return made
+
+
+def _within(rows: np.ndarray, start: int, end: int, ok: np.ndarray | None) -> np.ndarray:
+    """Which of these rows are in start..end and, with `ok` (over that block), pass it."""
+    inside = (rows >= start) & (rows < end)
+    if ok is not None:
+        inside[inside] = ok[rows[inside] - start]
+    return inside
+
+
+def _among(rows: np.ndarray, matching: np.ndarray) -> np.ndarray:
+    """Which of these rows are among `matching` (increasing)."""
+    at = np.minimum(np.searchsorted(matching, rows), len(matching) - 1)
+    return matching[at] == rows
 
 
 def _mask(size: int, rows: np.ndarray, state: _State) -> np.ndarray:

@@ -300,6 +300,8 @@ class CatalogSearch:
             "factory": manifest.get("factory"),
             "search": manifest.get("tuning"),
             "base": {"items": len(view.live.base), "built_through": view.live.base.built_through},
+            # what the filtered-search plans cost on this base, as measured when it was loaded
+            "plan_costs": costs.as_dict() if (costs := getattr(view.live, "costs", None)) else None,
             "change": view.live.seen,
             "delta": view.live.delta_size,
             "deleted_from_base": view.live.masked_count,

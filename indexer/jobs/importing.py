@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.catalog import CatalogError, parse_price, row_url
+from indexer.catalog import KNOWN_COLUMNS, CatalogError, parse_price, row_url
 from indexer.config import Settings
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import configured
@@ -149,7 +149,9 @@ def _checked_row(
     url, problem = row_url(row.get("url"))
     if problem:  # the row is kept, without its url
         problems.append(f"line {number}: {problem}")
-    product = ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url)
+    # the other columns are attributes, as make index reads them
+    attributes = {name: value for name, value in row.items() if name not in KNOWN_COLUMNS and value}
+    product = ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url, attributes)
     rel_path = f"import/{row.get('image') or sku}"
     too_long = f"image is {len(rel_path) - 7} characters long; at most {MAX_IMAGE - 7} can be stored"
     if problem := product.storage_problem() or (too_long if len(rel_path) > MAX_IMAGE else None):

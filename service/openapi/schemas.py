@@ -199,6 +199,11 @@ READY: Schema = {
         "change": {"type": "integer", "description": "The newest change number applied."},
         "delta": {"type": "integer", "description": "Changed images held outside the base."},
         "deleted_from_base": {"type": "integer"},
+        "plan_costs": {
+            "type": ["object", "null"],
+            "description": "What each plan of a filtered search costs on this base (microseconds), measured when "
+            "the server loaded it; the cheapest plan is chosen per search.",
+        },
     },
 }
 NOT_READY: Schema = {
