@@ -265,3 +265,17 @@ def served_catalog(
     if settings.database_url:
         env = {"DATABASE_URL": settings.database_url, **env}
     return {"DATA_DIR": str(data_dir), "SEARCH_CONFIG": str(config), **env}, catalog
+
+
+@contextmanager
+def served_on_database(request: pytest.FixtureRequest, base_settings: Settings, embedder, root: Path,
+                       products_csv: str, **env: str) -> Iterator[tuple[object, Settings]]:  # fmt: skip
+    """A real server over the scikit-image catalog with products_csv as its metadata, on the database that
+    request.param names (a fixture parametrised with DATABASES); yields the running server and its settings."""
+    from tests.support.server import running_server
+
+    url = new_database(request, request.param)
+    settings = base_settings.with_overrides(database_url=url) if url else base_settings
+    served_env, _ = served_catalog(settings, embedder, root, products_csv=products_csv, **env)
+    with running_server(served_env, timeout=120) as running:
+        yield running, settings.with_overrides(data_dir=root / "data")

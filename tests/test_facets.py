@@ -14,8 +14,7 @@ import pytest
 import requests
 
 from indexer.index.facets import NICE_MANTISSAS, nice, price_bands
-from tests.conftest import DATABASES, new_database, served_catalog, skimage_jpeg
-from tests.support.server import running_server
+from tests.conftest import DATABASES, served_on_database, skimage_jpeg
 
 KEY = secrets.token_urlsafe(16)
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -42,11 +41,8 @@ FACETS = "category,price,attr.colour,attr.size,attr.nothing"
 @pytest.fixture(scope="module", params=DATABASES)
 def served(request, base_settings, embedder, tmp_path_factory):
     """The real server over the catalog above and the products written after it, on each database."""
-    url = new_database(request, request.param)
-    settings = base_settings.with_overrides(database_url=url) if url else base_settings
     root = tmp_path_factory.mktemp(f"facets-{request.param}")
-    env, _ = served_catalog(settings, embedder, root, products_csv=PRODUCTS_CSV, API_KEY=KEY)
-    with running_server(env, timeout=120) as running:
+    with served_on_database(request, base_settings, embedder, root, PRODUCTS_CSV, API_KEY=KEY) as (running, _):
         for n, (sku, photo, angle) in enumerate(MORE):
             fields = {"title": f"Another {photo}", "category": ["animals", "drinks", "people"][n % 3]}
             if n % 4:

@@ -10,8 +10,7 @@ import requests
 
 from indexer.storage.store import Store
 from indexer.storage.text import Words
-from tests.conftest import DATABASES, new_database, served_catalog, skimage_jpeg
-from tests.support.server import running_server
+from tests.conftest import DATABASES, served_on_database, skimage_jpeg
 
 KEY = secrets.token_urlsafe(16)
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -28,12 +27,9 @@ suit,people/astronaut.jpg,Astronaut in a suit,people,,Whité
 @pytest.fixture(scope="module", params=DATABASES)
 def served(request, base_settings, embedder, tmp_path_factory):
     """The real server over the catalog above, on each database, with the write API on; and its settings."""
-    url = new_database(request, request.param)
-    settings = base_settings.with_overrides(database_url=url) if url else base_settings
     root = tmp_path_factory.mktemp(f"words-{request.param}")
-    env, _ = served_catalog(settings, embedder, root, products_csv=PRODUCTS_CSV, API_KEY=KEY)
-    with running_server(env, timeout=120) as running:
-        yield running.url, settings.with_overrides(data_dir=root / "data")
+    with served_on_database(request, base_settings, embedder, root, PRODUCTS_CSV, API_KEY=KEY) as (running, settings):
+        yield running.url, settings
 
 
 def words(url: str, q: str, **params) -> list[str]:
