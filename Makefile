@@ -10,7 +10,7 @@
 #   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
 #   make soak SERVERS=2 [DATABASE_URL=postgresql+psycopg://...]  the same on two servers over one database
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
-#   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog (then make index)
+#   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog; active if it measures better (then make index)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
 #
 # Installs (into .venv/, by whichever target needs them; docs/install.md gives their sizes):
@@ -177,7 +177,8 @@ else
 	  $(if $(QUERIES),--queries "$(QUERIES)") $(if $(LABEL),--label "$(LABEL)") $(if $(WORDS),--words "$(WORDS)")
 endif
 
-# Transfer learning on the catalog's categories; the new model version becomes the active one.
+# Transfer learning on the catalog's categories; the new model version becomes the active one only when the
+# catalog's held-out photos measure it better than the plain network (the table is printed either way).
 finetune: weights migrate
 	@test -n "$(CATALOG)" || { echo "usage: make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]"; exit 2; }
 	$(PY) -m indexer finetune --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
