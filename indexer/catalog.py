@@ -178,12 +178,38 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[st
     return rows, problems
 
 
+def product_of_row(row: dict[str, str], sku: str, price: float | None, url: str | None) -> ProductFields:
+    """A products file's row as the product it describes (make index and import-vectors alike): the title defaults
+    to the sku, and every column but the known ones is an attribute."""
+    attributes = {name: value for name, value in row.items() if name not in KNOWN_COLUMNS and value}
+    return ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url, attributes)
+
+
+class RowsSeen:
+    """What a products file's rows have named so far: each (sku, photo) pair, and each sku's first fields. Several
+    skus may share a photo (variants); one sku with one photo twice would be one row stored twice, and one product
+    has one title, price and category, those of its first row."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[str, str], int] = {}
+        self._firsts: dict[str, tuple[int, ProductFields]] = {}
+
+    def repeated(self, sku: str, photo: str, number: int) -> int | None:
+        """The line that named this sku with this photo before this one, if any."""
+        earlier = self._pairs.setdefault((sku, photo), number)
+        return None if earlier == number else earlier
+
+    def first_fields(self, product: ProductFields, number: int) -> tuple[ProductFields, int | None]:
+        """The product as its sku's first row gave it, and that row's line when this row's fields differ."""
+        line, kept = self._firsts.setdefault(product.sku, (number, product))
+        return kept, (None if kept == product else line)
+
+
 def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImage]:
     """The rows' images. Several rows may name one photo (variants: each is a product of its own) and one sku
     may have several photos; the same sku with the same photo twice cannot be stored and is reported."""
     images: list[CatalogImage] = []
-    seen_pairs: dict[tuple[str, str], int] = {}
-    first_rows: dict[str, tuple[int, ProductFields]] = {}
+    seen = RowsSeen()
     real_folders: dict[str, str] = {}
     for number, row in rows:
         sku, image = row.get("sku", "").strip(), row.get("image", "").strip()
@@ -202,22 +228,16 @@ def _images_from_rows(root: Path, rows, problems: list[str]) -> list[CatalogImag
             problems.append(f"{where}: image {image!r} does not exist")
             continue
         rel = path.relative_to(root).as_posix()
-        if (earlier := seen_pairs.setdefault((sku, rel), number)) != number:
+        if (earlier := seen.repeated(sku, rel, number)) is not None:
             problems.append(f"{where}: sku {sku!r} with image {image!r} is already listed on line {earlier}; skipped")
             continue
-        product = ProductFields(
-            sku=sku,
-            title=row.get("title") or sku,
-            category=row.get("category") or None,
-            price=_price(row.get("price", ""), where, problems),
-            url=_url(row.get("url", ""), where, problems),
-            attributes={k: v for k, v in row.items() if k not in KNOWN_COLUMNS and v},
-        )
+        price, url = _price(row.get("price", ""), where, problems), _url(row.get("url", ""), where, problems)
+        product = product_of_row(row, sku, price, url)
         if problem := product.storage_problem():
             problems.append(f"{where}: {problem}; skipped")
             continue
-        first, stored = first_rows.setdefault(sku, (number, product))
-        if stored != product:  # another photo of the product, but one product has one title, price...
+        product, first = seen.first_fields(product, number)
+        if first is not None:  # another photo of the product, but one product has one title, price...
             problems.append(
                 f"{where}: sku {sku!r} is listed on line {first} with other fields; "
                 f"its photo is kept, with line {first}'s fields"

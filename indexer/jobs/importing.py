@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from indexer.catalog import KNOWN_COLUMNS, CatalogError, parse_price, row_url
+from indexer.catalog import CatalogError, RowsSeen, parse_price, product_of_row, row_url
 from indexer.config import Settings
 from indexer.embedding.model import Embedder
 from indexer.embedding.whitening import configured
@@ -89,8 +89,7 @@ def import_vectors(
     known = store.vectors.known_files(IMPORT)
     identity = embedder.identity
     writer = CatalogWriter(settings, store, IMPORT)
-    firsts: dict[str, tuple[int, ProductFields]] = {}
-    pairs: dict[tuple[str, str], int] = {}
+    seen = RowsSeen()
     for start in tqdm(range(0, len(rows), BATCH), desc="Importing", unit="batch", disable=not progress):
         part = rows[start : start + BATCH]
         batch = embedder.finish(np.asarray(vectors[start : start + BATCH], dtype=np.float32))
@@ -102,15 +101,15 @@ def import_vectors(
             product, rel_path = checked
             # Variants: rows naming one image with different skus are products of their own; one sku with one
             # image twice would be one row stored twice.
-            if (earlier := pairs.setdefault((product.sku, rel_path), number)) != number:
+            if (earlier := seen.repeated(product.sku, rel_path, number)) is not None:
                 report.problems.append(
                     f"line {number}: sku {product.sku!r} with image {row.get('image', '')!r} is already on line "
                     f"{earlier}; skipped"
                 )
                 report.skipped += 1
                 continue
-            first, kept = firsts.setdefault(product.sku, (number, product))
-            if kept != product:
+            kept, first = seen.first_fields(product, number)
+            if first is not None:
                 report.problems.append(
                     f"line {number}: sku {product.sku!r} is on line {first} with other fields; its vector is kept, "
                     f"with line {first}'s fields"
@@ -149,9 +148,7 @@ def _checked_row(
     url, problem = row_url(row.get("url"))
     if problem:  # the row is kept, without its url
         problems.append(f"line {number}: {problem}")
-    # the other columns are attributes, as make index reads them
-    attributes = {name: value for name, value in row.items() if name not in KNOWN_COLUMNS and value}
-    product = ProductFields(sku, row.get("title") or sku, row.get("category") or None, price, url, attributes)
+    product = product_of_row(row, sku, price, url)  # the other columns are attributes, as make index reads them
     rel_path = f"import/{row.get('image') or sku}"
     too_long = f"image is {len(rel_path) - 7} characters long; at most {MAX_IMAGE - 7} can be stored"
     if problem := product.storage_problem() or (too_long if len(rel_path) > MAX_IMAGE else None):
