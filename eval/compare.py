@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 def active_name(settings: Settings) -> str:
     """The configuration these settings serve: the active model, with the whitening that model.whitening or the
     held-out measurement of `make finetune` chose."""
-    return ("finetuned" if settings.finetuned is not None else "plain") + ("+whitening" if settings.whitens else "")
+    return Candidate("finetuned" if settings.finetuned is not None else "plain", settings.whitens).name
 
 
 def active_check(settings: Settings, runs: dict[str, dict]) -> dict | None:
