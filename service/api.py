@@ -92,7 +92,7 @@ def search_by_photo():
     if words is not None and not names_a_photo(request):
         if request.values.get("box", "").strip():
             raise BadRequest("box applies to a photo (image, image_url or query); q alone searches words")
-        matches = search.search_words(words, wanted, filters)
+        matches = search.search_words(view, words, wanted, filters)
     else:
         if words is None and not names_a_photo(request):
             raise BadRequest(f"send the photo as {SOURCES}; or words to search for as q")

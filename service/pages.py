@@ -68,7 +68,7 @@ def search_page():
             context["error"] = exc.description
             return render_template("search.html", **context), exc.code
         if query is None:
-            matches = search.search_words(words, wanted, filters)
+            matches = search.search_words(view, words, wanted, filters)
         else:
             matches = search.search(view, query.vector, wanted, filters, words=words)
             # The whole photo, with the box drawn on it: the shopper drags a new box on this picture.

@@ -60,6 +60,8 @@ def test_words_alone_find_the_live_products_holding_every_word_case_and_accents_
 
 def test_writes_are_found_or_gone_at_once(served):
     url, settings = served
+    # Asked before the write: the server keeps this ranking, and must not serve it after the write.
+    assert words(url, "cameraman") == ["cam"] and words(url, "saturn") == ["rocket"]
     photo = {"image": ("c.jpg", skimage_jpeg("camera"))}
     put = requests.put(
         f"{url}/api/products/cam", headers=AUTH, files=photo, data={"title": "Vintage tripod"}, timeout=60

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 # Several images of one product collapse into one result, so fetch a few more neighbours (and as many again
 # for each extra view of a catalog photo, index.catalog_views).
 OVERFETCH = 3
+# The words' rankings a server keeps, the least recently used dropped first. A ranking depends on the words, the
+# filters and the catalog's state, not on the photo: a storefront's popular words recur with every photo, and ranking
+# a word that many products hold means scoring each of them (FTS5's bm25, PostgreSQL's ts_rank_cd), hundreds of
+# milliseconds at a million products.
+WORDS_RANKINGS = 256
 # A process that answers no request (one of a server's idle workers, a quiet replica) would hold the base it last
 # searched, and with it the old files' disk space and memory, until its next request: it looks this often.
 FOLLOW_BASE_EVERY_S = 2.0
@@ -124,6 +130,9 @@ class CatalogSearch:
         self._compactor: subprocess.Popen | None = None
         # Errors a request answers with 503 (try again) rather than 500: Milvus out of reach, when configured.
         self._unavailable: tuple[type[Exception], ...] = ()
+        # (change number, words, filters, depth) -> the words' ranking at that change
+        self._words_lock = threading.Lock()
+        self._words_rankings: OrderedDict[tuple, list[ShownProduct]] = OrderedDict()
         if settings.index_backend == "milvus":
             from indexer.index.milvus_store import MilvusUnavailable
 
@@ -324,7 +333,8 @@ class CatalogSearch:
         if words is not None:
             depth = max(k, FUSION_DEPTH)
             visual = self.search(view, vector, depth, filters, exclude_sku)
-            text = self.store.text.search(words, depth, filters, exclude_sku)
+            text = self.words_ranking(view, words, depth + 1, filters)
+            text = [product for product in text if product.sku != exclude_sku][:depth]
             return fuse(visual, text, k, self.settings.text_weight)
         if not getattr(_faiss_threads, "set", False):
             # Requests already run in parallel, and an idle OpenMP team spins on the cores
@@ -338,10 +348,26 @@ class CatalogSearch:
             raise NotReady(str(exc)) from None
         return self._matches(view, ids, scores, k, exclude_sku)
 
-    def search_words(self, words: Words, k: int, filters: Filters = NO_FILTERS) -> list[ShownProduct]:
+    def search_words(self, view: IndexView, words: Words, k: int, filters: Filters = NO_FILTERS) -> list[ShownProduct]:
         """The k live products that hold every word, most relevant first (the full-text index's relevance as
         their score), with the filters applied."""
-        return words_alone(self.store.text.search(words, k, filters))
+        return words_alone(self.words_ranking(view, words, k, filters))
+
+    def words_ranking(self, view: IndexView, words: Words, depth: int, filters: Filters) -> list[ShownProduct]:
+        """The full-text index's `depth` best products for the words and filters, as of the change `view` has
+        applied: read once per change, then kept (WORDS_RANKINGS). A write moves the change number, so a ranking
+        read before it is never served after it."""
+        key = (view.live.seen, words, filters, depth)
+        with self._words_lock:
+            if (ranking := self._words_rankings.get(key)) is not None:
+                self._words_rankings.move_to_end(key)
+                return ranking
+        ranking = self.store.text.search(words, depth, filters)
+        with self._words_lock:
+            self._words_rankings[key] = ranking
+            while len(self._words_rankings) > WORDS_RANKINGS:
+                self._words_rankings.popitem(last=False)
+        return ranking
 
     def similar(
         self, view: IndexView, sku: str, k: int, filters: Filters = NO_FILTERS, words: Words | None = None
@@ -360,18 +386,21 @@ class CatalogSearch:
         self, view: IndexView, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None
     ) -> list[ShownProduct]:
         found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True)]
-        products = view.rows.get([i for i, _ in found])
         matches: list[ShownProduct] = []
         seen: set[str] = set()
-        for image_id, score in found:
-            product = products.get(image_id)
-            # None: deleted after the change this search saw
-            if product is None or product.sku in seen or product.sku == exclude_sku:
-                continue
-            seen.add(product.sku)
-            matches.append(product.scored(score))
-            if len(matches) == k:
-                break
+        # The rows of the first k + 1 neighbours first (each is a product of its own, usually, and one may be the
+        # product asked about); those of the over-fetched rest only when some of these were the same product.
+        for chunk in (found[: k + 1], found[k + 1 :]):
+            products = view.rows.get([i for i, _ in chunk])
+            for image_id, score in chunk:
+                product = products.get(image_id)
+                # None: deleted after the change this search saw
+                if product is None or product.sku in seen or product.sku == exclude_sku:
+                    continue
+                seen.add(product.sku)
+                matches.append(product.scored(score))
+                if len(matches) == k:
+                    return matches
         return matches
 
     def facets(self, matches: list[ShownProduct], asked: FacetRequest) -> dict[str, Facet]:
