@@ -29,7 +29,8 @@ APP = "service:create_app"
 METRICS_DIR_PREFIX = "visual-search-metrics-"
 # How long a stopping server waits for the requests in flight before it kills a worker.
 STOP_TIMEOUT_S = 30
-# A worker that dies (killed by the kernel for memory, a crash in native code) is replaced after this long.
+# How long a worker replaced on purpose (a reload) overlaps the one it replaces; one that died is replaced after
+# service.supervision's back-off instead.
 RESPAWN_INTERVAL_S = 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -53,11 +54,12 @@ def metrics_folder() -> Iterator[Path]:
 def serve(settings: Settings, *, port: int | None = None, access_log: bool = True) -> None:
     """Serve the app on settings.host:port (default settings.port) until SIGINT or SIGTERM: service.workers
     processes, each answering requests on service.threads threads while Granian reads and writes the sockets."""
-    from granian import Granian
     from granian.constants import HTTPModes, Interfaces
     from granian.http import HTTP1Settings
 
-    server = Granian(
+    from service.supervision import SupervisedGranian
+
+    server = SupervisedGranian(
         APP,
         factory=True,  # each worker builds its own app (its interpreters, its store connections)
         # Granian's native async interface: service.front reads each body with a deadline in the worker's event

@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import requests
 
 from tests.conftest import DATABASES, new_database, served_catalog, wait_until
 from tests.support.load import run_wrk, search_bodies
-from tests.support.server import running_server
+from tests.support.server import counter_total, running_server
 
 pytestmark = pytest.mark.slow  # real servers, real runs: `pytest -m "not slow"` skips it for a quick loop
 
@@ -123,6 +125,68 @@ def test_a_dead_worker_is_replaced_and_workers_stop_with_the_main_process(base_s
         wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=30)
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{server.url}/healthz", timeout=5)
+
+
+def test_workers_killed_every_two_seconds_are_replaced_and_the_server_never_stops_serving(
+    base_settings, embedder, tmp_path
+):
+    """The kernel's OOM killer, or a crash in a native decoder, taking a worker every 2 s for 30 s (the replacement
+    each time, which Granian alone answers by exiting altogether) while 4 clients search: the server stays up,
+    /healthz answers 200 throughout from the surviving worker, at least 90 % of searches succeed, and /metrics
+    counts the deaths."""
+    config = {"workers = 0\nthreads = 0": "workers = 2\nthreads = 0"}
+    env, catalog = served_catalog(base_settings, embedder, tmp_path, config_changes=config)
+    photo = (catalog / "drinks" / "coffee.jpg").read_bytes()
+    with running_server(env, timeout=120) as server:
+        wait_until(lambda: len(server.worker_pids()) == 2)
+        stop = threading.Event()
+        searches: list[bool] = []
+        health: list[int] = []
+
+        def search() -> None:
+            while not stop.is_set():
+                searches.append(searched(server.url, photo))
+
+        def watch_health() -> None:
+            while not stop.is_set():
+                health.append(healthz(server.url))
+                time.sleep(0.2)
+
+        threads = [threading.Thread(target=search) for _ in range(4)] + [threading.Thread(target=watch_health)]
+        for thread in threads:
+            thread.start()
+        kills = 0
+        try:
+            for _ in range(15):
+                time.sleep(2)
+                workers = sorted(server.worker_pids(), key=started_at)
+                if len(workers) > 1:  # the youngest: the replacement, as in a crash loop; never the last one
+                    os.kill(workers[-1], signal.SIGKILL)
+                    kills += 1
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert server.process.poll() is None, "the server exited"
+        assert kills >= 5
+        assert health and all(status == 200 for status in health), health
+        assert sum(searches) >= 0.9 * len(searches), f"{sum(searches)} of {len(searches)} searches succeeded"
+        wait_until(lambda: len(server.worker_pids()) == 2, timeout=60)  # every slot refilled once the kills stop
+        assert counter_total(server.url, "visual_search_worker_deaths_total") == kills
+        assert searched(server.url, photo)
+
+
+def healthz(url: str) -> int:
+    """/healthz's status; a connection the dying worker had accepted is reset, and asked again once (a new one)."""
+    try:
+        return requests.get(f"{url}/healthz", timeout=10).status_code
+    except requests.ConnectionError:
+        return requests.get(f"{url}/healthz", timeout=10).status_code
+
+
+def started_at(pid: int) -> int:
+    """When a process started, in clock ticks since boot (Linux /proc)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make test and make bench install it)")

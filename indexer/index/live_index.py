@@ -8,6 +8,7 @@ apply() builds the next state aside and swaps it in with one assignment.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
@@ -267,8 +268,8 @@ class LiveIndex:
                 found = self._overfetch(state, query, count, matches, lambda r: _within(r, start, end, ok))
                 if found is not None:
                     return found
-            ids = base.ids[start:end] if ok is None else base.ids[start:end][ok]
-            return self._approximate(state, query, count, ids, key)
+            ids = (lambda: base.ids[start:end]) if ok is None else (lambda: base.ids[start:end][ok])
+            return self._approximate(state, query, count, key, matches, ids)
         if filters.prices_bounded:  # rows from the price index, without a pass over every price
             low, high = base.price_range(filters.min_price, filters.max_price)
             how = plan(self.costs, high - low, len(base), count, key in state.selectors)
@@ -277,12 +278,12 @@ class LiveIndex:
                 if found is not None:
                     return found
             if how in ("ann", "overfetch"):
-                return self._approximate(state, query, count, base.ids_by_price[low:high], key)
+                return self._approximate(state, query, count, key, high - low, lambda: base.ids_by_price[low:high])
             rows = np.sort(base.price_order[low:high])  # the memory map read in order
             return self._search_rows(state, query, count, rows[~state.masked[rows]], 0, len(base), key, how)
         if base.ann is None:
             return self._exact(query, count, 0, len(base), ~state.masked if state.masked_count else None)
-        return self._approximate(state, query, count, None, "all")
+        return self._approximate(state, query, count, "all")
 
     def _attribute_rows(self, state: _State, filters: Filters, start: int, end: int) -> np.ndarray:
         """The live base rows in start..end (increasing) that pass the attribute and price filters, from the
@@ -310,7 +311,7 @@ class LiveIndex:
             if found is not None:
                 return found
         if how in ("ann", "overfetch"):
-            return self._approximate(state, query, count, base.ids[rows], key)
+            return self._approximate(state, query, count, key, len(rows), lambda: base.ids[rows])
         if how == "gather":
             return _top(base.ids[rows], base.vectors[rows] @ query, count)
         ok = np.zeros(end - start, dtype=bool)
@@ -318,13 +319,15 @@ class LiveIndex:
         return self._exact(query, count, start, end, ok, gather=False)
 
     def _approximate(
-        self, state: _State, query: np.ndarray, count: int, members: np.ndarray | None, cache_key: object
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates from the FAISS structure, restricted to `members` (image ids; None: every live one),
-        re-ranked exactly with the real vectors."""
+        self, state: _State, query: np.ndarray, count: int, cache_key: object, matches: int | None = None,
+        members: Callable[[], np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Candidates from the FAISS structure, restricted to the `matches` image ids that `members` gives (None:
+        every live one; asked for only when the selector is not kept already), re-ranked exactly with the real
+        vectors."""
         base = self.base
         selector, keep = self._selector(state, members, cache_key)
-        widen = self.costs.widen(len(members) / len(base)) if members is not None else 1.0
+        widen = self.costs.widen(matches / len(base)) if matches is not None else 1.0
         found = candidates(base.ann, base.tuning, query, count, selector=selector, widen=widen)
         del keep  # FAISS held only pointers into it during the search
         rows = base.rows_of(found)
@@ -366,7 +369,9 @@ class LiveIndex:
             scores[~ok] = -np.inf
         return _top(base.ids[start:end], scores, count)
 
-    def _selector(self, state: _State, members: np.ndarray | None, cache_key: object) -> tuple[object, object]:
+    def _selector(
+        self, state: _State, members: Callable[[], np.ndarray] | None, cache_key: object
+    ) -> tuple[object, object]:
         """A FAISS selector and what it points into (keep that alive while searching): every live base id but
         the masked ones (a small hash set), or a bitmap over image ids of `members`. Those of a category, or of
         the whole base, are kept for this state; price ranges vary per request."""
@@ -380,7 +385,7 @@ class LiveIndex:
             made = (faiss.IDSelectorNot(batch), (batch, masked))
         else:
             bits = np.zeros(len(self.base.row_of_id), dtype=bool)
-            bits[members] = True
+            bits[members()] = True
             if state.masked_count:
                 bits[state.masked_ids] = False
             bitmap = np.packbits(bits, bitorder="little")
