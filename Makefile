@@ -11,6 +11,8 @@
 #   make soak SERVERS=2 [DATABASE_URL=postgresql+psycopg://...]  the same on two servers over one database
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog; active if it measures better (then make index)
+#   make backup TO=<new folder>                  a snapshot of the database, index, uploads and models, while serving
+#   make restore FROM=<snapshot> DATA_DIR=<empty folder>  that snapshot, as the service it was (then make serve)
 #   DATA_DIR=<folder> chooses where the database and index live (default data/)
 #
 # Installs (into .venv/, by whichever target needs them; docs/install.md gives their sizes):
@@ -43,7 +45,7 @@ endif
 export PYTHONDONTWRITEBYTECODE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: help venv dev weights migrate index serve demo demo-catalog test bench bench-scale soak eval finetune lint format clean
+.PHONY: help venv dev weights migrate index serve demo demo-catalog test bench bench-scale soak eval finetune backup restore lint format clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -98,6 +100,14 @@ index: weights migrate
 
 serve: weights migrate
 	$(PY) -m service --port $(PORT)
+
+backup: venv
+	@test -n "$(TO)" || { echo "usage: make backup TO=<new folder for the snapshot>"; exit 2; }
+	$(PY) -m indexer backup --to "$(TO)"
+
+restore: venv
+	@test -n "$(FROM)" || { echo "usage: make restore FROM=<snapshot folder> DATA_DIR=<empty folder>"; exit 2; }
+	$(PY) -m indexer restore --from "$(FROM)"
 
 # $(call apt_install,<package>): a Debian package, through sudo unless root; fails without apt-get.
 define apt_install

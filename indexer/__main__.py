@@ -8,6 +8,9 @@ python -m indexer weights
 PRECISION=int8 python -m indexer weights --catalog ../shared/datasets/grocery-store --metadata catalog.csv
 python -m indexer migrate
 python -m indexer demo-catalog demo-catalog
+python -m indexer backup --to backups/2026-12-07
+python -m indexer backup --verify backups/2026-12-07
+DATA_DIR=restored python -m indexer restore --from backups/2026-12-07
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from indexer.catalog import CatalogError, in_catalog
 from indexer.config import ConfigError, Settings, load_settings
 from indexer.embedding.weights import WeightsError
+from indexer.errors import BackupError
 from indexer.jobs.finetune import BLOCKS, FinetuneOptions
 
 
@@ -179,6 +183,91 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.backup import take_backup, verify_backup
+    from indexer.storage.store import Store
+
+    if args.verify:
+        snapshot = verify_backup(Path(args.verify), progress=not args.quiet)
+        print(f"Complete and intact: {snapshot.summary()}")
+        return 0
+    store = Store.open(settings, upgrade=False)
+    snapshot = take_backup(settings, store, Path(args.to), progress=not args.quiet)
+    print(f"Backed up {snapshot.summary()}")
+    print(f"Next: python -m indexer backup --verify {snapshot.folder}; restore with "
+          f"DATA_DIR=<empty folder> python -m indexer restore --from {snapshot.folder}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.backup import restore_backup
+
+    snapshot = restore_backup(settings, Path(args.source), progress=not args.quiet)
+    print(f"Restored {snapshot.summary()} into {settings.data_dir}")
+    print(f"Next: DATA_DIR={settings.data_dir} make serve", file=sys.stderr)
+    return 0
+
+
+def _add_finetune_command(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser("finetune", help="adapt the model to a catalog's categories (transfer learning)")
+    tune.add_argument("--catalog", help="folder of product photos with a category for each")
+    tune.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
+    tune.add_argument("--epochs", type=int, default=FinetuneOptions.epochs)
+    tune.add_argument(
+        "--views",
+        type=int,
+        default=FinetuneOptions.views,
+        help="augmented views of each photo (the first is unaltered)",
+    )
+    tune.add_argument(
+        "--blocks",
+        type=int,
+        default=BLOCKS,
+        choices=range(1, 8),
+        help="last blocks of the network trained (3: blocks 11-13; 2: blocks 12-13, the 12-epoch recipe "
+        "measured in eval/README.md#whitening)",
+    )
+    tune.add_argument(
+        "--metric-loss",
+        choices=("none", "multi_similarity"),
+        default=FinetuneOptions.metric_loss,
+        help="a metric-learning loss next to the cosine classifier, on class-balanced batches (16 categories x 4 "
+        "photos); none: the classifier alone, on shuffled batches",
+    )
+    tune.add_argument(
+        "--metric-weight", type=float, default=FinetuneOptions.metric_weight, help="its weight against CosFace"
+    )
+    tune.add_argument(
+        "--seed",
+        type=int,
+        default=FinetuneOptions.seed,
+        help="the validation split, the augmentations and the classifier's start; another seed is another draw of "
+        "the same recipe (eval/README.md compares two)",
+    )
+    tune.add_argument("--reset", action="store_true", help="go back to the plain ImageNet model")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(run=cmd_finetune)
+
+
+def _add_backup_commands(commands: argparse._SubParsersAction) -> None:
+    """backup (--to, --verify) and restore."""
+    backup = commands.add_parser(
+        "backup", help="a snapshot of the database, index, uploads and models, taken while servers serve and write"
+    )
+    chosen = backup.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--to", metavar="DIR", help="write the snapshot to this new folder")
+    chosen.add_argument("--verify", metavar="DIR", help="check every file of the snapshot in DIR")
+    backup.add_argument("--quiet", action="store_true", help="no progress bars")
+    backup.set_defaults(run=cmd_backup)
+
+    restore = commands.add_parser(
+        "restore", help="a snapshot into an empty data folder (and, on PostgreSQL, an empty database)"
+    )
+    restore.add_argument("--from", dest="source", required=True, metavar="DIR", help="the snapshot's folder")
+    restore.add_argument("--quiet", action="store_true", help="no progress bars")
+    restore.set_defaults(run=cmd_restore)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m indexer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -231,44 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     weights.set_defaults(run=cmd_weights)
 
-    tune = commands.add_parser("finetune", help="adapt the model to a catalog's categories (transfer learning)")
-    tune.add_argument("--catalog", help="folder of product photos with a category for each")
-    tune.add_argument("--metadata", help="products.csv or .jsonl (default: <catalog>/products.csv if present)")
-    tune.add_argument("--epochs", type=int, default=FinetuneOptions.epochs)
-    tune.add_argument(
-        "--views",
-        type=int,
-        default=FinetuneOptions.views,
-        help="augmented views of each photo (the first is unaltered)",
-    )
-    tune.add_argument(
-        "--blocks",
-        type=int,
-        default=BLOCKS,
-        choices=range(1, 8),
-        help="last blocks of the network trained (3: blocks 11-13; 2: blocks 12-13, the 12-epoch recipe "
-        "measured in eval/README.md#whitening)",
-    )
-    tune.add_argument(
-        "--metric-loss",
-        choices=("none", "multi_similarity"),
-        default=FinetuneOptions.metric_loss,
-        help="a metric-learning loss next to the cosine classifier, on class-balanced batches (16 categories x 4 "
-        "photos); none: the classifier alone, on shuffled batches",
-    )
-    tune.add_argument(
-        "--metric-weight", type=float, default=FinetuneOptions.metric_weight, help="its weight against CosFace"
-    )
-    tune.add_argument(
-        "--seed",
-        type=int,
-        default=FinetuneOptions.seed,
-        help="the validation split, the augmentations and the classifier's start; another seed is another draw of "
-        "the same recipe (eval/README.md compares two)",
-    )
-    tune.add_argument("--reset", action="store_true", help="go back to the plain ImageNet model")
-    tune.add_argument("--quiet", action="store_true", help="no progress bars")
-    tune.set_defaults(run=cmd_finetune)
+    _add_finetune_command(commands)
+    _add_backup_commands(commands)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(run=cmd_migrate)
@@ -286,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"data_dir": Path(args.data_dir).resolve()} if args.data_dir else {}
         settings = load_settings(args.config, **overrides)
         return args.run(settings, args)
-    except (ConfigError, CatalogError, WeightsError) as exc:
+    except (ConfigError, CatalogError, WeightsError, BackupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:

@@ -30,3 +30,7 @@ class AttributesUnavailable(CatalogError, ValueError):
 
     status = 400
     error = "bad_request"
+
+
+class BackupError(CatalogError):
+    """A snapshot that cannot be taken, verified or restored (indexer.backup); the message says why and what to do."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +20,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from indexer.storage.database import chunks, next_change, read_head
-from indexer.storage.schema import CATALOG, HAS_IMAGE, LIVE, Product, ProductImage
+from indexer.storage.schema import API, CATALOG, HAS_IMAGE, LIVE, Product, ProductImage
 
 
 class KnownFile(NamedTuple):
@@ -344,6 +345,20 @@ class Vectors:
                 .values(file_size=bindparam("size"), file_mtime_ns=bindparam("mtime")),
                 [{"rp": rel_path, "size": size, "mtime": mtime} for rel_path, size, mtime in stats],
             )
+
+    def relocate_uploads(self, folder: Path) -> int:
+        """Point the rows of photos written through the API at `folder` (a restored data folder's uploads/), where
+        files of the same names are: what a restore does before any server reads the rows; no change number, the
+        photos' bytes and vectors being the same. Returns the rows moved."""
+        with self.engine.begin() as connection:
+            rows = connection.execute(select(ProductImage.id, ProductImage.path).where(ProductImage.source == API))
+            moved = [{"image": image, "path": str(folder / PurePosixPath(path).name)} for image, path in rows]
+            if moved:
+                connection.execute(
+                    update(ProductImage).where(ProductImage.id == bindparam("image")).values(path=bindparam("path")),
+                    moved,
+                )
+        return len(moved)
 
     def reconcile_catalog(
         self,
