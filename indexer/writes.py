@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from indexer.config import Settings
 from indexer.errors import NotReady
@@ -36,7 +36,10 @@ class SaveFailed(NotReady):
 
     @classmethod
     def because(cls, exc: OSError | SQLAlchemyError) -> SaveFailed:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        if isinstance(exc, OperationalError | InterfaceError):
+            reason = "the catalog database is unavailable right now"
+        else:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         return cls(f"the change could not be saved ({reason}); nothing was changed, try again later")
 
 

@@ -183,6 +183,15 @@ def search_preview():
     return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
 
 
+@api.after_app_request
+def mark_stale(response: Response) -> Response:
+    """While the catalog database cannot be read, every answer says for how long (whole seconds): searches come
+    from the index and products as this server last saw them."""
+    if (seconds := catalog_search().stale_seconds()) is not None:
+        response.headers["X-Index-Stale"] = str(int(seconds))
+    return response
+
+
 @api.get("/healthz")
 def healthz():
     return jsonify({"status": "ok"})

@@ -196,6 +196,12 @@ class IndexCollector(Collector):
             "Images of the base deleted or replaced since it was built.",
             live.masked_count,
         )
+        yield _gauge(
+            "visual_search_index_stale_seconds",
+            "Seconds since the catalog database could last be read, while it cannot (searches then answer from what "
+            "this server holds); 0 while it can.",
+            self._search.stale_seconds() or 0.0,
+        )
         yield InfoMetricFamily(
             "visual_search_index_base",
             "The base segment served: its version and FAISS factory.",

@@ -211,6 +211,16 @@ class LiveIndex:
             self.categories.append(name)
         return self.code_of[name]
 
+    def vector_of(self, image_id: int) -> np.ndarray | None:
+        """The live vector of an image: the delta's, else the base's unless masked; None when it is not live."""
+        state = self._state
+        if len(at := np.flatnonzero(state.delta.ids == image_id)):
+            return np.array(state.delta.vectors[at[-1]], dtype=np.float32)
+        row = int(self.base.rows_of(np.array([image_id], dtype=np.int64))[0])
+        if row < 0 or state.masked[row]:
+            return None
+        return np.array(self.base.vectors[row], dtype=np.float32)
+
     # --- searching ---------------------------------------------------------------------------------
 
     def search(self, query: np.ndarray, count: int, filters: Filters = NO_FILTERS) -> tuple[np.ndarray, np.ndarray]:

@@ -51,6 +51,16 @@ class ProductRows:
                     self._rows.popitem(last=False)
         return found
 
+    def held(self, image_ids: list[int]) -> dict[int, ShownProduct | None]:
+        """The rows of these ids that are held, without reading the database (which may be away)."""
+        with self._lock:
+            return {image_id: self._rows[image_id] for image_id in image_ids if image_id in self._rows}
+
+    def image_ids_of(self, sku: str) -> list[int]:
+        """The held image ids of a product, lowest first (its first photo first), without reading the database."""
+        with self._lock:
+            return sorted(i for i, product in self._rows.items() if product is not None and product.sku == sku)
+
     def forget(self, image_ids: Iterable[int]) -> None:
         with self._lock:
             self._generation += 1

@@ -24,11 +24,12 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
 import numpy as np
-from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from indexer.catalog import served_file
 from indexer.config import REPO_ROOT, Settings, process_memory_mb
@@ -55,6 +56,10 @@ OVERFETCH = 3
 # a word that many products hold means scoring each of them (FTS5's bm25, PostgreSQL's ts_rank_cd), hundreds of
 # milliseconds at a million products.
 WORDS_RANKINGS = 256
+# While the database cannot be read, searches answer from what this server holds, and it looks again this often.
+DATABASE_RETRY_S = 1.0
+# What a database that cannot be reached (stopped, restarting, a file that cannot be read) raises.
+DATABASE_AWAY = (OperationalError, InterfaceError)
 # A process that answers no request (one of a server's idle workers, a quiet replica) would hold the base it last
 # searched, and with it the old files' disk space and memory, until its next request: it looks this often.
 FOLLOW_BASE_EVERY_S = 2.0
@@ -130,6 +135,9 @@ class CatalogSearch:
         self._compactor: subprocess.Popen | None = None
         # Errors a request answers with 503 (try again) rather than 500: Milvus out of reach, when configured.
         self._unavailable: tuple[type[Exception], ...] = ()
+        # Since when (time.time()) the database could not be read, the reason, and the last try (monotonic); None
+        # while it can.
+        self._stale: tuple[float, str, float] | None = None
         # (change number, words, filters, depth) -> the words' ranking at that change
         self._words_lock = threading.Lock()
         self._words_rankings: OrderedDict[tuple, list[ShownProduct]] = OrderedDict()
@@ -159,14 +167,51 @@ class CatalogSearch:
         if self._view is None or stamp != self._stamp:
             with self._lock:
                 if self._view is None or stamp != self._stamp:
-                    view = self._load()  # should it raise (the database away), the next look tries again
+                    try:
+                        view = self._load()
+                    except DATABASE_AWAY as exc:
+                        if self._view is None:
+                            raise
+                        self._database_away(exc)  # serve the base it has; the next look tries again
+                        return self._view
                     self._stamp = stamp
                     self._switch(view)
         return self._view
 
     def _refresh(self, view: IndexView) -> None:
         """Apply the changes committed since this server last looked: nothing to read when the store's change
-        marker has not moved since then, else one indexed read (and the rows changed, when there are some)."""
+        marker has not moved since then, else one indexed read (and the rows changed, when there are some). While
+        the database cannot be read, the view stays as it is (stale), and the database is tried again every
+        DATABASE_RETRY_S; once it answers, every change made meanwhile is applied."""
+        if (stale := self._stale) is not None and time.monotonic() - stale[2] < DATABASE_RETRY_S:
+            return
+        try:
+            self._apply_changes(view)
+        except DATABASE_AWAY as exc:
+            self._database_away(exc)
+            return
+        if stale is not None:
+            self._stale = None
+            log.warning("the catalog database answers again after %.0f s: caught up to change %d",
+                        time.time() - stale[0], view.live.seen)  # fmt: skip
+
+    def _database_away(self, exc: Exception) -> None:
+        """Note that the database cannot be read now: searches go on from what this server holds."""
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        if self._stale is None:
+            seen = self._view.live.seen if self._view else "none"
+            log.error("the catalog database cannot be read (%s): searching the index as of change %s until it answers",
+                      reason, seen)  # fmt: skip
+            self._stale = (time.time(), reason, time.monotonic())
+        else:
+            self._stale = (self._stale[0], self._stale[1], time.monotonic())
+
+    def stale_seconds(self) -> float | None:
+        """How long the database has been unreadable, searches answering from what this server holds; None while
+        it reads."""
+        return None if (stale := self._stale) is None else time.time() - stale[0]
+
+    def _apply_changes(self, view: IndexView) -> None:
         # Read before the changes: a commit that lands after it moves it again, and is read on the next look.
         marker = self.store.change_marker()
         up_to_date = self._up_to_date
@@ -314,6 +359,14 @@ class CatalogSearch:
             "change": view.live.seen,
             "delta": view.live.delta_size,
             "deleted_from_base": view.live.masked_count,
+            # while the database cannot be read: since when, and why (searches answer from what this server holds)
+            "stale": None
+            if (stale := self._stale) is None
+            else {
+                "since": datetime.fromtimestamp(stale[0], UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - stale[0], 1),
+                "reason": stale[1],
+            },
         }
 
     # --- searching ---------------------------------------------------------------------------------
@@ -375,7 +428,18 @@ class CatalogSearch:
         """'More like this': neighbours of a catalog product's own vector (read from the store), without itself;
         with `words`, fused with the products that hold them."""
         identity = view.identity
-        vector = self.store.vectors.of_product(sku, identity.key, identity.dim)
+        try:
+            vector = self.store.vectors.of_product(sku, identity.key, identity.dim)
+        except DATABASE_AWAY as exc:
+            self._database_away(exc)
+            # The product's vector as this server holds it: its first photo among the rows it holds.
+            held = view.rows.image_ids_of(sku)
+            vector = view.live.vector_of(held[0]) if held and hasattr(view.live, "vector_of") else None
+            if vector is None:
+                raise NotReady(
+                    f"the catalog database cannot be read right now and this server does not hold {sku!r}: try "
+                    "again shortly"
+                ) from None
         if vector is None:
             if self.store.products.is_live(sku):
                 raise NotReady("the product's photo is being embedded with the current model; try again shortly")
@@ -391,7 +455,7 @@ class CatalogSearch:
         # The rows of the first k + 1 neighbours first (each is a product of its own, usually, and one may be the
         # product asked about); those of the over-fetched rest only when some of these were the same product.
         for chunk in (found[: k + 1], found[k + 1 :]):
-            products = view.rows.get([i for i, _ in chunk])
+            products = self._rows(view, [i for i, _ in chunk])
             for image_id, score in chunk:
                 product = products.get(image_id)
                 # None: deleted after the change this search saw
@@ -402,6 +466,15 @@ class CatalogSearch:
                 if len(matches) == k:
                     return matches
         return matches
+
+    def _rows(self, view: IndexView, image_ids: list[int]) -> dict[int, ShownProduct | None]:
+        """The products behind these image ids; while the database cannot be read, those this server holds (a
+        search then leaves out the rest: it has no product to show for them)."""
+        try:
+            return view.rows.get(image_ids)
+        except DATABASE_AWAY as exc:
+            self._database_away(exc)
+            return view.rows.held(image_ids)
 
     def facets(self, matches: list[ShownProduct], asked: FacetRequest) -> dict[str, Facet]:
         """The facets asked for, counted over `matches` (indexer.index.facets); the matches' attributes are read

@@ -22,6 +22,8 @@ from indexer.storage.schema import StoreState
 SCHEMA_REVISION = "0008"
 # Rows per statement: SQLite takes up to 32,766 bound parameters.
 CHUNK = 2_000
+# Seconds before a connection attempt to PostgreSQL is given up (libpq connect_timeout).
+PG_CONNECT_TIMEOUT_S = 5
 
 
 def _casefold(value: object) -> object:
@@ -31,7 +33,13 @@ def _casefold(value: object) -> object:
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+    else:
+        # A database that restarted has closed the pooled connections: each is tested (one round trip) before use
+        # and replaced, rather than failing the request that draws it. One that cannot be reached is given up
+        # on after PG_CONNECT_TIMEOUT_S rather than the operating system's minutes.
+        engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")

@@ -204,6 +204,18 @@ READY: Schema = {
             "description": "What each plan of a filtered search costs on this base (microseconds), measured when "
             "the server loaded it; the cheapest plan is chosen per search.",
         },
+        "stale": {
+            "type": ["object", "null"],
+            "description": "While the catalog database cannot be read: since when, for how many seconds and why. "
+            "Searches then answer from the index and products this server holds (each answer's X-Index-Stale header "
+            "says so too), writes answer 503, and every change made meanwhile is applied once it answers. Null "
+            "while the database reads.",
+            "properties": {
+                "since": {"type": "string"},
+                "seconds": {"type": "number"},
+                "reason": {"type": "string"},
+            },
+        },
     },
 }
 NOT_READY: Schema = {

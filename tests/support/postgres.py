@@ -81,6 +81,10 @@ class PostgresCluster:
         done = subprocess.run(initdb, cwd=self.folder, capture_output=True, text=True, timeout=120, **self._as)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(initdb)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        self.resume(timeout)
+
+    def resume(self, timeout: float = 60) -> None:
+        """Run the server on the cluster's data (again, after pause()) until it accepts connections."""
         settings = [f"--{name}={value}" for name, value in SERVER_SETTINGS.items()]
         command = [str(self.bindir / "postgres"), "-D", str(self.data), "-k", str(self.folder), *settings]
         with open(self.log, "ab") as log:
@@ -102,15 +106,20 @@ class PostgresCluster:
             return False
         return True
 
+    def pause(self) -> None:
+        """Stop the server, as an outage would ("fast" shutdown: the sessions still open are ended), keeping the
+        data: resume() starts it again."""
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGINT)
+            try:
+                self.server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+
     def stop(self) -> None:
         try:
-            if self.server is not None and self.server.poll() is None:
-                self.server.send_signal(signal.SIGINT)  # "fast" shutdown: ends the sessions still open
-                try:
-                    self.server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.server.kill()
-                    self.server.wait()
+            self.pause()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
 
