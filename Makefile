@@ -9,6 +9,7 @@
 #   make bench-scale [N=1000000]                  N synthetic products beside 10,000 at scale, to bench/
 #   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
 #   make soak SERVERS=2 [DATABASE_URL=postgresql+psycopg://...]  the same on two servers over one database
+#   make soak BACKUP=1 | SERVERS=2 OUTAGE=10         a backup during it, restored and compared; PostgreSQL down 10 s
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog; active if it measures better (then make index)
 #   make backup TO=<new folder>                  a snapshot of the database, index, uploads and models, while serving
@@ -170,7 +171,8 @@ ifeq ($(SERVERS),2)
 endif
 	$(PY) -m bench.soak --products $(or $(PRODUCTS),$(if $(filter 2,$(SERVERS)),0,100000)) \
 	  $(if $(SERVERS),--servers $(SERVERS)) $(if $(CATALOG),--catalog "$(CATALOG)") \
-	  $(if $(METADATA),--metadata "$(METADATA)")
+	  $(if $(METADATA),--metadata "$(METADATA)") $(if $(OUTAGE),--outage $(OUTAGE) --clients 2) \
+	  $(if $(BACKUP),--backup)
 
 # Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
 # WORDS=<column of QUERIES>: each photo also searched with q set to that column, beside the photo-only figures.

@@ -18,6 +18,11 @@ DELETE: until B's GET answers 404 and the search no longer shows it); the client
 turn, judged as above; a compaction runs a quarter of the way through the writes; afterwards both
 servers must be on the compacted base and answer alike, with every write in place. No re-index.
 Writes bench/soak-two-servers.json.
+
+With --servers 2 --outage S (the throwaway cluster only): PostgreSQL is stopped for S seconds while the clients
+search both servers and one writes through A; every search must answer 200 (from what each server holds, marked
+stale), writes during the outage 503, every accepted write be found on both servers afterwards, and writes through
+B, once the database is back, show on A within the bound. Writes bench/soak-outage.json.
 """
 
 from __future__ import annotations
@@ -120,12 +125,19 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                              "without either, a throwaway cluster)")  # fmt: skip
     parser.add_argument("--visible-within-ms", type=float, default=VISIBLE_WITHIN_MS,
                         help="--servers 2: p95 bound for a write through A to reach B (ms)")  # fmt: skip
-    parser.add_argument("--out", help="default bench/soak.json, with --servers 2 bench/soak-two-servers.json")
+    parser.add_argument("--outage", type=float, default=0.0,
+                        help="--servers 2: stop PostgreSQL for this many seconds under the load instead (the "
+                             "throwaway cluster only)")  # fmt: skip
+    parser.add_argument("--out", help="default bench/soak.json, with --servers 2 bench/soak-two-servers.json, "
+                                      "with --outage bench/soak-outage.json")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.outage and (args.servers != 2 or args.database_url):
+        parser.error("--outage stops the throwaway PostgreSQL cluster of --servers 2: leave DATABASE_URL unset")
     if args.writes is None:
         args.writes = 120 if args.servers == 1 else 100
     if args.out is None:
-        args.out = str(REPO_ROOT / "bench" / ("soak.json" if args.servers == 1 else "soak-two-servers.json"))
+        name = "soak-outage.json" if args.outage else "soak.json" if args.servers == 1 else "soak-two-servers.json"
+        args.out = str(REPO_ROOT / "bench" / name)
     return args
 
 
@@ -157,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as folder, contextlib.ExitStack() as stack:
         tmp = Path(folder)
         env = {**os.environ, "DATA_DIR": str(tmp / "data"), "API_KEY": KEY}
+        cluster = None
         if args.servers == 2:
-            env["DATABASE_URL"], database = stack.enter_context(postgresql_database(args.database_url))
+            env["DATABASE_URL"], database, cluster = stack.enter_context(postgresql_database(args.database_url))
         prepare_catalog(catalog, first, second, tmp, env, args)
         if args.servers == 2:
             urls = []
@@ -166,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 (tmp / f"host-{host}").mkdir()
                 server = stack.enter_context(running_server({**env, "TMPDIR": str(tmp / f"host-{host}")}, timeout=300))
                 urls.append(server.url)
-            report = {"servers": 2, "database": database, **soak_two_servers(urls, env, photos, queries, first, args)}
+            run = soak_outage if args.outage else soak_two_servers
+            report = {"servers": 2, "database": database, **run(urls, env, photos, queries, first, args, cluster)}
         else:
             with running_server(env, timeout=300) as server:
                 report = soak(server.url, catalog, tmp, env, photos, queries, first, second, args)
@@ -181,15 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def postgresql_database(url: str | None) -> Iterator[tuple[str, str]]:
-    """(DATABASE_URL, where it is from): the given URL, which must name PostgreSQL; without one, a database in a
-    throwaway cluster (tests/support/postgres.py), stopped and removed afterwards."""
+def postgresql_database(url: str | None) -> Iterator[tuple[str, str, object]]:
+    """(DATABASE_URL, where it is from, the cluster or None): the given URL, which must name PostgreSQL; without
+    one, a database in a throwaway cluster (tests/support/postgres.py), stopped and removed afterwards."""
     if url:
         from sqlalchemy import make_url
 
         if make_url(url).get_backend_name() != "postgresql":
             raise SystemExit(f"--servers 2 shares one PostgreSQL database; DATABASE_URL is {make_url(url).drivername}")
-        yield url, "PostgreSQL (DATABASE_URL)"
+        yield url, "PostgreSQL (DATABASE_URL)", None
         return
     from tests.support.postgres import PostgresCluster, find_bindir
 
@@ -202,7 +216,7 @@ def postgresql_database(url: str | None) -> Iterator[tuple[str, str]]:
     cluster = PostgresCluster(bindir)
     try:
         cluster.start()
-        yield cluster.url(cluster.create_database(prefix="soak")), "PostgreSQL (throwaway cluster)"
+        yield cluster.url(cluster.create_database(prefix="soak")), "PostgreSQL (throwaway cluster)", cluster
     finally:
         cluster.stop()
 
@@ -487,7 +501,8 @@ def state_after(on_a: Client, on_b: Client, writes: list[Write], events: dict, b
     return after, model
 
 
-def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], queries: list, first: list[dict], args) -> dict:
+def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], queries: list, first: list[dict], args,
+                     cluster: object = None) -> dict:  # fmt: skip
     """--servers 2: writes through A, each until B shows it; searches on both meanwhile; a compaction."""
     from indexer.index.segments import read_manifest
 
@@ -559,6 +574,91 @@ def two_servers_passed(report: dict, writes: int, visible_within_ms: float) -> b
         and after["disagreements"] == after["missing"] == after["resurrected"] == 0
         and not report["old_bases_left"]
     )
+
+
+# --- a database outage -----------------------------------------------------------------------
+
+
+def soak_outage(urls: list[str], env: dict, photos: list[bytes], queries: list, first: list[dict], args,
+                cluster) -> dict:  # fmt: skip
+    """--outage S: PostgreSQL stopped for S seconds while the clients search A and B and one writes through A."""
+    on_a, on_b = Client(urls[0], key=KEY), Client(urls[1], key=KEY)
+    load = SearchLoad(urls, args.clients, queries)
+    writes: list[tuple[str, int, float]] = []  # (sku, status, sent)
+    stale: list[dict] = []
+    timeline: dict[str, float] = {}
+
+    def write() -> None:  # until 3 s after the database is back
+        number = 0
+        while "resumed" not in timeline or time.monotonic() < timeline["resumed"] + 3:
+            sku = f"outage-{number}"
+            sent = time.monotonic()
+            status, _, _ = on_a.put(sku, photos[number % len(photos)], {"title": sku, "category": "api"})
+            writes.append((sku, status, sent))
+            number += 1
+            time.sleep(0.05)
+
+    def outage() -> None:
+        time.sleep(3)
+        timeline["stopped"] = time.monotonic()
+        cluster.pause()
+        time.sleep(args.outage / 2)
+        for name, url in zip("ab", urls, strict=True):  # a client of its own: the writer's is in use
+            response = requests.get(f"{url}/readyz", timeout=30)
+            stale.append({"server": name, "status": response.status_code, "stale": response.json().get("stale")})
+        time.sleep(args.outage / 2)
+        cluster.resume()
+        timeline["resumed"] = time.monotonic()
+
+    # The outage in this thread: the cluster's server is told to stop when the thread that started it ends.
+    searching = threading.Thread(target=lambda: timeline.update(seconds=load.beside([write], timeout=None)[1]))
+    searching.start()
+    outage()
+    searching.join()
+    seconds = timeline["seconds"]
+    down = (timeline["stopped"], timeline["resumed"])
+    during = [status for _, status, sent in writes if down[0] <= sent < down[1]]
+    accepted = [sku for sku, status, _ in writes if status in (200, 201)]
+    lost = [sku for sku in accepted for client in (on_a, on_b) if client.product_status(sku) != 200]
+    # Once it is back: writes through B, each timed until a photo search on A shows it.
+    after = [("put", f"after-{number}", photos[-1 - number]) for number in range(20)]
+    visible = until_seen(
+        "writes on B until visible on A", after, lambda item: on_b.put(item[1], item[2], {}),
+        lambda item: item[1] in result_skus(on_a.search(item[2])[1]), "not_visible_within_s",
+    )  # fmt: skip
+    on_a.close()
+    on_b.close()
+    report = {
+        "products": max(args.products, len(first)),
+        "clients": args.clients,
+        "outage_s": round(down[1] - down[0], 1),
+        "seconds": round(seconds, 1),
+        "searches": len(load.searches),
+        "searches_during_outage": sum(1 for sent, *_ in load.searches if down[0] <= sent < down[1]),
+        **load.latencies(),
+        "errors": load.errors(),
+        "error_statuses": dict(Counter(str(status) for _, _, status, _, _ in load.searches if status != 200)),
+        "readyz_during_outage": stale,
+        "writes": len(writes),
+        "writes_during_outage": len(during),
+        "refused_during_outage": sum(1 for status in during if status == 503),
+        "accepted": len(accepted),
+        "accepted_then_lost": len(lost),
+        "lost_examples": lost[:5],
+        "visible_on_a_after": visible,
+        "bound_ms": args.visible_within_ms,
+    }
+    report["passed"] = bool(
+        report["errors"] == 0
+        and report["searches_during_outage"] > 0
+        and all(entry["status"] == 200 and entry["stale"] for entry in stale)
+        and report["refused_during_outage"] > 0
+        and not report["accepted_then_lost"]
+        and visible["not_visible_within_s"] == 0
+        and visible["errors"] == 0
+        and (visible.get("p95_ms") or 0) <= args.visible_within_ms
+    )
+    return report
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ class PostgresCluster:
         self.resume(timeout)
 
     def resume(self, timeout: float = 60) -> None:
-        """Run the server on the cluster's data (again, after pause()) until it accepts connections."""
+        """Run the server on the cluster's data (again, after pause()) until it accepts connections. Call it from a
+        thread that outlives the server (the main one): the kernel stops the server when the thread that started it
+        ends (PR_SET_PDEATHSIG, see _stop_with_parent, is per thread)."""
         settings = [f"--{name}={value}" for name, value in SERVER_SETTINGS.items()]
         command = [str(self.bindir / "postgres"), "-D", str(self.data), "-k", str(self.folder), *settings]
         with open(self.log, "ab") as log:
