@@ -523,15 +523,18 @@ class CatalogSearch:
 
 
 def _follow_bases(search_ref: weakref.ref[CatalogSearch]) -> None:
-    """Switch an idle process to each new base, so that the old one can be removed; ends with its search."""
+    """Load the base in a process that has had no request yet, and switch an idle process to each new base (so
+    that the old one can be removed); ends with its search. A worker that loaded its base before the database went
+    away answers from it through the outage; one that had not yet could not."""
     while True:
         time.sleep(FOLLOW_BASE_EVERY_S)
         search = search_ref()
         if search is None:
             return
         try:
-            if search._view is not None:  # a process that never loaded a base holds none
-                search._follow_base()
+            search._follow_base()
+        except DATABASE_AWAY:  # no base loaded yet and the database away: the next look tries again
+            pass
         except Exception:  # the next request meets the same problem and answers it; keep following
             log.exception("could not switch to the new index base")
         del search  # between looks the thread must not keep the search (and its memory maps) alive
