@@ -46,6 +46,7 @@ import numpy as np
 import requests
 
 from bench.record import portable, provenance
+from bench.soak_backup import backup_after, check_backups
 from bench.timing import until_seen
 from indexer.config import REPO_ROOT, run_with_config
 from tests.support.http import Client, multipart_body, result_skus
@@ -125,6 +126,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                              "without either, a throwaway cluster)")  # fmt: skip
     parser.add_argument("--visible-within-ms", type=float, default=VISIBLE_WITHIN_MS,
                         help="--servers 2: p95 bound for a write through A to reach B (ms)")  # fmt: skip
+    parser.add_argument("--backup", action="store_true",
+                        help="a backup during the soak and one after, each restored and judged "
+                             "(bench/soak_backup.py)")  # fmt: skip
     parser.add_argument("--outage", type=float, default=0.0,
                         help="--servers 2: stop PostgreSQL for this many seconds under the load instead (the "
                              "throwaway cluster only)")  # fmt: skip
@@ -136,7 +140,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if args.writes is None:
         args.writes = 120 if args.servers == 1 else 100
     if args.out is None:
-        name = "soak-outage.json" if args.outage else "soak.json" if args.servers == 1 else "soak-two-servers.json"
+        name = "soak-outage.json" if args.outage else "soak-two-servers.json" if args.servers == 2 else "soak.json"
+        name = "soak-backup.json" if args.backup else name
         args.out = str(REPO_ROOT / "bench" / name)
     return args
 
@@ -191,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "wrong_examples"}, indent=2))
     if args.servers == 2:
         return 0 if report["passed"] else 1
-    return 0 if report["errors"] == report["wrong_results"] == 0 and not report["old_bases_left"] else 1
+    backup_failed = report.get("backup") is not None and not report["backup"]["passed"]
+    return (
+        0
+        if report["errors"] == report["wrong_results"] == 0 and not report["old_bases_left"] and not backup_failed
+        else 1
+    )
 
 
 @contextlib.contextmanager
@@ -323,9 +333,11 @@ def compact_when(ready: Callable[[], object], env: dict, events: dict) -> None:
     """`indexer compact` once ready() returns, while the writes go on: every server switches base and replays
     the later changes."""
     ready()
+    started = time.monotonic()
     try:
         indexer_command(["compact", "--quiet"], env)
         events["compacted_at"] = time.monotonic()
+        events["compaction_span"] = (started, events["compacted_at"])
     except RuntimeError as exc:
         events["compaction_error"] = str(exc)
 
@@ -361,9 +373,11 @@ def write_through_api(url: str, photos: list[bytes], writes: int, events: dict, 
 
 def reindex_after(seconds: float, catalog: Path, metadata: Path, env: dict, events: dict) -> None:
     time.sleep(seconds)
+    started = time.monotonic()
     try:
         index(catalog, metadata, env)
         events["reindexed_at"] = time.monotonic()
+        events["reindex_span"] = (started, events["reindexed_at"])
     except RuntimeError as exc:
         events["reindex_error"] = str(exc)
 
@@ -374,11 +388,14 @@ def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
     events = new_events()
     load = SearchLoad([url], args.clients, queries)
     write_statuses: list[int] = []
-    started, seconds = load.beside([
+    workers = [
         lambda: write_through_api(url, photos, args.writes, events, load.stop, write_statuses),
         lambda: reindex_after(3, catalog, tmp / "second.csv", env, events),
         lambda: compact_when(lambda: time.sleep(6), env, events),
-    ], timeout=args.seconds)  # fmt: skip
+    ]
+    if args.backup:  # while the re-index and the writes run, as the compaction starts
+        workers.append(backup_after(5, env, tmp / "backup-during", events))
+    started, seconds = load.beside(workers, timeout=args.seconds)
 
     synthetic = args.products > len(first)  # synthetic skus (syn-0000001) stay in the catalog throughout
     wrong = wrong_results(load.searches, events, first, second, synthetic, started)
@@ -399,7 +416,10 @@ def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
         "compacted": events["compacted_at"] is not None,
         "compaction_error": events.get("compaction_error"),
         "old_bases_left": old_bases_left(Path(env["DATA_DIR"]) / "index"),
-    }
+        "backup": check_backups(url, env, tmp, tmp / "backup-during", events, photos,
+                                sorted({row["sku"] for row in first + second} | set(events["written"])))
+        if args.backup else None,
+    }  # fmt: skip
 
 
 # --- two servers -----------------------------------------------------------------------------
