@@ -172,7 +172,7 @@ endif
 	$(PY) -m bench.soak --products $(or $(PRODUCTS),$(if $(filter 2,$(SERVERS)),0,100000)) \
 	  $(if $(SERVERS),--servers $(SERVERS)) $(if $(CATALOG),--catalog "$(CATALOG)") \
 	  $(if $(METADATA),--metadata "$(METADATA)") $(if $(OUTAGE),--outage $(OUTAGE) --clients 2) \
-	  $(if $(BACKUP),--backup)
+	  $(if $(BACKUP),--backup --writes 600)
 
 # Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
 # WORDS=<column of QUERIES>: each photo also searched with q set to that column, beside the photo-only figures.

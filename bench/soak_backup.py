@@ -4,8 +4,8 @@ way), and another once it is quiet, each verified and restored into an empty fol
 The quiet one must answer exactly as the source does: every sampled product's /similar top 10 and 30 photo
 searches. The one taken under load restores the source's state at its change number, which the source no longer
 serves by the end; it is judged against that state itself, read from the snapshot's database: the restored server
-is at that change number, shows only products live in it, and finds their exact nearest neighbours (recall@10
-against an exact scan of every vector in it) as well as the index's tuning promises.
+is at that change number, shows only products live in it, and finds their nearest neighbours (recall@10 against an
+exact scan of every vector in it) as well as the quiet snapshot's server finds its own.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from tests.support.server import running_server
 # Products whose /similar is compared: every real and API-written one, and this many synthetic ones.
 SYNTHETIC_SAMPLE = 2000
 PHOTO_SEARCHES = 30
+# How much lower the recall@10 of the snapshot taken under load may be than the quiet one's, each against an exact
+# scan of its own database's vectors (the two states differ by the writes in between).
+RECALL_MARGIN = 0.02
 
 
 def backup_after(seconds: float, env: dict, folder: Path, events: dict) -> Callable[[], None]:
@@ -73,20 +76,20 @@ def check_backups(url: str, env: dict, tmp: Path, during: Path, events: dict, ph
             entry["restored_change"] = requests.get(f"{server.url}/readyz", timeout=60).json()["change"]
             if name == "quiet":
                 got = _answers(server.url, skus, searches)
-                entry["compared"] = len(got)
+                entry["answers_compared"] = len(got)
                 entry["different"] = sorted(key for key in expected if got.get(key) != expected[key])[:20]
-            else:
-                entry.update(_against_snapshot(server.url, Path(restored["DATA_DIR"]) / "catalog.sqlite3", skus))
-    during_ok = report["during"]
-    quiet_ok = report["quiet"]
+            entry.update(_against_snapshot(server.url, Path(restored["DATA_DIR"]) / "catalog.sqlite3", skus))
+    during, quiet = report["during"], report["quiet"]
     report["passed"] = bool(
-        all(report[n]["verified"] and report[n]["restored"] for n in ("during", "quiet"))
-        and during_ok["restored_change"] == during_ok["change"]
-        and during_ok["not_live"] == 0
-        and during_ok["recall_at_10"] >= during_ok["tuned_recall_at_10"] - 0.02
-        and quiet_ok["restored_change"] == quiet_ok["change"]
-        and not quiet_ok["different"]
-    )
+        all(
+            entry["verified"] and entry["restored"] and entry["restored_change"] == entry["change"]
+            and entry["not_live"] == entry["unanswered"] == 0
+            for entry in (during, quiet)
+        )
+        # a snapshot whose base and database disagreed would find fewer of its own vectors' neighbours
+        and during["recall_at_10"] >= quiet["recall_at_10"] - RECALL_MARGIN
+        and not quiet["different"]
+    )  # fmt: skip
     return report
 
 
@@ -152,11 +155,9 @@ def _against_snapshot(url: str, database: Path, skus: list[str]) -> dict:
             order = best[row][np.argsort(-scores[row, best[row]], kind="stable")]
             exact = list(dict.fromkeys(s for s in live[order] if s != sku))[:10]
             recalls.append(len(set(got) & set(exact)) / max(1, len(exact)))
-    tuned = requests.get(f"{url}/readyz", timeout=60).json()["search"]["recall_at_10"]
     return {
-        "compared": len(recalls),
+        "similar_compared": len(recalls),
         "not_live": not_live,
         "unanswered": missing,
-        "recall_at_10": round(float(np.mean(recalls)), 4) if recalls else None,
-        "tuned_recall_at_10": tuned,
+        "recall_at_10": round(float(np.mean(recalls)), 4) if recalls else 0.0,
     }
