@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     """Application factory: settings and the model are loaded once, here, not at import time (nor numpy: the
     server's main process imports this package, and sets up the environment its workers load numpy with)."""
     from indexer.embedding.images import limit_decoding
-    from indexer.embedding.model import load_embedder
+    from indexer.embedding.model import ModelIdentity, load_embedder, load_network_for
     from indexer.index.search import CatalogSearch
     from indexer.storage.store import Store
     from service.api import api
@@ -43,15 +43,23 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes)
     app.json.sort_keys = False  # keep each result's fields in their documented order
     app.logger.setLevel(logging.INFO)
+    # Up to one interpreter per core, lent to the request threads, the cores divided among every worker process's
+    # interpreters (one thread each at one per core); each holds its own copy of the packed weights.
+    interpreters = min(cpu_count(), settings.server_threads)
+    cores = settings.sharing_cores(interpreters * settings.server_workers)
     if embedder is None:
-        # Up to one interpreter per core, lent to the request threads, the cores divided among every worker
-        # process's interpreters (one thread each at one per core); each holds its own copy of the packed weights.
-        interpreters = min(cpu_count(), settings.server_threads)
-        cores = settings.sharing_cores(interpreters * settings.server_workers)
         embedder = load_embedder(cores, create_export=False, concurrency=interpreters)
+
+    def load_network(identity: ModelIdentity) -> Embedder | None:
+        """Another model's network, when `make index` publishes an index built with it (timed as this one)."""
+        network = load_network_for(cores, identity, concurrency=interpreters)
+        return None if network is None else TimedEmbedder.of(network)
+
     # `make serve` migrates first; a service never changes the schema under a running indexer. The embedder given
     # may be shared (tests): the search gets a timed one of its own, and never changes either.
-    search = CatalogSearch(settings, TimedEmbedder.of(embedder), Store.open(settings, upgrade=False))
+    search = CatalogSearch(
+        settings, TimedEmbedder.of(embedder), Store.open(settings, upgrade=False), load_network=load_network
+    )
     app.extensions["catalog_search"] = search
     # Query photos by token, in memory and (query_ttl_s > 0) in the data folder that every worker and host shares.
     folder = None

@@ -84,14 +84,23 @@ def test_int8_without_any_calibration_says_what_to_run(base_settings, int8_setti
         load_embedder(bare, create_export=False)
 
 
-def test_service_refuses_an_index_built_at_the_other_precision(settings, embedder, int8_embedder, skimage_catalog):
+def test_a_service_serves_an_index_built_at_the_other_precision_with_that_models_network(
+    settings, embedder, int8_embedder, skimage_catalog, tmp_path
+):
     index_catalog(settings, embedder, skimage_catalog, progress=False)
+    # The models folder holds the fp32 network: an int8 server searches the fp32 index with it.
     client = create_app(settings, int8_embedder).test_client()
-    response = client.get("/readyz")
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["model"]["precision"] == "fp32"
+    photo = (skimage_catalog / "animals" / "chelsea.jpg").read_bytes()
+    found = client.post("/api/search?k=1", data=photo, content_type="image/jpeg").get_json()["results"][0]
+    assert found["sku"] == "animals/chelsea" and found["score"] > 0.99
+    # Without it, the index is refused, saying why.
+    empty = settings.with_overrides(models_dir=tmp_path / "no-models")
+    response = create_app(empty, int8_embedder).test_client().get("/readyz")
     assert response.status_code == 503
     reason = response.get_json()["reason"]
     assert "built at fp32 precision" in reason and "runs int8" in reason and "PRECISION=fp32" in reason
-    assert create_app(settings, embedder).test_client().get("/readyz").status_code == 200
 
 
 def test_an_int8_index_serves_int8_searches(settings, int8_settings, int8_embedder, skimage_catalog):

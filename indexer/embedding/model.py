@@ -388,6 +388,28 @@ def _read_pointer(pointer: Path) -> tuple[LiteRTExport, str] | None:
     return None if export is None else (export, active["origin"])
 
 
+def load_network_for(settings: Settings, wanted: ModelIdentity, concurrency: int = 1) -> Embedder | None:
+    """The network of another published index, from the models folder: the LiteRT model whose identity is
+    `wanted`'s network (its weights, precision and calibration), with no whitening; None when the folder holds
+    none (or the engine is Keras, which runs only the configured weights). What a server that runs one model loads
+    when `make index` has published an index built with another (a fine-tuned version, another precision)."""
+    if settings.engine == "keras":
+        return None
+    for sidecar in sorted((settings.models_dir / "litert").glob("*.json")):
+        if sidecar.name.endswith(".active.json"):
+            continue
+        export = read_export(sidecar.with_suffix(".tflite"))
+        if export is None or ModelIdentity.from_dict(export.identity).network_key != wanted.network_key:
+            continue
+        return Embedder(
+            LiteRTEngine(export.model_path, settings.inference_threads, interpreters=concurrency),
+            ModelIdentity.from_dict(export.identity),
+            tflite_sha256=export.tflite_sha256,
+            version=f"{wanted.name}@{wanted.weights_sha256[:12]}",
+        )
+    return None
+
+
 def load_embedder(
     settings: Settings,
     *,

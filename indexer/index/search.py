@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,10 @@ OVERFETCH = 3
 # a word that many products hold means scoring each of them (FTS5's bm25, PostgreSQL's ts_rank_cd), hundreds of
 # milliseconds at a million products.
 WORDS_RANKINGS = 256
+# /readyz counts the rows of each model at most this often, to show a change of model under way.
+MODEL_CHANGE_EVERY_S = 5.0
+# Networks of other published indexes a server keeps loaded (the one before a model change, to switch back at once).
+NETWORKS_KEPT = 2
 # While the database cannot be read, searches answer from what this server holds, and it looks again this often.
 DATABASE_RETRY_S = 1.0
 # What a database that cannot be reached (stopped, restarting, a file that cannot be read) raises.
@@ -122,10 +127,20 @@ class CatalogSearch:
     """Follows the published bases and the store's changes, and searches the view a request holds. `embedder` runs
     the network: each view gets its own, followed by its base's whitening (the engine shared); none is changed."""
 
-    def __init__(self, settings: Settings, embedder: Embedder, store: Store):
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        store: Store,
+        load_network: Callable[[ModelIdentity], Embedder | None] | None = None,
+    ):
         self.settings = settings
         self.embedder = embedder
         self.store = store
+        # Loads the network of an index built with another model than `embedder`'s (None: serve only that one).
+        self._load_network = load_network
+        self._networks: OrderedDict[str, Embedder] = OrderedDict()  # network key -> those loaded, newest last
+        self._model_counts: tuple[float, dict[str, int]] | None = None  # (when, live rows by model key)
         self._lock = threading.Lock()
         self._view: IndexView | None = None
         self._stamp: tuple[int, int] | None = None
@@ -206,6 +221,22 @@ class CatalogSearch:
         else:
             self._stale = (self._stale[0], self._stale[1], time.monotonic())
 
+    def _model_change(self, view: IndexView) -> dict | None:
+        """While `make index` embeds the catalog with another model than the one served: how far it is (rows whose
+        vectors are of each other model, of all live rows); None when every row is of the served model. Read at most
+        every MODEL_CHANGE_EVERY_S (a count over every row)."""
+        now = time.monotonic()
+        if self._model_counts is None or now - self._model_counts[0] > MODEL_CHANGE_EVERY_S:
+            try:
+                self._model_counts = (now, self.store.vectors.live_by_model())
+            except DATABASE_AWAY:
+                return None
+        counts = self._model_counts[1]
+        others = {key: count for key, count in counts.items() if key != view.identity.key}
+        if not others:
+            return None
+        return {"serving": view.identity.key, "rows_of_other_models": others, "rows": sum(counts.values())}
+
     def stale_seconds(self) -> float | None:
         """How long the database has been unreadable, searches answering from what this server holds; None while
         it reads."""
@@ -285,12 +316,36 @@ class CatalogSearch:
         """The embedder for an index: the network followed by the whitening the index was built with (the catalog's
         database keeps each one; `make index` may have fitted it after this server started). The network alone
         when no index of this network names one the database holds: model_mismatch then says why."""
-        found, whitening = index_whitening(self.store, self.embedder.network.key, built)
+        network = self._network_for(built)
+        found, whitening = index_whitening(self.store, network.network.key, built)
         whitening = whitening if found else None
         previous = self._view.embedder.whitening if self._view is not None else None
         if found and (whitening and whitening.sha256) != (previous and previous.sha256):
             log.info("searching with the index's whitening: %s", whitening.name if whitening else "none")
-        return self.embedder.with_whitening(whitening)
+        return network.with_whitening(whitening)
+
+    def _network_for(self, built: list[dict]) -> Embedder:
+        """The network the published index was built with: this server's own, or another the models folder holds
+        (a fine-tuned version, another precision: `make index` built it while this server served the one before),
+        loaded once and kept (the last NETWORKS_KEPT). This server's own when the folder holds no such network:
+        model_mismatch then says why."""
+        if not built or self._load_network is None:
+            return self.embedder
+        wanted = ModelIdentity.from_dict(built[0])
+        if wanted.network_key == self.embedder.network.network_key:
+            return self.embedder
+        if (kept := self._networks.get(wanted.network_key)) is not None:
+            self._networks.move_to_end(wanted.network_key)
+            return kept
+        loaded = self._load_network(wanted)
+        if loaded is None:
+            return self.embedder
+        log.warning("the published index was built with %s: searching it with that network from the models folder",
+                    wanted.network_key)  # fmt: skip
+        self._networks[wanted.network_key] = loaded
+        while len(self._networks) > NETWORKS_KEPT:
+            self._networks.popitem(last=False)
+        return loaded
 
     def _over_budget(self) -> str | None:
         """Why the current base must not be loaded (it would take this server past service.memory_budget_mb),
@@ -359,6 +414,7 @@ class CatalogSearch:
             "change": view.live.seen,
             "delta": view.live.delta_size,
             "deleted_from_base": view.live.masked_count,
+            "model_change": self._model_change(view),
             # while the database cannot be read: since when, and why (searches answer from what this server holds)
             "stale": None
             if (stale := self._stale) is None

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from indexer.catalog import CatalogScan, scan_catalog
@@ -58,6 +59,8 @@ class IndexReport:
     vector_store: str | None = None
     # What this run did about the catalog's whitening, when it fitted one.
     whitening: str | None = None
+    # Photos written through the API embedded again with this run's model (a change of model).
+    uploads_embedded: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -73,6 +76,8 @@ class IndexReport:
         ]
         if self.whitening is not None:
             lines.append("  " + self.whitening)
+        if self.uploads_embedded:
+            lines.append(f"  {self.uploads_embedded} photos written through the API embedded again with this model")
         if self.vector_store is not None:
             lines.append("  " + self.vector_store)
         if self.compaction is not None:
@@ -182,16 +187,44 @@ def index_catalog(
         )
     report.removed = reconciled.removed
     report.whitening, embedder = ensure_whitening(settings, store, embedder)
+    report.uploads_embedded = embed_uploads_again(settings, store, embedder)
     if settings.index_backend == "milvus":
         from indexer.index.milvus_store import sync_locked
 
         report.vector_store = sync_locked(settings, store, embedder.identity, purge=True).summary()
     else:
         report.compaction, report.pending = compact_if_due(settings, store, embedder, progress=progress)
+        # Servers switch to a new model's base once published, and refuse writes made with the one before from then
+        # on; those that were saved while this run compacted are embedded again now.
+        report.uploads_embedded += embed_uploads_again(settings, store, embedder)
     report.indexed, report.products = store.products.counts()
     report.seconds = time.perf_counter() - started
     report.peak_memory_mb = process_memory_mb("VmHWM")
     return report
+
+
+def embed_uploads_again(settings: Settings, store: Store, embedder: Embedder) -> int:
+    """Photos written through the write API whose vectors are of another model than `embedder`'s (written before, or
+    while, this run embedded the catalog with a new model): embedded again from their files in uploads/ and their
+    vectors replaced, so that none is missing from the new model's index. Returns how many rows."""
+    key = embedder.identity.key
+    stale = store.vectors.uploads_of_other_models(key)
+    uploads = settings.data_dir / "uploads"
+    embedded: dict[int, tuple[str, np.ndarray]] = {}
+    for image_id, path, view in stale:
+        source = uploads / Path(path).name  # named by its content, never rewritten
+        if source.is_file():
+            embedded[image_id] = (path, embedder.embed_views(source, (view,) if view else ())[-1])
+    if not embedded:
+        return 0
+    with write_lock(settings.data_dir, store):
+        # Only rows that still hold that photo under another model: one written again meanwhile keeps its new vector.
+        still = {image_id for image_id, path, _ in store.vectors.uploads_of_other_models(key)
+                 if image_id in embedded and embedded[image_id][0] == path}  # fmt: skip
+        ids = sorted(still)
+        if ids:
+            store.vectors.replace(np.array(ids, dtype=np.int64), np.stack([embedded[i][1] for i in ids]), key)
+    return len(ids)
 
 
 def ensure_whitening(settings: Settings, store: Store, embedder: Embedder) -> tuple[str | None, Embedder]:

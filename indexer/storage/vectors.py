@@ -346,6 +346,26 @@ class Vectors:
                 [{"rp": rel_path, "size": size, "mtime": mtime} for rel_path, size, mtime in stats],
             )
 
+    def live_by_model(self) -> dict[str, int]:
+        """Live image rows by the model their vectors are of: more than one while `make index` embeds the catalog
+        with a new model."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(ProductImage.model_key, func.count()).where(LIVE).group_by(ProductImage.model_key)
+            ).all()
+        return {key: int(count) for key, count in rows}
+
+    def uploads_of_other_models(self, model_key: str) -> list[tuple[int, str, str]]:
+        """(id, path, view) of the live rows of photos written through the API whose vectors are of another model
+        than `model_key`'s: what a change of model must embed again from their files."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(ProductImage.id, ProductImage.path, ProductImage.view)
+                .where(ProductImage.source == API, LIVE, ProductImage.model_key != model_key)
+                .order_by(ProductImage.id)
+            ).all()
+        return [(int(image_id), path, view) for image_id, path, view in rows]
+
     def relocate_uploads(self, folder: Path) -> int:
         """Point the rows of photos written through the API at `folder` (a restored data folder's uploads/), where
         files of the same names are: what a restore does before any server reads the rows; no change number, the

@@ -204,6 +204,13 @@ READY: Schema = {
             "description": "What each plan of a filtered search costs on this base (microseconds), measured when "
             "the server loaded it; the cheapest plan is chosen per search.",
         },
+        "model_change": {
+            "type": ["object", "null"],
+            "description": "While `make index` embeds the catalog with another model than the one served (a "
+            "fine-tuned version, another precision): the served model's key, the live rows already embedded with "
+            "each other model, and all live rows. The servers switch to the new model and its base together once "
+            "it is published. Null when every row is of the served model.",
+        },
         "stale": {
             "type": ["object", "null"],
             "description": "While the catalog database cannot be read: since when, for how many seconds and why. "
