@@ -10,6 +10,7 @@
 #   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
 #   make soak SERVERS=2 [DATABASE_URL=postgresql+psycopg://...]  the same on two servers over one database
 #   make soak BACKUP=1 | SERVERS=2 OUTAGE=10         a backup during it, restored and compared; PostgreSQL down 10 s
+#   make soak MODEL_CHANGE=fp32                    make index at another precision under it: the server switches
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog; active if it measures better (then make index)
 #   make backup TO=<new folder>                  a snapshot of the database, index, uploads and models, while serving
@@ -169,10 +170,10 @@ ifeq ($(SERVERS),2)
 	@test -n "$$DATABASE_URL" -o -n "$$PG_BINDIR" || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	  || $(call apt_install,postgresql) || echo "apt-get could not install postgresql"
 endif
-	$(PY) -m bench.soak --products $(or $(PRODUCTS),$(if $(filter 2,$(SERVERS)),0,100000)) \
+	$(PY) -m bench.soak --products $(or $(PRODUCTS),$(if $(filter 2,$(SERVERS)),0,$(if $(MODEL_CHANGE),0,100000))) \
 	  $(if $(SERVERS),--servers $(SERVERS)) $(if $(CATALOG),--catalog "$(CATALOG)") \
 	  $(if $(METADATA),--metadata "$(METADATA)") $(if $(OUTAGE),--outage $(OUTAGE) --clients 2) \
-	  $(if $(BACKUP),--backup --writes 600)
+	  $(if $(BACKUP),--backup --writes 600) $(if $(MODEL_CHANGE),--model-change $(MODEL_CHANGE) --writes 400)
 
 # Retrieval quality of DATA_DIR's index: QUERIES=<csv of image,category> or leave-one-out; writes eval/.
 # WORDS=<column of QUERIES>: each photo also searched with q set to that column, beside the photo-only figures.

@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import requests
@@ -53,9 +54,22 @@ from tests.support.http import Client, multipart_body, result_skus
 from tests.support.server import running_server
 
 KEY = "soak-test-key"
-VISIBLE_WITHIN_MS = 1000  # --servers 2: the p95 bound on a write through A reaching B
-# A search as recorded: (sent, latency, status, skus, server), server "a" or "b" with two servers, else None.
-Search = tuple[float, float, int, list[str], str | None]
+VISIBLE_WITHIN_MS = 1000
+# --model-change: a search's best score within this of its photo's under one model was answered by that model.
+SAME_SCORE = 2e-4  # --servers 2: the p95 bound on a write through A reaching B
+
+
+class Search(NamedTuple):
+    """A search as recorded: when it was sent (time.monotonic), its latency (s), status and result skus, the server
+    ("a" or "b" with two, else None), which of the query photos it sent, and its best result's score."""
+
+    sent: float
+    latency: float
+    status: int
+    skus: list[str]
+    server: str | None
+    photo: int
+    score: float | None
 
 
 def write_catalog(rows: list[dict], path: Path) -> None:
@@ -129,19 +143,25 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backup", action="store_true",
                         help="a backup during the soak and one after, each restored and judged "
                              "(bench/soak_backup.py)")  # fmt: skip
+    parser.add_argument("--model-change", choices=("int8", "fp32"),
+                        help="re-index the catalog at this precision under the load instead: the server switches "
+                             "models without a restart (real products only: imported vectors cannot be embedded "
+                             "again)")  # fmt: skip
     parser.add_argument("--outage", type=float, default=0.0,
                         help="--servers 2: stop PostgreSQL for this many seconds under the load instead (the "
                              "throwaway cluster only)")  # fmt: skip
     parser.add_argument("--out", help="default bench/soak.json, with --servers 2 bench/soak-two-servers.json, "
                                       "with --outage bench/soak-outage.json")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.model_change and (args.servers != 1 or args.products or args.backup):
+        parser.error("--model-change runs one server over the real products alone (no --products, no --backup)")
     if args.outage and (args.servers != 2 or args.database_url):
         parser.error("--outage stops the throwaway PostgreSQL cluster of --servers 2: leave DATABASE_URL unset")
     if args.writes is None:
         args.writes = 120 if args.servers == 1 else 100
     if args.out is None:
         name = "soak-outage.json" if args.outage else "soak-two-servers.json" if args.servers == 2 else "soak.json"
-        name = "soak-backup.json" if args.backup else name
+        name = "soak-backup.json" if args.backup else "soak-model-change.json" if args.model_change else name
         args.out = str(REPO_ROOT / "bench" / name)
     return args
 
@@ -188,13 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             report = {"servers": 2, "database": database, **run(urls, env, photos, queries, first, args, cluster)}
         else:
             with running_server(env, timeout=300) as server:
-                report = soak(server.url, catalog, tmp, env, photos, queries, first, second, args)
+                if args.model_change:
+                    report = soak_model_change(server.url, catalog, tmp, env, photos, queries, first, args)
+                else:
+                    report = soak(server.url, catalog, tmp, env, photos, queries, first, second, args)
     # Error messages name the catalog and the data folder: relative to the repository, <work-dir>.
     report = portable({**provenance(), **report}, tmp, (catalog,))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "wrong_examples"}, indent=2))
-    if args.servers == 2:
+    if args.servers == 2 or args.model_change:
         return 0 if report["passed"] else 1
     backup_failed = report.get("backup") is not None and not report["backup"]["passed"]
     return (
@@ -236,11 +259,12 @@ def postgresql_database(url: str | None) -> Iterator[tuple[str, str, object]]:
 
 def search_client(urls: list[str], offset: int, clients: int, bodies: list, stop: threading.Event, record) -> None:
     """Photo searches until stop is set, each to the next of urls in turn (one keep-alive connection each);
-    record(sent, latency, status, skus, server) for each, server "a" or "b" when there are two, else None."""
+    record(Search) for each."""
     connections: list[http.client.HTTPConnection | None] = [None] * len(urls)
     number, turn = offset, offset
     while not stop.is_set():
-        body, content_type = bodies[number % len(bodies)]
+        photo = number % len(bodies)
+        body, content_type = bodies[photo]
         number += clients
         server, turn = turn % len(urls), turn + 1
         if connections[server] is None:
@@ -253,12 +277,14 @@ def search_client(urls: list[str], offset: int, clients: int, bodies: list, stop
             response = connection.getresponse()
             payload = response.read()
             status = response.status
-            skus = [r["sku"] for r in json.loads(payload)["results"]] if status == 200 else []
+            results = json.loads(payload)["results"] if status == 200 else []
         except (OSError, http.client.HTTPException, ValueError):
-            status, skus = 0, []
+            status, results = 0, []
             connection.close()
             connections[server] = None
-        record(sent, time.monotonic() - sent, status, skus, "ab"[server] if len(urls) > 1 else None)
+        name = "ab"[server] if len(urls) > 1 else None
+        best = results[0]["score"] if results else None
+        record(Search(sent, time.monotonic() - sent, status, [r["sku"] for r in results], name, photo, best))
     for connection in connections:
         if connection is not None:
             connection.close()
@@ -273,7 +299,7 @@ class SearchLoad:
         self.stop = threading.Event()
         self._lock = threading.Lock()
 
-    def record(self, *search: object) -> None:
+    def record(self, search: Search) -> None:
         with self._lock:
             self.searches.append(search)
 
@@ -296,14 +322,14 @@ class SearchLoad:
 
     def latencies(self) -> dict[str, float | None]:
         """p50 and p99 of the answered searches, in ms."""
-        latencies = [latency * 1000 for _, latency, status, _, _ in self.searches if status == 200]
+        latencies = [search.latency * 1000 for search in self.searches if search.status == 200]
         return {
             "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
             "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
         }
 
     def errors(self) -> int:
-        return sum(1 for _, _, status, _, _ in self.searches if status != 200)
+        return sum(1 for search in self.searches if search.status != 200)
 
 
 def wrong_results(searches: list[Search], events: dict, first: list[dict], second: list[dict], synthetic: bool,
@@ -312,7 +338,7 @@ def wrong_results(searches: list[Search], events: dict, first: list[dict], secon
     known = {row["sku"] for row in first} | {row["sku"] for row in second} | set(events["written"])
     removed = {row["sku"] for row in first} - {row["sku"] for row in second}
     wrong = []
-    for sent, _, _, skus, server in searches:
+    for sent, _, _, skus, server, *_ in searches:
         for sku in skus:
             deleted_at = events["deleted"].get(sku)
             if (
@@ -420,6 +446,100 @@ def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
                                 sorted({row["sku"] for row in first + second} | set(events["written"])))
         if args.backup else None,
     }  # fmt: skip
+
+
+# --- a change of model ------------------------------------------------------------------------
+
+
+def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> dict:
+    """--model-change P: the catalog indexed again at precision P (3 s in) while the clients search and one writes
+    through the API; the server switches to P's model and base together, without a restart."""
+    before = best_scores(url, queries)
+    load = SearchLoad([url], args.clients, queries)
+    writes: list[tuple[str, int, bytes]] = []
+    watched: list[dict] = []
+    span: dict[str, float] = {}
+
+    def write() -> None:
+        writer = Client(url, key=KEY)
+        for number in range(args.writes):
+            photo = photos[number % len(photos)]
+            status, _, _ = writer.put(f"change-{number}", photo, {"title": f"Written {number}", "category": "api"})
+            writes.append((f"change-{number}", status, photo))
+            time.sleep(0.05)
+        writer.close()
+
+    def change() -> None:
+        time.sleep(3)
+        span["started"] = time.monotonic()
+        indexer_command(["index", "--catalog", str(catalog), "--metadata", str(tmp / "first.csv"), "--quiet"],
+                        {**env, "PRECISION": args.model_change})  # fmt: skip
+        span["ended"] = time.monotonic()
+
+    def watch() -> None:  # /readyz every 0.25 s until the change is over
+        while "ended" not in span or time.monotonic() < span["ended"] + 3:
+            ready = requests.get(f"{url}/readyz", timeout=30).json()
+            watched.append({"at": time.monotonic(), "precision": ready["model"]["precision"],
+                            "model_change": ready.get("model_change")})  # fmt: skip
+            time.sleep(0.25)
+
+    started, seconds = load.beside([write, change, watch], timeout=args.seconds)
+    after = best_scores(url, queries)
+    # A search answered by one model finds its photo's best match at that model's own score; one that embedded
+    # the query with one model and searched the other's vectors would match neither.
+    mixed = [s for s in load.searches if s.status == 200 and s.score is not None
+             and min(abs(s.score - before[s.photo]), abs(s.score - after[s.photo])) > SAME_SCORE]  # fmt: skip
+    accepted = [(sku, photo) for sku, status, photo in writes if status in (200, 201)]
+    client = Client(url, key=KEY)
+    lost = [sku for sku, photo in accepted if sku not in result_skus(client.search(photo, k=20)[1])]
+    client.close()
+    switched_at = next((w["at"] for w in watched if w["precision"] == args.model_change), None)
+    by_new_model = [s for s in load.searches if s.score is not None and s.photo in after
+                    and abs(s.score - after[s.photo]) <= SAME_SCORE]  # fmt: skip
+    events = {**new_events(), "written": dict.fromkeys((sku for sku, _ in accepted), started)}
+    wrong = wrong_results(load.searches, events, first, first, False, started)
+    report = {
+        "products": len(first),
+        "clients": args.clients,
+        "model_change": args.model_change,
+        "seconds": round(seconds, 1),
+        "searches": len(load.searches),
+        "requests_per_s": round(len(load.searches) / seconds, 1),
+        **load.latencies(),
+        "errors": load.errors(),
+        "error_statuses": dict(Counter(str(search.status) for search in load.searches if search.status != 200)),
+        "mixed_answers": len(mixed),
+        "answered_by_new_model": len(by_new_model),
+        "reindex_seconds": round(span["ended"] - span["started"], 1) if "ended" in span else None,
+        "switched_after_reindex_s": round(switched_at - span["ended"], 2) if switched_at and "ended" in span else None,
+        "change_under_way_seen": any(w["model_change"] for w in watched),
+        "precision_before": watched[0]["precision"] if watched else None,
+        "precision_after": watched[-1]["precision"] if watched else None,
+        "writes": len(writes),
+        "writes_refused": sum(1 for _, status, _ in writes if status not in (200, 201)),
+        "accepted": len(accepted),
+        "accepted_then_lost": len(lost),
+        "lost_examples": lost[:5],
+        "wrong_results": len(wrong),
+    }
+    report["passed"] = bool(
+        report["errors"] == report["mixed_answers"] == report["accepted_then_lost"] == report["wrong_results"] == 0
+        and report["precision_after"] == args.model_change
+        and report["answered_by_new_model"] > 0
+    )
+    return report
+
+
+def best_scores(url: str, queries: list) -> dict[int, float]:
+    """Each query photo's best result score, searched once."""
+    client = Client(url, key=KEY)
+    scores = {}
+    for number, (body, content_type) in enumerate(queries):
+        status, data, _ = client.call("POST", "/api/search", body, {"Content-Type": content_type})
+        if status == 200 and data["results"]:
+            scores[number] = data["results"][0]["score"]
+    client.close()
+    return scores
 
 
 # --- two servers -----------------------------------------------------------------------------
@@ -548,11 +668,11 @@ def soak_two_servers(urls: list[str], env: dict, photos: list[bytes], queries: l
         "clients": args.clients,
         "seconds": round(seconds, 1),
         "searches": len(load.searches),
-        "searches_by_server": {name: sum(1 for *_, server in load.searches if server == name) for name in "ab"},
+        "searches_by_server": {name: sum(1 for search in load.searches if search.server == name) for name in "ab"},
         "requests_per_s": round(len(load.searches) / seconds, 1),
         **load.latencies(),
         "errors": load.errors(),
-        "error_statuses": dict(Counter(str(status) for _, _, status, _, _ in load.searches if status != 200)),
+        "error_statuses": dict(Counter(str(search.status) for search in load.searches if search.status != 200)),
         "wrong_results": len(wrong),
         "wrong_examples": wrong[:20],
         "writes": len(statuses),
@@ -657,7 +777,7 @@ def soak_outage(urls: list[str], env: dict, photos: list[bytes], queries: list, 
         "searches_during_outage": sum(1 for sent, *_ in load.searches if down[0] <= sent < down[1]),
         **load.latencies(),
         "errors": load.errors(),
-        "error_statuses": dict(Counter(str(status) for _, _, status, _, _ in load.searches if status != 200)),
+        "error_statuses": dict(Counter(str(search.status) for search in load.searches if search.status != 200)),
         # the reason names the cluster's socket: a temporary folder of this machine
         "readyz_during_outage": json.loads(json.dumps(stale).replace(str(cluster.folder), "<cluster>")),
         "writes": len(writes),
