@@ -485,10 +485,12 @@ def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> d
 
     started, seconds = load.beside([write, change, watch], timeout=args.seconds)
     after = best_scores(url, queries)
-    # A search answered by one model finds its photo's best match at that model's own score; one that embedded
-    # the query with one model and searched the other's vectors would match neither.
-    mixed = [s for s in load.searches if s.status == 200 and s.score is not None
-             and min(abs(s.score - before[s.photo]), abs(s.score - after[s.photo])) > SAME_SCORE]  # fmt: skip
+    # A catalog photo's best match is itself throughout (the writes add copies of some, at the same score): a
+    # search answered by one model finds it at that model's own score; one that embedded the query with one model
+    # and searched the other's vectors would match neither. (The photos beyond the catalog find other products,
+    # and later the copies written of them: their best scores move with the writes, so they are not judged.)
+    judged = [s for s in load.searches if s.status == 200 and s.score is not None and s.photo < len(first)]
+    mixed = [s for s in judged if min(abs(s.score - before[s.photo]), abs(s.score - after[s.photo])) > SAME_SCORE]
     accepted = [(sku, photo) for sku, status, photo in writes if status in (200, 201)]
     client = Client(url, key=KEY)
     lost = [sku for sku, photo in accepted if sku not in result_skus(client.search(photo, k=20)[1])]
@@ -508,6 +510,7 @@ def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> d
         **load.latencies(),
         "errors": load.errors(),
         "error_statuses": dict(Counter(str(search.status) for search in load.searches if search.status != 200)),
+        "judged_for_mixing": len(judged),
         "mixed_answers": len(mixed),
         "answered_by_new_model": len(by_new_model),
         "reindex_seconds": round(span["ended"] - span["started"], 1) if "ended" in span else None,
