@@ -206,22 +206,29 @@ def index_catalog(
 def embed_uploads_again(settings: Settings, store: Store, embedder: Embedder) -> int:
     """Photos written through the write API whose vectors are of another model than `embedder`'s (written before, or
     while, this run embedded the catalog with a new model): embedded again from their files in uploads/ and their
-    vectors replaced, so that none is missing from the new model's index. Returns how many rows."""
+    vectors replaced, so that none is missing from the new model's index. Returns how many rows.
+
+    Most are embedded before taking the write lock; under it, the list is read once more and the few written
+    meanwhile are embedded too. Run after a new model's base is published, that makes it complete: a server
+    refuses a write made with the model before from then on (writes.ModelChanged), so any that is saved was saved
+    before this run took the lock."""
     key = embedder.identity.key
-    stale = store.vectors.uploads_of_other_models(key)
     uploads = settings.data_dir / "uploads"
-    embedded: dict[int, tuple[str, np.ndarray]] = {}
-    for image_id, path, view in stale:
-        source = uploads / Path(path).name  # named by its content, never rewritten
-        if source.is_file():
-            embedded[image_id] = (path, embedder.embed_views(source, (view,) if view else ())[-1])
-    if not embedded:
-        return 0
+
+    def embed(rows: list[tuple[int, str, str]]) -> dict[int, tuple[str, np.ndarray]]:
+        made = {}
+        for image_id, path, view in rows:
+            source = uploads / Path(path).name  # named by its content, never rewritten
+            if source.is_file():
+                made[image_id] = (path, embedder.embed_views(source, (view,) if view else ())[-1])
+        return made
+
+    embedded = embed(store.vectors.uploads_of_other_models(key))
     with write_lock(settings.data_dir, store):
-        # Only rows that still hold that photo under another model: one written again meanwhile keeps its new vector.
-        still = {image_id for image_id, path, _ in store.vectors.uploads_of_other_models(key)
-                 if image_id in embedded and embedded[image_id][0] == path}  # fmt: skip
-        ids = sorted(still)
+        stale = store.vectors.uploads_of_other_models(key)
+        # One written again since keeps its new vector; one written meanwhile is embedded now.
+        embedded |= embed([row for row in stale if row[0] not in embedded or embedded[row[0]][0] != row[1]])
+        ids = sorted(image_id for image_id, path, _ in stale if image_id in embedded and embedded[image_id][0] == path)
         if ids:
             store.vectors.replace(np.array(ids, dtype=np.int64), np.stack([embedded[i][1] for i in ids]), key)
     return len(ids)
