@@ -66,10 +66,10 @@ DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
 both_databases = pytest.mark.parametrize("database", DATABASES)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresCluster]:
-    """One throwaway PostgreSQL cluster for the session, started on first use; tests that need it skip, saying
-    why, only where the server's binaries are not installed."""
+@contextmanager
+def throwaway_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of the caller's own, removed afterwards; the test skips, saying why, only where the
+    server's binaries are not installed."""
     bindir = find_bindir()
     if bindir is None:
         pytest.skip(NO_BINARIES)
@@ -79,6 +79,13 @@ def postgres() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the session, started on first use."""
+    with throwaway_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

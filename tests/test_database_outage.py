@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.conftest import served_catalog, skimage_jpeg, wait_until
+from tests.conftest import served_catalog, skimage_jpeg, throwaway_cluster, wait_until
 from tests.support.http import Client, result_skus
-from tests.support.postgres import NO_BINARIES, PostgresCluster, find_bindir
+from tests.support.postgres import PostgresCluster
 from tests.support.server import counter_total, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgresql]
@@ -27,15 +27,8 @@ OUTAGE_S = 10
 @pytest.fixture
 def cluster() -> Iterator[PostgresCluster]:
     """A cluster of this test's own, which it stops and starts again (the session's is shared)."""
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip(NO_BINARIES)
-    cluster = PostgresCluster(bindir)
-    try:
-        cluster.start()
+    with throwaway_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_searches_answer_through_a_database_outage_and_the_servers_catch_up_after(

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -38,7 +39,7 @@ from indexer.embedding.model import Embedder, ModelIdentity
 from indexer.errors import NotReady, UnknownProduct
 from indexer.index.compaction import compaction_due, index_whitening
 from indexer.index.facets import Facet, FacetRequest, count_facets
-from indexer.index.fusion import FUSION_DEPTH, fuse, words_alone
+from indexer.index.fusion import FUSION_DEPTH, WordsRankings, fuse, words_alone
 from indexer.index.live_index import NO_FILTERS, Filters, LiveIndex
 from indexer.index.rows import ProductRows
 from indexer.index.segments import load_base, manifest_stamp, remove_unused_bases, resident_estimate_mb
@@ -52,11 +53,6 @@ log = logging.getLogger(__name__)
 # Several images of one product collapse into one result, so fetch a few more neighbours (and as many again
 # for each extra view of a catalog photo, index.catalog_views).
 OVERFETCH = 3
-# The words' rankings a server keeps, the least recently used dropped first. A ranking depends on the words, the
-# filters and the catalog's state, not on the photo: a storefront's popular words recur with every photo, and ranking
-# a word that many products hold means scoring each of them (FTS5's bm25, PostgreSQL's ts_rank_cd), hundreds of
-# milliseconds at a million products.
-WORDS_RANKINGS = 256
 # /readyz counts the rows of each model at most this often, to show a change of model under way.
 MODEL_CHANGE_EVERY_S = 5.0
 # Networks of other published indexes a server keeps loaded (the one before a model change, to switch back at once).
@@ -153,9 +149,7 @@ class CatalogSearch:
         # Since when (time.time()) the database could not be read, the reason, and the last try (monotonic); None
         # while it can.
         self._stale: tuple[float, str, float] | None = None
-        # (change number, words, filters, depth) -> the words' ranking at that change
-        self._words_lock = threading.Lock()
-        self._words_rankings: OrderedDict[tuple, list[ShownProduct]] = OrderedDict()
+        self._words_rankings = WordsRankings()
         if settings.index_backend == "milvus":
             from indexer.index.milvus_store import MilvusUnavailable
 
@@ -464,19 +458,9 @@ class CatalogSearch:
 
     def words_ranking(self, view: IndexView, words: Words, depth: int, filters: Filters) -> list[ShownProduct]:
         """The full-text index's `depth` best products for the words and filters, as of the change `view` has
-        applied: read once per change, then kept (WORDS_RANKINGS). A write moves the change number, so a ranking
-        read before it is never served after it."""
-        key = (view.live.seen, words, filters, depth)
-        with self._words_lock:
-            if (ranking := self._words_rankings.get(key)) is not None:
-                self._words_rankings.move_to_end(key)
-                return ranking
-        ranking = self.store.text.search(words, depth, filters)
-        with self._words_lock:
-            self._words_rankings[key] = ranking
-            while len(self._words_rankings) > WORDS_RANKINGS:
-                self._words_rankings.popitem(last=False)
-        return ranking
+        applied (read once per change: fusion.WordsRankings)."""
+        read = partial(self.store.text.search, words, depth, filters)
+        return self._words_rankings.get(view.live.seen, (words, filters, depth), read)
 
     def similar(
         self, view: IndexView, sku: str, k: int, filters: Filters = NO_FILTERS, words: Words | None = None
