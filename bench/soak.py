@@ -33,6 +33,7 @@ import csv
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ import requests
 from bench.record import portable, provenance
 from bench.soak_backup import backup_after, check_backups
 from bench.timing import until_seen
-from indexer.config import REPO_ROOT, run_with_config
+from indexer.config import REPO_ROOT, load_settings, run_with_config
 from tests.support.http import Client, multipart_body, result_skus
 from tests.support.server import running_server
 
@@ -143,9 +144,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backup", action="store_true",
                         help="a backup during the soak and one after, each restored and judged "
                              "(bench/soak_backup.py)")  # fmt: skip
-    parser.add_argument("--model-change", choices=("int8", "fp32"),
-                        help="re-index the catalog at this precision under the load instead: the server switches "
-                             "models without a restart (real products only: imported vectors cannot be embedded "
+    parser.add_argument("--model-change", choices=("int8", "fp32", "finetune"),
+                        help="re-index the catalog at this precision, or with a version `finetune` activates first "
+                             "(in a copy of the models folder), under the load instead: the server switches models "
+                             "without a restart (real products only: imported vectors cannot be embedded "
                              "again)")  # fmt: skip
     parser.add_argument("--outage", type=float, default=0.0,
                         help="--servers 2: stop PostgreSQL for this many seconds under the load instead (the "
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         cluster = None
         if args.servers == 2:
             env["DATABASE_URL"], database, cluster = stack.enter_context(postgresql_database(args.database_url))
+        if args.model_change == "finetune":  # the fine-tuned version goes to a copy, not to the checkout's models
+            env["MODELS_DIR"] = str(tmp / "models")
+            shutil.copytree(load_settings().models_dir, tmp / "models")
         prepare_catalog(catalog, first, second, tmp, env, args)
         if args.servers == 2:
             urls = []
@@ -452,8 +457,18 @@ def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
 
 
 def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> dict:
-    """--model-change P: the catalog indexed again at precision P (3 s in) while the clients search and one writes
-    through the API; the server switches to P's model and base together, without a restart."""
+    """--model-change P: the catalog indexed again at precision P, or with the version `finetune` activates (run
+    first, without load), 3 s into the load while the clients search and one writes through the API; the server
+    switches to the new model and its base together, without a restart."""
+    finetuned = None
+    if args.model_change == "finetune":
+        started = time.monotonic()
+        output = indexer_command(["finetune", "--catalog", str(catalog), "--metadata", str(tmp / "first.csv"),
+                                  "--quiet"], env)  # fmt: skip
+        finetuned = {"minutes": round((time.monotonic() - started) / 60, 1),
+                     "summary": [line for line in output.splitlines() if "active" in line][-1:]}  # fmt: skip
+    index_env = env if finetuned else {**env, "PRECISION": args.model_change}
+    model_before = requests.get(f"{url}/readyz", timeout=30).json()["model"]
     before = best_scores(url, queries)
     load = SearchLoad([url], args.clients, queries)
     writes: list[tuple[str, int, bytes]] = []
@@ -473,13 +488,13 @@ def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> d
         time.sleep(3)
         span["started"] = time.monotonic()
         indexer_command(["index", "--catalog", str(catalog), "--metadata", str(tmp / "first.csv"), "--quiet"],
-                        {**env, "PRECISION": args.model_change})  # fmt: skip
+                        index_env)  # fmt: skip
         span["ended"] = time.monotonic()
 
     def watch() -> None:  # /readyz every 0.25 s until the change is over
         while "ended" not in span or time.monotonic() < span["ended"] + 3:
             ready = requests.get(f"{url}/readyz", timeout=30).json()
-            watched.append({"at": time.monotonic(), "precision": ready["model"]["precision"],
+            watched.append({"at": time.monotonic(), "model": ready["model"], "version": ready["model_version"],
                             "model_change": ready.get("model_change")})  # fmt: skip
             time.sleep(0.25)
 
@@ -495,7 +510,7 @@ def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> d
     client = Client(url, key=KEY)
     lost = [sku for sku, photo in accepted if sku not in result_skus(client.search(photo, k=20)[1])]
     client.close()
-    switched_at = next((w["at"] for w in watched if w["precision"] == args.model_change), None)
+    switched_at = next((w["at"] for w in watched if w["model"] != model_before), None)
     by_new_model = [s for s in load.searches if s.score is not None and s.photo in after
                     and abs(s.score - after[s.photo]) <= SAME_SCORE]  # fmt: skip
     events = {**new_events(), "written": dict.fromkeys((sku for sku, _ in accepted), started)}
@@ -516,8 +531,9 @@ def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> d
         "reindex_seconds": round(span["ended"] - span["started"], 1) if "ended" in span else None,
         "switched_after_reindex_s": round(switched_at - span["ended"], 2) if switched_at and "ended" in span else None,
         "change_under_way_seen": any(w["model_change"] for w in watched),
-        "precision_before": watched[0]["precision"] if watched else None,
-        "precision_after": watched[-1]["precision"] if watched else None,
+        "finetune": finetuned,
+        "model_before": {**model_before, "version": watched[0]["version"] if watched else None},
+        "model_after": {**watched[-1]["model"], "version": watched[-1]["version"]} if watched else None,
         "writes": len(writes),
         "writes_refused": sum(1 for _, status, _ in writes if status not in (200, 201)),
         "accepted": len(accepted),
@@ -527,7 +543,8 @@ def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> d
     }
     report["passed"] = bool(
         report["errors"] == report["mixed_answers"] == report["accepted_then_lost"] == report["wrong_results"] == 0
-        and report["precision_after"] == args.model_change
+        and switched_at is not None
+        and (finetuned is not None or report["model_after"]["precision"] == args.model_change)
         and report["answered_by_new_model"] > 0
     )
     return report
