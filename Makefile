@@ -10,7 +10,7 @@
 #   make soak [PRODUCTS=100000]                   searches during re-indexing, API writes and a compaction
 #   make soak SERVERS=2 [DATABASE_URL=postgresql+psycopg://...]  the same on two servers over one database
 #   make soak BACKUP=1 | SERVERS=2 OUTAGE=10         a backup during it, restored and compared; PostgreSQL down 10 s
-#   make soak MODEL_CHANGE=fp32                    make index at another precision under it: the server switches
+#   make soak MODEL_CHANGE=fp32|finetune           make index with another model under it: the server switches
 #   make eval CATALOG=<folder> [QUERIES=<csv>]     search quality, written to eval/
 #   make finetune CATALOG=<folder> [METADATA=<csv>] [BLOCKS=3] [SEED=0]  adapt the model to the catalog; active if it measures better (then make index)
 #   make backup TO=<new folder>                  a snapshot of the database, index, uploads and models, while serving

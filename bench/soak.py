@@ -163,7 +163,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         args.writes = 120 if args.servers == 1 else 100
     if args.out is None:
         name = "soak-outage.json" if args.outage else "soak-two-servers.json" if args.servers == 2 else "soak.json"
-        name = "soak-backup.json" if args.backup else "soak-model-change.json" if args.model_change else name
+        name = "soak-backup.json" if args.backup else name
+        if args.model_change:
+            name = "soak-model-change-finetune.json" if args.model_change == "finetune" else "soak-model-change.json"
         args.out = str(REPO_ROOT / "bench" / name)
     return args
 
