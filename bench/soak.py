@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,35 +40,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import requests
 
 from bench.record import portable, provenance
 from bench.soak_backup import backup_after, check_backups
+from bench.soak_load import KEY, SearchLoad, indexer_command, new_events, wrong_results
+from bench.soak_model_change import soak_model_change
+from bench.soak_outage import soak_outage
 from bench.timing import until_seen
 from indexer.config import REPO_ROOT, load_settings, run_with_config
 from tests.support.http import Client, multipart_body, result_skus
 from tests.support.server import running_server
 
-KEY = "soak-test-key"
-VISIBLE_WITHIN_MS = 1000
-# --model-change: a search's best score within this of its photo's under one model was answered by that model.
-SAME_SCORE = 2e-4  # --servers 2: the p95 bound on a write through A reaching B
-
-
-class Search(NamedTuple):
-    """A search as recorded: when it was sent (time.monotonic), its latency (s), status and result skus, the server
-    ("a" or "b" with two, else None), which of the query photos it sent, and its best result's score."""
-
-    sent: float
-    latency: float
-    status: int
-    skus: list[str]
-    server: str | None
-    photo: int
-    score: float | None
+VISIBLE_WITHIN_MS = 1000  # --servers 2: the p95 bound on a write through A reaching B
 
 
 def write_catalog(rows: list[dict], path: Path) -> None:
@@ -93,15 +76,6 @@ def old_bases_left(index_dir: Path) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
-
-
-def indexer_command(arguments: list[str], env: dict) -> str:
-    """Run `python -m indexer ...`; its output, or RuntimeError with its error output."""
-    result = subprocess.run([sys.executable, "-m", "indexer", *arguments], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True)  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"indexer {arguments[0]} failed:\n{result.stderr[-3000:]}")
-    return result.stdout
 
 
 def index(catalog: Path, metadata: Path, env: dict) -> None:
@@ -261,107 +235,6 @@ def postgresql_database(url: str | None) -> Iterator[tuple[str, str, object]]:
         cluster.stop()
 
 
-# --- the searches and how they are judged ----------------------------------------------------
-
-
-def search_client(urls: list[str], offset: int, clients: int, bodies: list, stop: threading.Event, record) -> None:
-    """Photo searches until stop is set, each to the next of urls in turn (one keep-alive connection each);
-    record(Search) for each."""
-    connections: list[http.client.HTTPConnection | None] = [None] * len(urls)
-    number, turn = offset, offset
-    while not stop.is_set():
-        photo = number % len(bodies)
-        body, content_type = bodies[photo]
-        number += clients
-        server, turn = turn % len(urls), turn + 1
-        if connections[server] is None:
-            connections[server] = http.client.HTTPConnection("127.0.0.1", int(urls[server].rsplit(":", 1)[1]),
-                                                             timeout=30)  # fmt: skip
-        connection = connections[server]
-        sent = time.monotonic()
-        try:
-            connection.request("POST", "/api/search", body=body, headers={"Content-Type": content_type})
-            response = connection.getresponse()
-            payload = response.read()
-            status = response.status
-            results = json.loads(payload)["results"] if status == 200 else []
-        except (OSError, http.client.HTTPException, ValueError):
-            status, results = 0, []
-            connection.close()
-            connections[server] = None
-        name = "ab"[server] if len(urls) > 1 else None
-        best = results[0]["score"] if results else None
-        record(Search(sent, time.monotonic() - sent, status, [r["sku"] for r in results], name, photo, best))
-    for connection in connections:
-        if connection is not None:
-            connection.close()
-
-
-class SearchLoad:
-    """Photo searches from several clients (search_client) while other work runs, each search recorded."""
-
-    def __init__(self, urls: list[str], clients: int, bodies: list):
-        self.urls, self.clients, self.bodies = urls, clients, bodies
-        self.searches: list[Search] = []
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-
-    def record(self, search: Search) -> None:
-        with self._lock:
-            self.searches.append(search)
-
-    def beside(self, workers: list[Callable[[], None]], timeout: float | None) -> tuple[float, float]:
-        """Searches while the workers run: waits for each worker (up to timeout), searches 2 s more on the final
-        state and stops; when the searches started (time.monotonic) and for how many seconds they ran."""
-        arguments = [(self.urls, i, self.clients, self.bodies, self.stop, self.record) for i in range(self.clients)]
-        searching = [threading.Thread(target=search_client, args=each) for each in arguments]
-        working = [threading.Thread(target=worker) for worker in workers]
-        started = time.monotonic()
-        for thread in searching + working:
-            thread.start()
-        for thread in working:
-            thread.join(timeout=timeout)
-        time.sleep(2)  # a little more load on the final state
-        self.stop.set()
-        for thread in searching:
-            thread.join()
-        return started, time.monotonic() - started
-
-    def latencies(self) -> dict[str, float | None]:
-        """p50 and p99 of the answered searches, in ms."""
-        latencies = [search.latency * 1000 for search in self.searches if search.status == 200]
-        return {
-            "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
-            "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
-        }
-
-    def errors(self) -> int:
-        return sum(1 for search in self.searches if search.status != 200)
-
-
-def wrong_results(searches: list[Search], events: dict, first: list[dict], second: list[dict], synthetic: bool,
-                  started: float) -> list[dict]:  # fmt: skip
-    """The results no search should have returned (the rules of the module's docstring)."""
-    known = {row["sku"] for row in first} | {row["sku"] for row in second} | set(events["written"])
-    removed = {row["sku"] for row in first} - {row["sku"] for row in second}
-    wrong = []
-    for sent, _, _, skus, server, *_ in searches:
-        for sku in skus:
-            deleted_at = events["deleted"].get(sku)
-            if (
-                (sku not in known and not (synthetic and sku.startswith("syn-")))
-                or (deleted_at is not None and deleted_at < sent)
-                or (sku in removed and events["reindexed_at"] is not None and events["reindexed_at"] < sent)
-            ):
-                wrong.append({"sku": sku, "sent": round(sent - started, 3), **({"server": server} if server else {})})
-    return wrong
-
-
-def new_events() -> dict:
-    """When each change had finished (time.monotonic): sku -> time for the writes and deletions."""
-    return {"written": {}, "deleted": {}, "reindexed_at": None, "compacted_at": None}
-
-
 def compact_when(ready: Callable[[], object], env: dict, events: dict) -> None:
     """`indexer compact` once ready() returns, while the writes go on: every server switches base and replays
     the later changes."""
@@ -453,115 +326,6 @@ def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
                                 sorted({row["sku"] for row in first + second} | set(events["written"])))
         if args.backup else None,
     }  # fmt: skip
-
-
-# --- a change of model ------------------------------------------------------------------------
-
-
-def soak_model_change(url, catalog, tmp, env, photos, queries, first, args) -> dict:
-    """--model-change P: the catalog indexed again at precision P, or with the version `finetune` activates (run
-    first, without load), 3 s into the load while the clients search and one writes through the API; the server
-    switches to the new model and its base together, without a restart."""
-    finetuned = None
-    if args.model_change == "finetune":
-        started = time.monotonic()
-        output = indexer_command(["finetune", "--catalog", str(catalog), "--metadata", str(tmp / "first.csv"),
-                                  "--quiet"], env)  # fmt: skip
-        finetuned = {"minutes": round((time.monotonic() - started) / 60, 1),
-                     "summary": [line for line in output.splitlines() if "active" in line][-1:]}  # fmt: skip
-    index_env = env if finetuned else {**env, "PRECISION": args.model_change}
-    model_before = requests.get(f"{url}/readyz", timeout=30).json()["model"]
-    before = best_scores(url, queries)
-    load = SearchLoad([url], args.clients, queries)
-    writes: list[tuple[str, int, bytes]] = []
-    watched: list[dict] = []
-    span: dict[str, float] = {}
-
-    def write() -> None:
-        writer = Client(url, key=KEY)
-        for number in range(args.writes):
-            photo = photos[number % len(photos)]
-            status, _, _ = writer.put(f"change-{number}", photo, {"title": f"Written {number}", "category": "api"})
-            writes.append((f"change-{number}", status, photo))
-            time.sleep(0.05)
-        writer.close()
-
-    def change() -> None:
-        time.sleep(3)
-        span["started"] = time.monotonic()
-        indexer_command(["index", "--catalog", str(catalog), "--metadata", str(tmp / "first.csv"), "--quiet"],
-                        index_env)  # fmt: skip
-        span["ended"] = time.monotonic()
-
-    def watch() -> None:  # /readyz every 0.25 s until the change is over
-        while "ended" not in span or time.monotonic() < span["ended"] + 3:
-            ready = requests.get(f"{url}/readyz", timeout=30).json()
-            watched.append({"at": time.monotonic(), "model": ready["model"], "version": ready["model_version"],
-                            "model_change": ready.get("model_change")})  # fmt: skip
-            time.sleep(0.25)
-
-    started, seconds = load.beside([write, change, watch], timeout=args.seconds)
-    after = best_scores(url, queries)
-    # A catalog photo's best match is itself throughout (the writes add copies of some, at the same score): a
-    # search answered by one model finds it at that model's own score; one that embedded the query with one model
-    # and searched the other's vectors would match neither. (The photos beyond the catalog find other products,
-    # and later the copies written of them: their best scores move with the writes, so they are not judged.)
-    judged = [s for s in load.searches if s.status == 200 and s.score is not None and s.photo < len(first)]
-    mixed = [s for s in judged if min(abs(s.score - before[s.photo]), abs(s.score - after[s.photo])) > SAME_SCORE]
-    accepted = [(sku, photo) for sku, status, photo in writes if status in (200, 201)]
-    client = Client(url, key=KEY)
-    lost = [sku for sku, photo in accepted if sku not in result_skus(client.search(photo, k=20)[1])]
-    client.close()
-    switched_at = next((w["at"] for w in watched if w["model"] != model_before), None)
-    by_new_model = [s for s in load.searches if s.score is not None and s.photo in after
-                    and abs(s.score - after[s.photo]) <= SAME_SCORE]  # fmt: skip
-    events = {**new_events(), "written": dict.fromkeys((sku for sku, _ in accepted), started)}
-    wrong = wrong_results(load.searches, events, first, first, False, started)
-    report = {
-        "products": len(first),
-        "clients": args.clients,
-        "model_change": args.model_change,
-        "seconds": round(seconds, 1),
-        "searches": len(load.searches),
-        "requests_per_s": round(len(load.searches) / seconds, 1),
-        **load.latencies(),
-        "errors": load.errors(),
-        "error_statuses": dict(Counter(str(search.status) for search in load.searches if search.status != 200)),
-        "judged_for_mixing": len(judged),
-        "mixed_answers": len(mixed),
-        "answered_by_new_model": len(by_new_model),
-        "reindex_seconds": round(span["ended"] - span["started"], 1) if "ended" in span else None,
-        "switched_after_reindex_s": round(switched_at - span["ended"], 2) if switched_at and "ended" in span else None,
-        "change_under_way_seen": any(w["model_change"] for w in watched),
-        "finetune": finetuned,
-        "model_before": {**model_before, "version": watched[0]["version"] if watched else None},
-        "model_after": {**watched[-1]["model"], "version": watched[-1]["version"]} if watched else None,
-        "writes": len(writes),
-        "writes_refused": sum(1 for _, status, _ in writes if status not in (200, 201)),
-        "accepted": len(accepted),
-        "accepted_then_lost": len(lost),
-        "lost_examples": lost[:5],
-        "wrong_results": len(wrong),
-    }
-    report["passed"] = bool(
-        report["errors"] == report["mixed_answers"] == report["accepted_then_lost"] == report["wrong_results"] == 0
-        and switched_at is not None
-        and (finetuned is not None or report["model_after"]["precision"] == args.model_change)
-        and report["answered_by_new_model"] > 0
-    )
-    return report
-
-
-def best_scores(url: str, queries: list) -> dict[int, float]:
-    """Each query photo's best result score, searched once."""
-    client = Client(url, key=KEY)
-    scores = {}
-    for number, (body, content_type) in enumerate(queries):
-        status, data, _ = client.call("POST", "/api/search", body, {"Content-Type": content_type})
-        if status == 200 and data["results"]:
-            scores[number] = data["results"][0]["score"]
-    client.close()
-    return scores
 
 
 # --- two servers -----------------------------------------------------------------------------
@@ -736,92 +500,6 @@ def two_servers_passed(report: dict, writes: int, visible_within_ms: float) -> b
         and after["disagreements"] == after["missing"] == after["resurrected"] == 0
         and not report["old_bases_left"]
     )
-
-
-# --- a database outage -----------------------------------------------------------------------
-
-
-def soak_outage(urls: list[str], env: dict, photos: list[bytes], queries: list, first: list[dict], args,
-                cluster) -> dict:  # fmt: skip
-    """--outage S: PostgreSQL stopped for S seconds while the clients search A and B and one writes through A."""
-    on_a, on_b = Client(urls[0], key=KEY), Client(urls[1], key=KEY)
-    load = SearchLoad(urls, args.clients, queries)
-    writes: list[tuple[str, int, float]] = []  # (sku, status, sent)
-    stale: list[dict] = []
-    timeline: dict[str, float] = {}
-
-    def write() -> None:  # until 3 s after the database is back
-        number = 0
-        while "resumed" not in timeline or time.monotonic() < timeline["resumed"] + 3:
-            sku = f"outage-{number}"
-            sent = time.monotonic()
-            status, _, _ = on_a.put(sku, photos[number % len(photos)], {"title": sku, "category": "api"})
-            writes.append((sku, status, sent))
-            number += 1
-            time.sleep(0.05)
-
-    def outage() -> None:
-        time.sleep(3)
-        timeline["stopped"] = time.monotonic()
-        cluster.pause()
-        time.sleep(args.outage / 2)
-        for name, url in zip("ab", urls, strict=True):  # a client of its own: the writer's is in use
-            response = requests.get(f"{url}/readyz", timeout=30)
-            stale.append({"server": name, "status": response.status_code, "stale": response.json().get("stale")})
-        time.sleep(args.outage / 2)
-        cluster.resume()
-        timeline["resumed"] = time.monotonic()
-
-    # The outage in this thread: the cluster's server is told to stop when the thread that started it ends.
-    searching = threading.Thread(target=lambda: timeline.update(seconds=load.beside([write], timeout=None)[1]))
-    searching.start()
-    outage()
-    searching.join()
-    seconds = timeline["seconds"]
-    down = (timeline["stopped"], timeline["resumed"])
-    during = [status for _, status, sent in writes if down[0] <= sent < down[1]]
-    accepted = [sku for sku, status, _ in writes if status in (200, 201)]
-    lost = [sku for sku in accepted for client in (on_a, on_b) if client.product_status(sku) != 200]
-    # Once it is back: writes through B, each timed until a photo search on A shows it.
-    after = [("put", f"after-{number}", photos[-1 - number]) for number in range(20)]
-    visible = until_seen(
-        "writes on B until visible on A", after, lambda item: on_b.put(item[1], item[2], {}),
-        lambda item: item[1] in result_skus(on_a.search(item[2])[1]), "not_visible_within_s",
-    )  # fmt: skip
-    on_a.close()
-    on_b.close()
-    report = {
-        "products": max(args.products, len(first)),
-        "clients": args.clients,
-        "outage_s": round(down[1] - down[0], 1),
-        "seconds": round(seconds, 1),
-        "searches": len(load.searches),
-        "searches_during_outage": sum(1 for sent, *_ in load.searches if down[0] <= sent < down[1]),
-        **load.latencies(),
-        "errors": load.errors(),
-        "error_statuses": dict(Counter(str(search.status) for search in load.searches if search.status != 200)),
-        # the reason names the cluster's socket: a temporary folder of this machine
-        "readyz_during_outage": json.loads(json.dumps(stale).replace(str(cluster.folder), "<cluster>")),
-        "writes": len(writes),
-        "writes_during_outage": len(during),
-        "refused_during_outage": sum(1 for status in during if status == 503),
-        "accepted": len(accepted),
-        "accepted_then_lost": len(lost),
-        "lost_examples": lost[:5],
-        "visible_on_a_after": visible,
-        "bound_ms": args.visible_within_ms,
-    }
-    report["passed"] = bool(
-        report["errors"] == 0
-        and report["searches_during_outage"] > 0
-        and all(entry["status"] == 200 and entry["stale"] for entry in stale)
-        and report["refused_during_outage"] > 0
-        and not report["accepted_then_lost"]
-        and visible["not_visible_within_s"] == 0
-        and visible["errors"] == 0
-        and (visible.get("p95_ms") or 0) <= args.visible_within_ms
-    )
-    return report
 
 
 if __name__ == "__main__":
