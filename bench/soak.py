@@ -323,7 +323,8 @@ def soak(url, catalog, tmp, env, photos, queries, first, second, args) -> dict:
         "compaction_error": events.get("compaction_error"),
         "old_bases_left": old_bases_left(Path(env["DATA_DIR"]) / "index"),
         "backup": check_backups(url, env, tmp, tmp / "backup-during", events, photos,
-                                sorted({row["sku"] for row in first + second} | set(events["written"])))
+                                sorted({row["sku"] for row in first + second} | set(events["written"])),
+                                max(0, args.products - len(first)))
         if args.backup else None,
     }  # fmt: skip
 

@@ -1,11 +1,11 @@
 """`make soak BACKUP=1`: a backup taken during the soak (searches, API writes, a re-index and a compaction under
 way), and another once it is quiet, each verified and restored into an empty folder behind a server of its own.
 
-The quiet one must answer exactly as the source does: every sampled product's /similar top 10 and 30 photo
-searches. The one taken under load restores the source's state at its change number, which the source no longer
-serves by the end; it is judged against that state itself, read from the snapshot's database: the restored server
-is at that change number, shows only products live in it, and finds their nearest neighbours (recall@10 against an
-exact scan of every vector in it) as well as the quiet snapshot's server finds its own.
+The quiet one must answer exactly as the source does: every product's /similar top 10 and 30 photo searches.
+The one taken under load restores the source's state at its change number, which the source no longer serves by
+the end; it is judged against that state itself, read from the snapshot's database: the restored server is at
+that change number, shows only products live in it, and finds their nearest neighbours (recall@10 against an exact
+scan of every vector in it, for a sample of products) as well as the quiet snapshot's server finds its own.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from bench.synthetic import sku_of
 from indexer.config import REPO_ROOT
 from tests.support.http import result_skus
 from tests.support.server import running_server
 
-# Products whose /similar is compared: every real and API-written one, and this many synthetic ones.
+# Products whose /similar is judged against a snapshot's own database (an exact scan of its vectors each): every
+# real and API-written one, and this many synthetic ones. The quiet snapshot's answers are compared with the
+# source's for every product.
 SYNTHETIC_SAMPLE = 2000
 PHOTO_SEARCHES = 30
 # How much lower the recall@10 of the snapshot taken under load may be than the quiet one's, each against an exact
@@ -50,8 +53,9 @@ def backup_after(seconds: float, env: dict, folder: Path, events: dict) -> Calla
 
 
 def check_backups(url: str, env: dict, tmp: Path, during: Path, events: dict, photos: list[bytes],
-                  real: list[str]) -> dict:  # fmt: skip
-    """The backup taken under load and one taken now, each verified, restored and judged (the module's rules)."""
+                  real: list[str], synthetic: int) -> dict:  # fmt: skip
+    """The backup taken under load and one taken now, each verified, restored and judged (the module's rules):
+    `real` the real and API-written skus, `synthetic` how many synthetic products (syn-0000000, ...) there are."""
     quiet = tmp / "backup-quiet"
     report: dict = {"during": {"error": events.get("backup_error")}, "quiet": {}}
     if events.get("backup_error"):
@@ -63,9 +67,10 @@ def check_backups(url: str, env: dict, tmp: Path, during: Path, events: dict, ph
         reindex_overlapped=_overlapped(events.get("reindex_span"), (started, ended)),
     )
     _cli(env, "backup", "--to", str(quiet), "--quiet")
-    skus = _sample(url, real)
+    skus = _sample(real, synthetic)
+    every = real + [sku_of(row) for row in range(synthetic)]
     searches = photos[:: max(1, len(photos) // PHOTO_SEARCHES)][:PHOTO_SEARCHES]
-    expected = _answers(url, skus, searches)
+    expected = _answers(url, every, searches)
     for name, snapshot in (("during", during), ("quiet", quiet)):
         entry = report[name]
         entry["verified"] = _cli(env, "backup", "--verify", str(snapshot), "--quiet").returncode == 0
@@ -75,7 +80,7 @@ def check_backups(url: str, env: dict, tmp: Path, during: Path, events: dict, ph
         with running_server(restored, timeout=600) as server:
             entry["restored_change"] = requests.get(f"{server.url}/readyz", timeout=60).json()["change"]
             if name == "quiet":
-                got = _answers(server.url, skus, searches)
+                got = _answers(server.url, every, searches)
                 entry["answers_compared"] = len(got)
                 entry["different"] = sorted(key for key in expected if got.get(key) != expected[key])[:20]
             entry.update(_against_snapshot(server.url, Path(restored["DATA_DIR"]) / "catalog.sqlite3", skus))
@@ -102,12 +107,10 @@ def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
                           text=True)  # fmt: skip
 
 
-def _sample(url: str, real: list[str]) -> list[str]:
-    """The real and API-written skus given, and SYNTHETIC_SAMPLE of the synthetic ones the source holds."""
-    count = requests.get(f"{url}/readyz", timeout=60).json()["items"] - len(real)
-    rng = np.random.default_rng(28)
-    picked = rng.choice(max(count, 0), size=min(SYNTHETIC_SAMPLE, max(count, 0)), replace=False)
-    return real + [f"syn-{int(n):07d}" for n in picked]
+def _sample(real: list[str], synthetic: int) -> list[str]:
+    """The real and API-written skus, and SYNTHETIC_SAMPLE of the synthetic ones."""
+    picked = np.random.default_rng(28).choice(synthetic, size=min(SYNTHETIC_SAMPLE, synthetic), replace=False)
+    return real + [sku_of(int(row)) for row in picked]
 
 
 def _answers(url: str, skus: list[str], photos: list[bytes]) -> dict[str, list[str] | int]:
