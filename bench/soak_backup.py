@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from bench.soak_load import indexer_command
 from bench.synthetic import sku_of
-from indexer.config import REPO_ROOT
 from tests.support.http import result_skus
 from tests.support.server import running_server
 
@@ -43,10 +41,10 @@ def backup_after(seconds: float, env: dict, folder: Path, events: dict) -> Calla
     def run() -> None:
         time.sleep(seconds)
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "indexer", "backup", "--to", str(folder), "--quiet"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True)  # fmt: skip
-        if done.returncode:
-            events["backup_error"] = done.stderr[-3000:]
+        try:
+            indexer_command(["backup", "--to", str(folder), "--quiet"], env)
+        except RuntimeError as exc:
+            events["backup_error"] = str(exc)
         events["backed_up"] = (started, time.monotonic())
 
     return run
@@ -66,17 +64,17 @@ def check_backups(url: str, env: dict, tmp: Path, during: Path, events: dict, ph
         compaction_overlapped=_overlapped(events.get("compaction_span"), (started, ended)),
         reindex_overlapped=_overlapped(events.get("reindex_span"), (started, ended)),
     )
-    _cli(env, "backup", "--to", str(quiet), "--quiet")
+    indexer_command(["backup", "--to", str(quiet), "--quiet"], env)
     skus = _sample(real, synthetic)
     every = real + [sku_of(row) for row in range(synthetic)]
     searches = photos[:: max(1, len(photos) // PHOTO_SEARCHES)][:PHOTO_SEARCHES]
     expected = _answers(url, every, searches)
     for name, snapshot in (("during", during), ("quiet", quiet)):
         entry = report[name]
-        entry["verified"] = _cli(env, "backup", "--verify", str(snapshot), "--quiet").returncode == 0
+        entry["verified"] = _succeeds(["backup", "--verify", str(snapshot), "--quiet"], env)
         entry["change"] = json.loads((snapshot / "snapshot.json").read_text())["change"]
         restored = {**env, "DATA_DIR": str(tmp / f"restored-{name}")}
-        entry["restored"] = _cli(restored, "restore", "--from", str(snapshot), "--quiet").returncode == 0
+        entry["restored"] = _succeeds(["restore", "--from", str(snapshot), "--quiet"], restored)
         with running_server(restored, timeout=600) as server:
             entry["restored_change"] = requests.get(f"{server.url}/readyz", timeout=60).json()["change"]
             if name == "quiet":
@@ -102,9 +100,12 @@ def _overlapped(span: tuple[float, float] | None, backup: tuple[float, float]) -
     return span is not None and span[0] < backup[1] and backup[0] < span[1]
 
 
-def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "indexer", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True)  # fmt: skip
+def _succeeds(arguments: list[str], env: dict) -> bool:
+    try:
+        indexer_command(arguments, env)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _sample(real: list[str], synthetic: int) -> list[str]:

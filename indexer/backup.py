@@ -30,8 +30,9 @@ from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
 from indexer.config import Settings
+from indexer.embedding.weights import sha256_file
 from indexer.errors import BackupError
-from indexer.index.segments import MANIFEST, read_manifest
+from indexer.index.segments import MANIFEST, fsync_write, read_manifest
 from indexer.storage.database import make_engine, read_head
 from indexer.storage.locks import compaction_lock
 from indexer.storage.store import Store
@@ -113,14 +114,14 @@ def _write_snapshot(settings: Settings, store: Store, destination: Path, partial
             for path in sorted((settings.index_dir / base).iterdir()):
                 if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES):
                     files[f"index/{base}/{path.name}"] = _copy(path, partial / "index" / base / path.name, bar)
-            _write(partial / "index" / MANIFEST, json.dumps(manifest, indent=2).encode(), files, partial)
+            files[f"index/{MANIFEST}"] = _copy(settings.index_dir / MANIFEST, partial / "index" / MANIFEST, bar)
     # Uploaded photos are named by their content and never rewritten or removed: every one is copied.
     for folder, prefix in ((settings.data_dir / "uploads", "uploads"), (settings.models_dir, "models")):
         for path in _files_below(folder):
             name = f"{prefix}/{path.relative_to(folder).as_posix()}"
             files[name] = _copy(path, partial / name, bar)
     snapshot = Snapshot(partial, change, base, store.engine.dialect.name, _now(), files)
-    _write(partial / SNAPSHOT_FILE, json.dumps(_as_json(snapshot), indent=2).encode(), None, partial)
+    fsync_write(partial / SNAPSHOT_FILE, json.dumps(_as_json(snapshot), indent=2).encode())
     _fsync_tree(partial)
     partial.rename(destination)
     _fsync_dir(destination.parent)
@@ -227,7 +228,7 @@ def restore_backup(settings: Settings, source: Path, progress: bool = True) -> S
     models = {name[len("models/") :]: entry for name, entry in snapshot.files.items() if name.startswith("models/")}
     differing = [
         name for name, entry in models.items()
-        if (settings.models_dir / name).is_file() and _describe(settings.models_dir / name)["sha256"] != entry["sha256"]
+        if (settings.models_dir / name).is_file() and sha256_file(settings.models_dir / name) != entry["sha256"]
     ]  # fmt: skip
     if differing:
         raise BackupError(
@@ -294,26 +295,15 @@ def _copy(source: Path, target: Path, bar: tqdm) -> dict:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def _describe(path: Path, bar: tqdm | None = None) -> dict:
+def _describe(path: Path, bar: tqdm) -> dict:
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as reader:
         while chunk := reader.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     return {"size": size, "sha256": digest.hexdigest()}
-
-
-def _write(path: Path, data: bytes, files: dict[str, dict] | None, root: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as writer:
-        writer.write(data)
-        writer.flush()
-        os.fsync(writer.fileno())
-    if files is not None:
-        files[path.relative_to(root).as_posix()] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _files_below(folder: Path) -> list[Path]:

@@ -420,12 +420,3 @@ def _among(rows: np.ndarray, matching: np.ndarray) -> np.ndarray:
     """Which of these rows are among `matching` (increasing)."""
     at = np.minimum(np.searchsorted(matching, rows), len(matching) - 1)
     return matching[at] == rows
-
-
-def _mask(size: int, rows: np.ndarray, state: _State) -> np.ndarray:
-    """Those rows, less the masked ones, as a boolean mask."""
-    mask = np.zeros(size, dtype=bool)
-    mask[rows] = True
-    if state.masked_count:
-        mask &= ~state.masked
-    return mask

@@ -502,6 +502,10 @@ class MilvusIndex:
             "Milvus, which filters by category and price only"
         )
 
+    def vector_of(self, image_id: int) -> np.ndarray | None:
+        """None: the vectors are in the collection, not in this server (a product's vector comes from the store)."""
+        return None
+
     def search(self, query: np.ndarray, count: int, filters: Filters = NO_FILTERS) -> tuple[np.ndarray, np.ndarray]:
         """The ids and cosine scores of the `count` nearest live vectors passing the filters, best first."""
         if filters.attributes:

@@ -474,7 +474,7 @@ class CatalogSearch:
             self._database_away(exc)
             # The product's vector as this server holds it: its first photo among the rows it holds.
             held = view.rows.image_ids_of(sku)
-            vector = view.live.vector_of(held[0]) if held and hasattr(view.live, "vector_of") else None
+            vector = view.live.vector_of(held[0]) if held else None
             if vector is None:
                 raise NotReady(
                     f"the catalog database cannot be read right now and this server does not hold {sku!r}: try "

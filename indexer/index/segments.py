@@ -38,7 +38,8 @@ NO_CATEGORY = -1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write a whole file and flush it to disk before returning."""
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -93,7 +94,7 @@ def publish_base(index_dir: Path, partial: Path, manifest: dict) -> str:
     final = index_dir / f"base-{version}"
     partial.rename(final)
     staging = index_dir / f".{MANIFEST}.partial"
-    _fsync_write(staging, json.dumps({**manifest, "base": final.name}, indent=2).encode())
+    fsync_write(staging, json.dumps({**manifest, "base": final.name}, indent=2).encode())
     staging.replace(index_dir / MANIFEST)
     remove_unused_bases(index_dir)
     return final.name

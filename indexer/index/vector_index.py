@@ -55,5 +55,9 @@ class VectorIndex(Protocol):
     def apply(self, changes: Changes) -> np.ndarray:
         """Bring the index up to changes.head; returns the image ids whose state changed."""
 
+    def vector_of(self, image_id: int) -> np.ndarray | None:
+        """The live vector of an image as this server holds it (what /similar uses while the database cannot be
+        read); None when it is not live here."""
+
     def search(self, query: np.ndarray, count: int, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
         """The ids and cosine scores of the `count` nearest live vectors passing the filters, best first."""
