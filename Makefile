@@ -4,6 +4,8 @@
 #   make demo                                   build, index and serve the Fashion-MNIST demo
 #   make test                                   run the test suite
 #   make index CATALOG=<folder> [METADATA=<csv or jsonl>] [ADD=1 | PRUNE=1] [REFIT=1]
+#   make match PHOTOS=<folder> OUT=<csv> [K=5]     a folder of photos matched against the catalog, into a CSV
+#   make duplicates [THRESHOLD=0.7] [CATEGORY_ONLY=1] [OUT=<csv>]  near-duplicate products, reviewed at /duplicates
 #   make serve [PORT=8000] [SERVE_ONLY=1]       SERVE_ONLY=1: the service without TensorFlow (Installs below)
 #   make bench [CATALOG=<folder> METADATA=<csv>]  speed and memory, written to bench/
 #   make bench-scale [N=1000000]                  N synthetic products beside 10,000 at scale, to bench/
@@ -100,8 +102,19 @@ index: weights migrate
 	$(PY) -m indexer index --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
 	  $(if $(ADD),--add) $(if $(PRUNE),--prune) $(if $(REFIT),--refit)
 
+.PHONY: match
+match: venv
+	@test -n "$(PHOTOS)" -a -n "$(OUT)" || { echo "usage: make match PHOTOS=<folder of photos> OUT=<matches.csv> [K=5]"; exit 2; }
+	$(PY) -m indexer match --photos "$(PHOTOS)" --out "$(OUT)" $(if $(K),--k $(K))
+
 serve: weights migrate
 	$(PY) -m service --port $(PORT)
+
+# Groups of products whose photos are near-identical, kept in the database for GET /duplicates (a weekly job).
+.PHONY: duplicates
+duplicates: migrate
+	$(PY) -m indexer duplicates $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(CATEGORY_ONLY),--category-only) \
+	  $(if $(OUT),--out "$(OUT)")
 
 backup: venv
 	@test -n "$(TO)" || { echo "usage: make backup TO=<new folder for the snapshot>"; exit 2; }
@@ -180,11 +193,18 @@ endif
 # COMPARE=1: every configuration (plain / fine-tuned, without / with whitening, with whitening and VIEWS=<extra
 # catalog views>, flip,crop unless none) side by side, each indexed anew, with COARSE=<second label column> and
 # query latency, to eval/configurations.json.
+# RECOMMEND=1: the rules of POST /api/recommend, leave-one-out (TRIALS=<per category>), to eval/recommend/.
+# DUPLICATES=1: 300 near-copies planted in a copy of CATALOG (indexed in WORK, default a temporary folder), the
+# near-duplicate finder's precision and recall by threshold, to eval/duplicates/.
 eval: weights migrate
 	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category] [WORDS=<column>] [COMPARE=1 [COARSE=coarse_category] [VIEWS=flip,crop]]"; exit 2; }
 ifdef COMPARE
 	$(PY) -m eval.compare --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
 	  --queries "$(QUERIES)" $(if $(COARSE),--coarse-label "$(COARSE)") $(if $(VIEWS),--views "$(VIEWS)")
+else ifdef RECOMMEND
+	$(PY) -m eval.recommend --catalog "$(CATALOG)" $(if $(TRIALS),--trials $(TRIALS))
+else ifdef DUPLICATES
+	$(PY) -m eval.duplicates --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") $(if $(WORK),--work "$(WORK)")
 else
 	$(PY) -m eval --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
 	  $(if $(QUERIES),--queries "$(QUERIES)") $(if $(LABEL),--label "$(LABEL)") $(if $(WORDS),--words "$(WORDS)")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.batch import BATCH, CLIENTS, measure_batch
 from bench.hostile_uploads import UPLOADS, measure_hostile_uploads
 from bench.record import portable, provenance, relative
 from bench.synthetic import catalog_metadata
@@ -401,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
         print(f"bench: {UPLOADS} hostile PNG uploads at once, {DEFAULT_PRECISION} ...", file=sys.stderr, flush=True)
         results["hostile_uploads"] = measure_hostile_uploads(data_dirs[DEFAULT_PRECISION], photos[0])
+        print(f"bench: batches of {BATCH} photos against single searches from {CLIENTS} clients, "
+              f"{DEFAULT_PRECISION} ...", file=sys.stderr, flush=True)  # fmt: skip
+        results["batch"] = measure_batch(data_dirs[DEFAULT_PRECISION], photos, PRECISION=DEFAULT_PRECISION)
         print("bench: whitening on and off (make index, in-process latency) ...", file=sys.stderr, flush=True)
         results["whitening"] = measure_whitening(settings, catalog, metadata, Path(tmp) / "whitening", photos)
         for precision, data_dir in data_dirs.items():
@@ -418,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"int8_over_fp32": results["int8_over_fp32"], "whitening": results["whitening"]["on_over_off"],
                       **{p: r["ratios"] for p, r in per.items()},
                       "hostile_uploads_worst_peak_rss_rise_mb": results["hostile_uploads"]["worst_peak_rss_rise_mb"],
+                      "batch_1_client_over_singles": results["batch"]["batch_1_client_over_singles"],
                       f"{DEFAULT_PRECISION}_indexing_ray_local": {k: ray_local[k] for k in
                                                                   ("seconds", "images_per_s", "over_plain")}},
                      indent=2))  # fmt: skip

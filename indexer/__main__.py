@@ -4,6 +4,8 @@ python -m indexer index --catalog ../shared/datasets/grocery-store --metadata ca
 python -m indexer index --catalog ../shared/datasets/grocery-store --metadata catalog.csv --refit
 python -m indexer compact
 python -m indexer import-vectors --vectors vectors.npy --products products.csv
+python -m indexer duplicates --threshold 0.95 --out duplicates.csv
+python -m indexer match --photos supplier-photos --out matches.csv --k 5
 python -m indexer weights
 PRECISION=int8 python -m indexer weights --catalog ../shared/datasets/grocery-store --metadata catalog.csv
 python -m indexer migrate
@@ -23,7 +25,9 @@ from indexer.catalog import CatalogError, in_catalog
 from indexer.config import ConfigError, Settings, load_settings
 from indexer.embedding.weights import WeightsError
 from indexer.errors import BackupError
+from indexer.jobs.duplicates import add_duplicates_command
 from indexer.jobs.finetune import BLOCKS, FinetuneOptions
+from indexer.jobs.matching import add_match_command
 
 
 def cmd_index(settings: Settings, args: argparse.Namespace) -> int:
@@ -322,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_finetune_command(commands)
     _add_backup_commands(commands)
+    add_match_command(commands)
+    add_duplicates_command(commands)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(run=cmd_migrate)

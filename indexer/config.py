@@ -27,6 +27,8 @@ PYPI_WEIGHTS = "pypi-mobilenet-v1"
 # Written by `make finetune` in models_dir: the fine-tuned model version in use.
 ACTIVE_MODEL_FILE = "active-model.json"
 BACKENDS = ("faiss", "milvus")
+# How POST /api/recommend ranks the catalog from liked and unliked products (indexer.index.recommend).
+RECOMMEND_RULES = ("average_vector", "best_score")
 # Extra views of each catalog photo that index.catalog_views may add (indexer.embedding.images.load_views makes them).
 CATALOG_VIEWS = ("flip", "crop")
 MILVUS_URL = re.compile(r"(https?|tcp)://|unix:")
@@ -110,6 +112,9 @@ class Settings:
     # A larger k is drawn as this many.
     preview_max_k: int = 24
     max_upload_bytes: int = 10_000_000
+    # POST /api/search/batch: the most items (photos and skus) and the most bytes of its body (service/front.py).
+    max_batch: int = 32
+    max_batch_bytes: int = 40_000_000
     # Search by image_url: the whole fetch (every redirect, the body) must finish within this many seconds.
     fetch_timeout_s: float = 5.0
     # While off, image_url may only reach public addresses (no loopback, private, metadata...: request forgery).
@@ -143,6 +148,12 @@ class Settings:
     # counted is one more product searched for and read.
     facet_depth: int = 200
     max_facet_depth: int = 1000
+    # POST /api/recommend: its rule (RECOMMEND_RULES), the weight of the unliked mean in "average_vector", and the
+    # most items its like list, and its unlike list, may hold.
+    recommend_rule: str = "average_vector"
+    unlike_weight: float = 0.25
+    recommend_max_items: int = 16
+    duplicates_threshold: float = 0.7  # near-copies' cosine (indexer.jobs.duplicates checks it; eval/README.md)
 
     @property
     def pooling_name(self) -> str:
@@ -383,12 +394,15 @@ KEYS: dict[str, Key] = {
     "index.milvus_collection": Key("milvus_collection", _text),
     "index.models_dir": Key("models_dir", _folder, "MODELS_DIR"),
     "index.workers": Key("index_workers", _whole),
+    "index.duplicates_threshold": Key("duplicates_threshold", _number),
     "service.host": Key("host", _text),
     "service.port": Key("port", _whole),
     "service.default_k": Key("default_k", _whole),
     "service.max_k": Key("max_k", _whole),
     "service.preview_max_k": Key("preview_max_k", _whole),
     "service.max_upload_bytes": Key("max_upload_bytes", _whole),
+    "service.max_batch": Key("max_batch", _whole),
+    "service.max_batch_bytes": Key("max_batch_bytes", _whole),
     "service.fetch_timeout_s": Key("fetch_timeout_s", _number),
     "service.fetch_allow_private": Key("fetch_allow_private", _flag, "FETCH_ALLOW_PRIVATE"),
     "service.fetch_ports": Key("fetch_ports", _ports),
@@ -403,6 +417,9 @@ KEYS: dict[str, Key] = {
     "service.text_weight": Key("text_weight", _number, "TEXT_WEIGHT"),
     "service.facet_depth": Key("facet_depth", _whole),
     "service.max_facet_depth": Key("max_facet_depth", _whole),
+    "service.recommend_rule": Key("recommend_rule", _text),
+    "service.unlike_weight": Key("unlike_weight", _number),
+    "service.recommend_max_items": Key("recommend_max_items", _whole),
 }
 
 
@@ -539,10 +556,16 @@ def validate(settings: Settings) -> None:
         raise ConfigError("service.default_k must be between 1 and service.max_k")
     if settings.preview_max_k < 1:
         raise ConfigError("service.preview_max_k must be at least 1")
+    if settings.max_batch < 1 or not (upload := settings.max_upload_bytes) <= settings.max_batch_bytes <= 8 * upload:
+        raise ConfigError("service.max_batch must be at least 1, max_batch_bytes from max_upload_bytes to 8 times it")
     if not 0.0 <= settings.text_weight <= 100.0:
         raise ConfigError("service.text_weight must be a number from 0 to 100")
     if not 1 <= settings.facet_depth <= settings.max_facet_depth:
         raise ConfigError("service.facet_depth must be between 1 and service.max_facet_depth")
+    if settings.recommend_rule not in RECOMMEND_RULES:
+        raise ConfigError(f"service.recommend_rule = {settings.recommend_rule!r}: choose one of {RECOMMEND_RULES}")
+    if not 0.0 <= settings.unlike_weight <= 10.0 or settings.recommend_max_items < 1:
+        raise ConfigError("service.unlike_weight must be from 0 to 10, and service.recommend_max_items at least 1")
     if settings.index_backend not in BACKENDS:
         raise ConfigError(f'index.backend (or VECTOR_STORE) = {settings.index_backend!r}: choose "faiss" or "milvus"')
     uri = settings.milvus_target

@@ -24,13 +24,16 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     from indexer.index.search import CatalogSearch
     from indexer.storage.store import Store
     from service.api import api
+    from service.batch import batch
     from service.cors import enable_cors
+    from service.duplicates import duplicates
     from service.errors import register_error_handlers
     from service.headers import add_security_headers
     from service.metrics import TimedEmbedder, instrument
     from service.openapi import openapi
     from service.pages import pages
     from service.recent_queries import QueryFolder, RecentQueries
+    from service.recommend import recommendations
     from service.search_photo import ServiceRequest
     from service.widget import widget
     from service.writes import writes
@@ -72,10 +75,13 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         )
     app.extensions["recent_queries"] = RecentQueries(folder)
     app.register_blueprint(api)
+    app.register_blueprint(batch)
     app.register_blueprint(pages)
     app.register_blueprint(writes)
     app.register_blueprint(openapi)
     app.register_blueprint(widget)
+    app.register_blueprint(recommendations)
+    app.register_blueprint(duplicates)
     register_error_handlers(app)
     enable_cors(app, settings.cors_origins)
     add_security_headers(app)

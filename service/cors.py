@@ -14,6 +14,8 @@ from werkzeug.routing import Rule
 # its path.
 READ_ENDPOINTS = frozenset(
     {"api.search_by_photo", "api.similar_products", "api.product_details", "api.categories", "api.product_image"}
+    | {"recommend.recommend_products"}
+    | {"batch.search_batch"}
 )
 # The storefront widget's script, whichever blueprint serves it.
 WIDGET_PATH = "/widget.js"

@@ -30,10 +30,21 @@ Headers = list[tuple[str, str]]
 class Front:
     """An RSGI application (Granian's native interface) serving a WSGI app; see the module's docstring."""
 
-    def __init__(self, app: WSGIApp, *, threads: int, read_timeout_s: float, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        threads: int,
+        read_timeout_s: float,
+        max_body_bytes: int,
+        larger_bodies: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.read_timeout_s = read_timeout_s
         self.max_body_bytes = max_body_bytes
+        # path -> its own cap on POST bodies (a batch of photos), each at most most_held; every other request keeps
+        # max_body_bytes.
+        self.larger_bodies = larger_bodies or {}
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request")
         # Bytes set aside for the bodies held now; only the event loop's thread changes it.
         self.held = 0
@@ -63,11 +74,15 @@ class Front:
         protocol.response_bytes(status, headers, content)
 
     async def _read_body(self, scope: Any, protocol: Any, held: list[int]) -> bytes:
-        """The body, or its first max_body_bytes + 1 bytes (the app answers 413 for more), each part counted in
-        held[0] and self.held as it arrives. Raises TimeoutError when a part of it is later than read_timeout_s plus
-        its size at MIN_BODY_BYTES_PER_S, and ServerBusy when it would take the bodies held past most_held."""
+        """The body, or its first limit + 1 bytes (max_body_bytes, or the path's in larger_bodies; the app answers
+        413 for more), each part counted in held[0] and self.held as it arrives. Raises TimeoutError when a part of it
+        is later than read_timeout_s plus its size at MIN_BODY_BYTES_PER_S, and ServerBusy when it would take the
+        bodies held past most_held."""
+        limit = self.max_body_bytes
+        if scope.method == "POST":
+            limit = self.larger_bodies.get(scope.path, limit)
         declared = scope.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return b""  # refused from its Content-Length alone, without waiting for it
         if declared in (None, "0") and "transfer-encoding" not in scope.headers:
             return b""
@@ -75,7 +90,7 @@ class Front:
         parts: list[bytes] = []
         received = 0
         chunks = aiter(protocol)
-        while received <= self.max_body_bytes:
+        while received <= limit:
             deadline = started + self.read_timeout_s + received / MIN_BODY_BYTES_PER_S
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):

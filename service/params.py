@@ -1,5 +1,6 @@
 """A request's parameters: k, the category, price and attribute filters, the words (q), the facets, and an uploaded
-photo with its vectors (a search's or a write's), each checked with a 400 that says what to send.
+photo with its vectors (a search's or a write's), each checked with a 400 that says what to send. The same readers
+read a form or query string and a JSON body's fields (json_fields turns those into form fields).
 
 Which photo a search is about (an upload, an image_url, a token, a box) is service/search_photo.py; recent query
 photos are remembered by service/recent_queries.py.
@@ -7,11 +8,12 @@ photos are remembered by service/recent_queries.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flask import Request
 from PIL import Image
+from werkzeug.datastructures import MultiDict
 
 from indexer.embedding.images import ImageError
 from indexer.embedding.model import Embedder
@@ -20,6 +22,13 @@ from indexer.index.facets import FacetRequest, FacetsError
 from indexer.index.live_index import Filters
 from indexer.storage.text import Words, WordsError
 from service.errors import BadRequest
+
+# What the readers read: a request's query string and form, or the fields of a JSON body (json_fields).
+Fields = Request | MultiDict
+
+
+def _values(source: Fields) -> MultiDict:
+    return source.values if isinstance(source, Request) else source
 
 
 def read_upload(request: Request) -> bytes:
@@ -32,8 +41,8 @@ def read_upload(request: Request) -> bytes:
     return data
 
 
-def read_k(request: Request, default: int, most: int) -> int:
-    raw = request.values.get("k", "").strip()
+def read_k(request: Fields, default: int, most: int) -> int:
+    raw = _values(request).get("k", "").strip()
     if not raw:
         return default
     try:
@@ -45,16 +54,16 @@ def read_k(request: Request, default: int, most: int) -> int:
     return min(k, most)
 
 
-def read_category(request: Request, known: list[str] | Callable[[], list[str]]) -> str | None:
+def read_category(request: Fields, known: list[str] | Callable[[], list[str]]) -> str | None:
     """The category filter, checked against the known categories (a callable: listed only when one is asked for)."""
-    category = request.values.get("category", "").strip() or None
+    category = _values(request).get("category", "").strip() or None
     if category is not None and category not in (known() if callable(known) else known):
         raise BadRequest(f"unknown category {category[:80]!r}; GET /api/categories lists them")
     return category
 
 
-def read_price_bound(request: Request, name: str) -> float | None:
-    raw = request.values.get(name, "").strip()
+def read_price_bound(request: Fields, name: str) -> float | None:
+    raw = _values(request).get(name, "").strip()
     if not raw:
         return None
     try:
@@ -73,13 +82,14 @@ MAX_ATTRIBUTE_VALUES = 64
 LISTED_NAMES = 30
 
 
-def read_attributes(request: Request, known: Callable[[], list[str]]) -> tuple[tuple[str, frozenset[str]], ...]:
+def read_attributes(request: Fields, known: Callable[[], list[str]]) -> tuple[tuple[str, frozenset[str]], ...]:
     """The attr.<name>=<value> filters: a repeated name is any of its values, different names all must hold;
     values case-folded (an empty one is no filter, as an unset form field). 400 for an empty, long or unknown
     name, a long value, or too many."""
+    values = _values(request)
     wanted: dict[str, set[str]] = {}
     given = 0
-    for key in request.values:
+    for key in values:
         if not key.startswith(ATTRIBUTE_PREFIX):
             continue
         name = key[len(ATTRIBUTE_PREFIX) :]
@@ -87,7 +97,7 @@ def read_attributes(request: Request, known: Callable[[], list[str]]) -> tuple[t
             raise BadRequest("an attribute filter needs a name: attr.<name>=<value>, e.g. attr.size=M")
         if len(name) > MAX_ATTRIBUTE_NAME:
             raise BadRequest(f"attribute names are at most {MAX_ATTRIBUTE_NAME} characters; {name[:40]!r}… is longer")
-        for value in request.values.getlist(key):
+        for value in values.getlist(key):
             given += 1
             if given > MAX_ATTRIBUTE_VALUES:
                 raise BadRequest(f"at most {MAX_ATTRIBUTE_VALUES} attribute filters (attr.<name>=<value>) a search")
@@ -112,7 +122,7 @@ def _listed(names: list[str]) -> str:
 
 
 def read_filters(
-    request: Request,
+    request: Fields,
     known_categories: list[str] | Callable[[], list[str]],
     known_attributes: Callable[[], list[str]] = list,
 ) -> Filters:
@@ -129,10 +139,10 @@ def read_filters(
     return filters
 
 
-def read_words(request: Request, blank_is_none: bool = False) -> Words | None:
+def read_words(request: Fields, blank_is_none: bool = False) -> Words | None:
     """q, the words to search for, or None when it was not sent (or, with blank_is_none, left blank: a page's
     empty words box); 400 for a blank q, one too long, or one without a word."""
-    raw = request.values.get("q")
+    raw = _values(request).get("q")
     if raw is None or (blank_is_none and not raw.strip()):
         return None
     try:
@@ -141,15 +151,15 @@ def read_words(request: Request, blank_is_none: bool = False) -> Words | None:
         raise BadRequest(str(exc)) from None
 
 
-def read_facets(request: Request, default: int, most: int) -> tuple[FacetRequest | None, int]:
+def read_facets(request: Fields, default: int, most: int) -> tuple[FacetRequest | None, int]:
     """The facets asked for (facets=category,price,attr.<name>, comma-separated or repeated; None when none is
     named) and facet_depth, the matches they count (default when not sent); 400 for a facet that is none of
     those, or a facet_depth that is not a whole number from 1 to `most` (service.max_facet_depth)."""
     try:
-        asked = FacetRequest.parse(request.values.getlist("facets"))
+        asked = FacetRequest.parse(_values(request).getlist("facets"))
     except FacetsError as exc:
         raise BadRequest(str(exc)) from None
-    raw = request.values.get("facet_depth", "").strip()
+    raw = _values(request).get("facet_depth", "").strip()
     if not raw:
         return asked, default
     try:
@@ -161,6 +171,43 @@ def read_facets(request: Request, default: int, most: int) -> tuple[FacetRequest
             f"facet_depth must be a whole number from 1 to {most} (service.max_facet_depth), not {raw[:40]!r}"
         )
     return asked, depth
+
+
+def json_fields(body: Mapping[str, object], names: tuple[str, ...]) -> MultiDict:
+    """A JSON body's search fields as the form fields the readers above read: each of `names` that is a string or a
+    number as its text (null: not sent), and "attributes": {"<name>": ["<value>", ...]} (or one value) as
+    attr.<name> fields; 400 for a field of another type."""
+    fields: MultiDict = MultiDict()
+    for name in names:
+        value = body.get(name)
+        if value is not None:
+            fields.add(name, _scalar(value, name))
+    attributes = body.get("attributes")
+    if attributes is None:
+        return fields
+    if not isinstance(attributes, dict):
+        raise BadRequest('attributes must be an object of names and values, e.g. {"size": ["M", "L"]}')
+    given = 0
+    for name, values in attributes.items():
+        for value in values if isinstance(values, list) else [values]:
+            given += 1
+            if given > MAX_ATTRIBUTE_VALUES:  # before reading the rest of a long list
+                raise BadRequest(f"at most {MAX_ATTRIBUTE_VALUES} attribute filters (attributes' values) a search")
+            fields.add(ATTRIBUTE_PREFIX + name, _scalar(value, f"attributes.{name[:40]}"))
+    return fields
+
+
+def _scalar(value: object, name: str) -> str:
+    # bool is an int to Python, not a number to a JSON client.
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadRequest(f"{name} must be a string or a number, not {json_type(value)}")
+    return str(value)
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {bool: "a boolean", dict: "an object", list: "an array", str: "a string", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def embed_upload(data: bytes | Image.Image, embedder: Embedder, views: tuple[str, ...] | None = None) -> np.ndarray:

@@ -91,6 +91,7 @@ def _worker_app(target: str, *, main_pid: int) -> Front:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _stop_with_main_process(main_pid)
     from service import create_app
+    from service.batch import BATCH_PATH
 
     app = create_app()
     settings = app.extensions["catalog_search"].settings
@@ -99,6 +100,7 @@ def _worker_app(target: str, *, main_pid: int) -> Front:
         threads=settings.server_threads,
         read_timeout_s=settings.read_timeout_s,
         max_body_bytes=settings.max_upload_bytes,
+        larger_bodies={BATCH_PATH: settings.max_batch_bytes},  # a batch of photos: its own documented cap
     )
 
 

@@ -356,6 +356,41 @@ def test_widget_fills_a_div_the_shop_adds_later(page, service, shop):
 
 
 @pytest.mark.slow
+def test_widget_shows_recommendations_for_a_list_of_liked_skus(page, service, shop):
+    """data-like (and data-unlike): a POST of JSON to /api/recommend from the shop's origin, preflight and all; the
+    liked and unliked products are not shown, and a list of skus the catalog no longer has leaves the div empty."""
+    origin, folder = shop
+    (folder / "basket.html").write_text(
+        f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>A basket</title><link rel="icon" href="data:,"></head>
+<body>
+  <h2>Complete the look</h2>
+  <div id="basket" data-like="cat-1, mug-1" data-unlike="rocket-1" data-k="5"></div>
+  <div id="gone" data-like="no-such-sku,another" data-k="5"></div>
+  <script src="{service}/widget.js" async></script>
+</body>
+</html>
+"""
+    )
+    with console_errors(page) as errors:
+        page.goto(f"{origin}/basket.html")
+        basket = page.locator("#basket")
+        expect(basket).to_have_attribute("data-similar-state", "loaded")
+        expect(page.locator("#gone")).to_have_attribute("data-similar-state", "empty")
+        page.wait_for_function("[...document.querySelectorAll('#basket img')].every(i => i.complete)")
+        assert all_images_loaded(page, "#basket .vps-image")
+        screenshot(page, "storefront-widget-recommend")
+    assert errors == []
+    # Six products: two liked and one unliked leave three, shown as text.
+    titles = basket.locator(".vps-title").all_text_contents()
+    assert sorted(titles) == sorted([SCRIPT_TITLE, "Astronaut portrait", "Retina scan"])
+    assert page.evaluate("window.pwned") is None
+    page.evaluate("document.getElementById('basket').dataset.unlike = ''")  # re-filled when the lists change
+    expect(basket.locator(".vps-card")).to_have_count(4)
+
+
+@pytest.mark.slow
 def test_pages_run_their_own_script_and_styles_and_nothing_else(page, service, tmp_path):
     with console_errors(page) as errors:
         search_with(page, service, cat_photo(tmp_path))

@@ -439,17 +439,27 @@ class CatalogSearch:
             text = self.words_ranking(view, words, depth + 1, filters)
             text = [product for product in text if product.sku != exclude_sku][:depth]
             return fuse(visual, text, k, self.settings.text_weight)
+        ids, scores = self.neighbours(view, vector, self.rows_for(k), filters)
+        return self.matches(view, ids, scores, k, exclude_sku)
+
+    def rows_for(self, k: int) -> int:
+        """Image rows to fetch for k products: a product's several images (and views) collapse into one result."""
+        return (k + 1) * OVERFETCH * (1 + len(self.settings.catalog_views))
+
+    def neighbours(
+        self, view: IndexView, vector: np.ndarray, count: int, filters: Filters
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and cosine scores of the `count` live images nearest to `vector` that pass the filters, best
+        first: the one filtered search of the view's vectors that every search goes through."""
         if not getattr(_faiss_threads, "set", False):
             # Requests already run in parallel, and an idle OpenMP team spins on the cores
             # that the interpreters need.
             faiss.omp_set_num_threads(1)
             _faiss_threads.set = True
         try:
-            fetch = (k + 1) * OVERFETCH * (1 + len(self.settings.catalog_views))
-            ids, scores = view.live.search(vector, fetch, filters)
+            return view.live.search(vector, count, filters)
         except self._unavailable as exc:
             raise NotReady(str(exc)) from None
-        return self._matches(view, ids, scores, k, exclude_sku)
 
     def search_words(self, view: IndexView, words: Words, k: int, filters: Filters = NO_FILTERS) -> list[ShownProduct]:
         """The k live products that hold every word, most relevant first (the full-text index's relevance as
@@ -467,6 +477,11 @@ class CatalogSearch:
     ) -> list[ShownProduct]:
         """'More like this': neighbours of a catalog product's own vector (read from the store), without itself;
         with `words`, fused with the products that hold them."""
+        return self.search(view, self.product_vector(view, sku), k, filters, exclude_sku=sku, words=words)
+
+    def product_vector(self, view: IndexView, sku: str) -> np.ndarray:
+        """A catalog product's own vector, of the view's model: its first live photo's, read from the store (while
+        the database cannot be read, as this server holds it); UnknownProduct when there is no such product."""
         identity = view.identity
         try:
             vector = self.store.vectors.of_product(sku, identity.key, identity.dim)
@@ -484,11 +499,12 @@ class CatalogSearch:
             if self.store.products.is_live(sku):
                 raise NotReady("the product's photo is being embedded with the current model; try again shortly")
             raise UnknownProduct(sku)
-        return self.search(view, vector, k, filters, exclude_sku=sku, words=words)
+        return vector
 
-    def _matches(
-        self, view: IndexView, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None
+    def matches(
+        self, view: IndexView, ids: np.ndarray, scores: np.ndarray, k: int, exclude_sku: str | None = None
     ) -> list[ShownProduct]:
+        """The k best products of these image ids and their scores (best first): one result per product, its best."""
         found = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True)]
         matches: list[ShownProduct] = []
         seen: set[str] = set()

@@ -19,7 +19,7 @@ from indexer.storage.locks import MIGRATION_LOCK_KEY
 from indexer.storage.schema import StoreState
 
 # The newest migration in migrations/versions (a test checks that it is Alembic's head).
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 # Rows per statement: SQLite takes up to 32,766 bound parameters.
 CHUNK = 2_000
 # Seconds before a connection attempt to PostgreSQL is given up (libpq connect_timeout).

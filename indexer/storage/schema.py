@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, LargeBinary, String, UniqueConstraint, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -100,6 +112,42 @@ class StoreState(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger)
+
+
+class DuplicateReport(Base):
+    """The latest near-duplicate report (indexer.jobs.duplicates): each run replaces it, with its pairs, in one
+    transaction, so every server shows the same one and backups hold it."""
+
+    __tablename__ = "duplicate_reports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(TIMESTAMP)
+    # the change number whose vectors were compared
+    change: Mapped[int] = mapped_column(BigInteger)
+    threshold: Mapped[float] = mapped_column(Float)
+    category_only: Mapped[bool] = mapped_column(Boolean)
+    # whether each pair's photos were compared (indexer.jobs.photo_match), or the vectors alone decided
+    photo_check: Mapped[bool] = mapped_column(Boolean)
+    photos: Mapped[int] = mapped_column(BigInteger)
+    products: Mapped[int] = mapped_column(BigInteger)
+    groups: Mapped[int] = mapped_column(BigInteger)
+    pairs: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float)
+
+
+class DuplicatePair(Base):
+    """Two products of a report's group whose photos are near-identical, by sku (sku < other_sku), and the cosine
+    similarity of their closest photos. Groups are numbered from 1, most similar first."""
+
+    __tablename__ = "duplicate_pairs"
+    __table_args__ = (Index("ix_duplicate_pairs_report_group", "report_id", "group_number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("duplicate_reports.id", ondelete="CASCADE"))
+    group_number: Mapped[int] = mapped_column(BigInteger)
+    sku: Mapped[str] = mapped_column(String(512))
+    other_sku: Mapped[str] = mapped_column(String(512))
+    similarity: Mapped[float] = mapped_column(Float)
 
 
 # Images that searches may show; products are live while they have one.

@@ -4,6 +4,7 @@
     store.vectors    image rows, their vectors and the change log (indexer.storage.vectors)
     store.models     whitenings and other model metadata (indexer.storage.models)
     store.text       the full-text index of the products' words, and searching it (indexer.storage.text)
+    store.duplicates the latest near-duplicate report (indexer.storage.duplicates)
 
 The store itself opens the database and reads the change number ("head") that every committed write takes
 (indexer.storage.database); the writers' and compaction's locks are in indexer.storage.locks.
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from indexer.config import Settings
 from indexer.storage.database import make_engine, migrate, read_head, schema_behind
+from indexer.storage.duplicates import Duplicates
 from indexer.storage.models import Models
 from indexer.storage.products import Products
 from indexer.storage.text import ProductText
@@ -33,6 +35,7 @@ class Store:
         self.vectors = Vectors(engine)
         self.models = Models(engine)
         self.text = ProductText(engine)
+        self.duplicates = Duplicates(engine)
         # SQLite: a connection of its own for change_marker, opened at the first call.
         self._marker_connection = None
         self._marker_lock = threading.Lock()

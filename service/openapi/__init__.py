@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
+from service.openapi.batch import BATCH_PATHS, BATCH_SCHEMAS
+from service.openapi.duplicates import DUPLICATES_PATHS, DUPLICATES_SCHEMAS
 from service.openapi.paths import PATHS, URI_TOO_LONG, with_uri_limit
+from service.openapi.recommend import RECOMMEND_PATHS, RECOMMEND_SCHEMAS
 from service.openapi.schemas import (
     DELETE_RESULT,
     ERROR,
@@ -41,7 +44,7 @@ SPEC: Schema = {
         {"name": "pages", "description": "For people: HTML pages and the storefront widget."},
         {"name": "operations", "description": "Health, readiness, metrics and this description."},
     ],
-    "paths": with_uri_limit(PATHS),
+    "paths": with_uri_limit({**PATHS, **BATCH_PATHS, **RECOMMEND_PATHS, **DUPLICATES_PATHS}),
     "components": {
         "responses": {"UriTooLong": URI_TOO_LONG},
         "schemas": {
@@ -55,6 +58,9 @@ SPEC: Schema = {
             "NotReady": NOT_READY,
             "PutResult": PUT_RESULT,
             "DeleteResult": DELETE_RESULT,
+            **BATCH_SCHEMAS,
+            **RECOMMEND_SCHEMAS,
+            **DUPLICATES_SCHEMAS,
         },
         "headers": {
             "RetryAfter": {

@@ -4,10 +4,12 @@
  *   <script src="https://search.example/widget.js" async></script>
  *   <div data-similar-sku="SKU" data-k="8"></div>
  *   <div data-similar-sku="SKU" data-q="leather"></div>   (data-q: words that count too)
+ *   <div data-like="SKU-1,SKU-2" data-unlike="SKU-3" data-k="8"></div>   (more like these, less like those)
  *
  * Fills every such div (also ones added later) with a row of similar products from
- * GET <api>/api/products/<sku>/similar on the script's own origin (or the data-api attribute of the
- * script or the div). No dependencies; all text goes in through textContent. An unknown sku, an error
+ * GET <api>/api/products/<sku>/similar, or for a data-like list of skus (comma-separated) with a row of
+ * recommendations from POST <api>/api/recommend, on the script's own origin (or the data-api attribute of
+ * the script or the div). No dependencies; all text goes in through textContent. An unknown sku, an error
  * or an unreachable service leave the div empty, without a console error from the widget.
  * Class names: vps-row, vps-card, vps-link, vps-image, vps-title, vps-price; the div gets
  * data-similar-state="loading" | "loaded" | "empty".
@@ -16,6 +18,11 @@
   "use strict";
 
   var SKU_ATTRIBUTE = "data-similar-sku";
+  var LIKE_ATTRIBUTE = "data-like";
+  var UNLIKE_ATTRIBUTE = "data-unlike";
+  // What a div is filled from: a change to any of them fills it again.
+  var WATCHED = [SKU_ATTRIBUTE, LIKE_ATTRIBUTE, UNLIKE_ATTRIBUTE, "data-k", "data-q", "data-api"];
+  var SELECTOR = "[" + SKU_ATTRIBUTE + "],[" + LIKE_ATTRIBUTE + "]";
   var STYLE_ID = "vps-similar-style";
   // :where() gives these rules no specificity, so any class rule of the shop overrides them.
   var CSS =
@@ -30,7 +37,7 @@
   // Captured now: document.currentScript is only set while the script first runs (async included).
   var script = document.currentScript;
   var defaultBase = baseOf(script);
-  var rendered = new WeakMap(); // div -> the sku, k and data-api it was last filled for
+  var rendered = new WeakMap(); // div -> the skus, k, words and data-api it was last filled for
 
   function baseOf(element) {
     try {
@@ -53,6 +60,41 @@
     // unknown=empty: an unknown sku answers 200 with no results, so the browser logs no failed request.
     var query = "?unknown=empty" + (k ? "&k=" + k : "") + (q && q.trim() ? "&q=" + encodeURIComponent(q) : "");
     return new URL("api/products/" + path + "/similar" + query, base).href;
+  }
+
+  function skuList(element, name) {
+    // Comma-separated skus, each trimmed; empty ones dropped.
+    return (element.getAttribute(name) || "")
+      .split(",")
+      .map(function (sku) {
+        return sku.trim();
+      })
+      .filter(function (sku) {
+        return sku;
+      });
+  }
+
+  function ask(element, base, k) {
+    var q = element.getAttribute("data-q");
+    var like = skuList(element, LIKE_ATTRIBUTE);
+    if (!like.length) {
+      return fetch(similarUrl(base, element.getAttribute(SKU_ATTRIBUTE), k, q), { mode: "cors", credentials: "omit" });
+    }
+    // unknown=ignore: a sku no longer in the catalog is left out, so the browser logs no failed request.
+    var body = { like: like, unlike: skuList(element, UNLIKE_ATTRIBUTE), unknown: "ignore" };
+    if (k) {
+      body.k = k;
+    }
+    if (q && q.trim()) {
+      body.q = q;
+    }
+    return fetch(new URL("api/recommend", base).href, {
+      method: "POST",
+      mode: "cors",
+      credentials: "omit",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body)
+    });
   }
 
   function safeLink(url, base) {
@@ -132,16 +174,16 @@
   }
 
   function currentKey(element) {
-    var parts = [SKU_ATTRIBUTE, "data-k", "data-q", "data-api"].map(function (name) {
+    var parts = WATCHED.map(function (name) {
       return element.getAttribute(name) || "";
     });
     return parts.join("\n");
   }
 
   function fill(element) {
-    var sku = element.getAttribute(SKU_ATTRIBUTE);
     var key = currentKey(element);
-    if (!sku || rendered.get(element) === key) {
+    var named = element.getAttribute(SKU_ATTRIBUTE) || skuList(element, LIKE_ATTRIBUTE).length;
+    if (!named || rendered.get(element) === key) {
       return;
     }
     rendered.set(element, key);
@@ -149,7 +191,7 @@
     var k = parseInt(element.getAttribute("data-k"), 10);
     element.setAttribute("data-similar-state", "loading");
     addStyle();
-    fetch(similarUrl(base, sku, k > 0 ? Math.min(k, 100) : 0, element.getAttribute("data-q")), { mode: "cors", credentials: "omit" })
+    ask(element, base, k > 0 ? Math.min(k, 100) : 0)
       .then(function (response) {
         return response.ok ? response.json() : null;
       })
@@ -167,10 +209,10 @@
     if (root.nodeType !== 1 && root.nodeType !== 9) {
       return;
     }
-    if (root.nodeType === 1 && root.hasAttribute(SKU_ATTRIBUTE)) {
+    if (root.nodeType === 1 && root.matches(SELECTOR)) {
       fill(root);
     }
-    var found = root.querySelectorAll("[" + SKU_ATTRIBUTE + "]");
+    var found = root.querySelectorAll(SELECTOR);
     for (var i = 0; i < found.length; i++) {
       fill(found[i]);
     }
@@ -181,7 +223,7 @@
     if (typeof MutationObserver !== "function") {
       return;
     }
-    // Divs that a shop's own scripts add later, or whose sku or k they change.
+    // Divs that a shop's own scripts add later, or whose skus or k they change.
     new MutationObserver(function (mutations) {
       for (var i = 0; i < mutations.length; i++) {
         var mutation = mutations[i];
@@ -196,7 +238,7 @@
       childList: true,
       subtree: true,
       attributes: true,
-      attributeFilter: [SKU_ATTRIBUTE, "data-k", "data-q", "data-api"]
+      attributeFilter: WATCHED
     });
   }
 
