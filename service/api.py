@@ -68,7 +68,7 @@ def _facets_json(matches: list[ShownProduct], asked: FacetRequest | None, depth:
     return {"facets": catalog_search().facets(matches[:depth], asked), "facet_depth": depth}
 
 
-def _filters_json(filters: Filters) -> dict[str, object]:
+def filters_json(filters: Filters) -> dict[str, object]:
     return {
         "category": filters.category,
         "min_price": filters.min_price,
@@ -103,7 +103,7 @@ def search_by_photo():
         {
             "results": results_json(matches[:k]),
             "k": k,
-            **_filters_json(filters),
+            **filters_json(filters),
             "q": request.values.get("q") if words is not None else None,
             "query": query.token if query else None,
             "box": query.box.as_list() if query and query.box else None,
@@ -134,7 +134,7 @@ def similar_products(sku: str):
             "sku": sku,
             "results": results_json(matches[:k]),
             "k": k,
-            **_filters_json(filters),
+            **filters_json(filters),
             "q": request.values.get("q") if words is not None else None,
             **_facets_json(matches, asked, depth),
             "took_ms": round((time.perf_counter() - started) * 1000, 2),

@@ -28,7 +28,7 @@ from indexer.index.live_index import Filters
 from indexer.index.search import CatalogSearch, IndexView
 from indexer.records import ShownProduct
 from indexer.storage.text import Words
-from service.api import _filters_json, catalog_search, results_json
+from service.api import catalog_search, filters_json, results_json
 from service.errors import BadRequest
 from service.params import read_filters, read_k, read_words
 from service.recent_queries import Query, RecentQueries
@@ -250,7 +250,7 @@ def search_batch():
     k = read_k(values, settings.default_k, settings.max_k)
     filters = read_filters(values, lambda: search.categories(view), view.live.attribute_names)
     words = read_words(values)
-    echo = {"k": k, **_filters_json(filters), "q": values.get("q") if words is not None else None}
+    echo = {"k": k, **filters_json(filters), "q": values.get("q") if words is not None else None}
     shared = _Batch(search, view, current_app.extensions["recent_queries"], k, filters, words)
     searched = search_items(items, shared)
     answers = [_answer(item, searched[position], echo, view) for position, item in enumerate(items)]

@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, jsonify, request
 from indexer.errors import UnknownProduct
 from indexer.index.recommend import Examples, recommend
 from indexer.index.search import CatalogSearch, IndexView
-from service.api import _filters_json, catalog_search, results_json
+from service.api import catalog_search, filters_json, results_json
 from service.errors import BadRequest
 from service.params import json_fields, json_type, read_filters, read_k, read_words
 from service.recent_queries import TOKEN, RecentQueries
@@ -63,7 +63,7 @@ def recommend_products():
             "unlike": unlike,
             "ignored": ignored,
             "k": k,
-            **_filters_json(filters),
+            **filters_json(filters),
             "q": fields.get("q") if words is not None else None,
             "rule": search.settings.recommend_rule,
             "index_version": view.version,

@@ -15,7 +15,7 @@ from indexer.index.recommend import Examples, average_query, best_scores, recomm
 from indexer.index.search import IndexView
 from indexer.jobs.indexing import index_catalog
 from service import create_app
-from tests.conftest import grocery_subset, read_csv, subprocess_config, write_csv
+from tests.conftest import grocery_subset, indexed_skimage, read_csv, subprocess_config, write_csv
 from tests.support.server import running_server
 
 # Six kinds of milk carton, near one another: an unliked one has neighbours to push down.
@@ -46,6 +46,18 @@ def catalog(base_settings, embedder, grocery, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(catalog, embedder):
     return create_app(catalog[0], embedder).test_client()
+
+
+@pytest.fixture(scope="module")
+def photos_client(base_settings, embedder, tmp_path_factory):
+    """The scikit-image catalog (no dataset needed), for what a request may send: its checks and CORS."""
+    settings = indexed_skimage(base_settings, embedder, tmp_path_factory.mktemp("recommend-input"), max_k=50,
+                               cors_origins=(SHOP,))  # fmt: skip
+    return create_app(settings, embedder).test_client()
+
+
+# A product of the scikit-image catalog.
+KNOWN = "people/astronaut"
 
 
 def skus_of(products: dict, category: str) -> list[str]:
@@ -173,12 +185,10 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("body", "message"), BAD_BODIES)
-def test_a_bad_body_gets_a_400_that_says_what_is_wrong(client, catalog, body, message):
-    known = skus_of(catalog[1], CATEGORIES[0])[0]
-    body = with_known(body, known)
-    response = client.post("/api/recommend", json=body)
+def test_a_bad_body_gets_a_400_that_says_what_is_wrong(photos_client, body, message):
+    response = photos_client.post("/api/recommend", json=with_known(body, KNOWN))
     assert response.status_code == 400 and response.json["error"] == "bad_request"
-    assert message.replace("<known>", known) in response.json["message"]
+    assert message.replace("<known>", KNOWN) in response.json["message"]
 
 
 def with_known(value: object, known: str) -> object:
@@ -200,8 +210,8 @@ def with_known(value: object, known: str) -> object:
         (b"null", "application/json", "the body must be a JSON object, not null"),
     ],
 )
-def test_a_body_that_is_not_a_json_object_gets_a_400(client, data, content_type, message):
-    response = client.post("/api/recommend", data=data, content_type=content_type)
+def test_a_body_that_is_not_a_json_object_gets_a_400(photos_client, data, content_type, message):
+    response = photos_client.post("/api/recommend", data=data, content_type=content_type)
     assert response.status_code == 400 and message in response.json["message"]
 
 

@@ -1,5 +1,5 @@
 """One synthetic catalog end to end: imported with `indexer import-vectors` into an empty data folder, served,
-and measured: /similar, photo searches, writes until visible, memory and disk."""
+and measured: /similar, photo searches, writes until visible, memory and disk; then the near-duplicate job."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from bench.scale import KEY, K, log
 from bench.scale.commands import disk_usage, peak_memory_mb, run_cli
+from bench.scale.duplicates import measure_duplicates
 from bench.scale.probes import delete_targets, measure_search, measure_similar, measure_visibility, mixed_writes
 from bench.scale.products import Products, exact_neighbours
 from bench.scale.sweep import measure_sweep
@@ -97,6 +98,9 @@ def measure_catalog(catalog: SyntheticCatalog, work: Path, photos: list[bytes], 
     log(f"{count:,} products: starting the server")
     steal = machine_steal()
     measure_served(count, env, samples, products, exact, photos, embedder, args, report, catalog.vectors)
+    with phase(phases, "duplicates"):
+        report["duplicates"] = measure_duplicates(data_dir, env, work / f"duplicates-{count}.csv", args.seed,
+                                                  args.import_timeout)  # fmt: skip
     stolen, total = (now - then for now, then in zip(machine_steal(), steal, strict=True))
     report["machine_steal_percent"] = round(100 * stolen / max(1, total), 1)
     memory = report["memory"]

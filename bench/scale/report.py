@@ -50,6 +50,11 @@ def checks(results: dict) -> list[dict]:
     line("/api/search p50 <= 1.5x (one embedding + one search)", f"{times}x", known(times) and times <= 1.5)
     ready = _get(large, "ready_seconds")
     line("ready <= 5 s", f"{ready} s", known(ready) and ready <= 5)
+    job, proposal = _get(large, "duplicates", "job_seconds"), _get(large, "duplicates", "proposal")
+    near = _get(proposal, "recall", "above_0.9", "recall")
+    line("duplicate job (python -m indexer duplicates) <= 30 min",
+         f"{job} s; pairs proposed: recall {_get(proposal, 'recall', 'all', 'recall')} at the threshold, "
+         f"{near} above 0.9 (against an exact scan of a sample)", known(job) and job <= 1800)  # fmt: skip
     rerun = results.get("rerun")
     unchanged, visible = _get(rerun, "unchanged_run", "seconds"), _get(rerun, "changed_run", "visible_seconds")
     measured = rerun is not None and "error" not in rerun
@@ -85,6 +90,8 @@ def summary(results: dict) -> str:
           for kind in ("category_own", "category_other", "price_range")],
         ("/api/search p50 / p95 (x embed + search)",
          lambda c: f"{ms(c, 'search')} ({_get(c, 'search', 'over_reference')}x)"),
+        ("duplicate job (proposal alone)",
+         lambda c: f"{_get(c, 'duplicates', 'job_seconds')} s ({_get(c, 'duplicates', 'proposal', 'seconds')} s)"),
         ("PUT until visible p50 / p95", lambda c: ms(c, "writes_visible", "put")),
         ("DELETE until gone p50 / p95", lambda c: ms(c, "writes_visible", "delete")),
         ("RSS before / peak / after writes",

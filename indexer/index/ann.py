@@ -73,6 +73,12 @@ def _is_ivf(index: faiss.Index) -> bool:
     return isinstance(index, faiss.IndexIVF)
 
 
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF structure doing an index's approximate search (whose quantizer holds its cells), or None."""
+    core = _core(index)
+    return core if _is_ivf(core) else None
+
+
 def _is_hnsw(index: faiss.Index) -> bool:
     # IndexHNSW2Level rejects every SearchParameters, so it is searched like an unknown type.
     return isinstance(index, faiss.IndexHNSW) and not isinstance(index, faiss.IndexHNSW2Level)

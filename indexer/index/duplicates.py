@@ -1,15 +1,16 @@
-"""Near-identical photos among the vectors an index holds, found through the index itself, never by comparing every
-photo with every other: each live photo's nearest neighbours from the base segment's FAISS structure (thousands of
-queries per batched search, with the base's tuned parameters, widened), exactly from a Flat base (small catalogs),
-and from an exact scan of the delta. Candidates are scored again exactly from the live vectors, so a similarity
-reported is the cosine itself, whatever codes the FAISS structure keeps.
+"""Near-identical photos among the vectors an index holds, found through the index's partition, never by comparing
+every photo with every other: the base's IVF cells (its coarse quantizer; cells learned by k-means for a base
+without them, one cell for a few thousand photos) split the photos, and each photo is compared exactly, by matrix
+products, with the photos of its own cell that have it among their nearest cells, the delta's and the base's alike.
+A similarity reported is the cosine of the stored vectors, whatever codes the FAISS structure keeps.
 
 The job that turns these photo pairs into groups of products is indexer.jobs.duplicates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,31 +18,27 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from indexer.index.ann import SearchTuning, search_params
+from indexer.index.ann import ivf_of
 from indexer.index.segments import BaseSegment, rows_by_id
 from indexer.storage.vectors import Changes
 
-# Neighbours asked for per photo. A photo and its near-copies are few; a photo whose neighbours are all near-copies
-# (variants' rows of one photo, extra views, a photo copied many times) is searched again with four times as many,
-# up to MOST_NEIGHBOURS, while its neighbours so far name fewer than NEIGHBOURS // 2 other photos: groups are the
-# connected pairs, so a photo copied a thousand times is linked to its copies through 16 of them each, not through
-# half a million pairs.
-NEIGHBOURS = 16
-MOST_NEIGHBOURS = 256
-# Queries per FAISS search call: 2,048 x 1024 float32 is 8 MB, and each call uses every FAISS thread.
-QUERY_CHUNK = 2048
-# The base's tuning reaches recall@10 0.95 for any query; a near-copy that fell into a neighbouring IVF list needs a
-# few lists more. On 300,000 clustered 1024-d vectors (IVF512,SQ8, tuned nprobe 1) with 2,000 planted near-copies at
-# cosine 0.93-0.99, nprobe 1 found 97.4 % of them, 2: 99.45 %, 4: 99.95 % (at 83, 183 and 311 us a photo on 2
-# cores). So at least LEAST_NPROBE lists (IVF), and for HNSW (not measured) an efSearch of 4 x the neighbours asked
-# for; a wider tuning stays as it is.
-LEAST_NPROBE = 4
-LEAST_EF_SEARCH = 4 * NEIGHBOURS
-# Candidates whose approximate score (the FAISS structure's codes: SQ8, PQ) is this far below the threshold are
-# still scored exactly; SQ8 errs by about 0.01 on unit vectors.
-APPROXIMATE_MARGIN = 0.05
-# Searches that return scores for these int64 ids: (queries, k) -> (scores, ids), -1 where none.
-Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# A photo is compared with every photo whose nearest cells (this many) hold its own nearest one. A near-copy's
+# vector is close to its photo's, so it falls into the same cell or the next. On the 1,000,000 clustered 1024-d
+# vectors of `make bench-scale` (IVF1024), against an exact scan of a sample (bench/README.md, "Near-duplicates"):
+# see the recall figures there.
+CELLS_AROUND = 2
+# Photos below which (a base without IVF cells) every photo is compared with every other, as one cell.
+EXACT_PHOTOS = 20_000
+# Photos sampled per cell to learn the cells by k-means, when the base has none.
+TRAIN_PER_CELL = 64
+# Photos assigned to their cells per quantizer search.
+ASSIGN_CHUNK = 16_384
+# Similarities computed at once (a block of a cell's photos against the photos around it): 32M float32, 128 MB.
+BLOCK_SCORES = 32_000_000
+# The nearest photos a photo keeps above the threshold. Groups are the connected pairs, so a photo copied a thousand
+# times is linked to its copies through these, not through half a million pairs; and a dense cluster of vectors (the
+# synthetic million of `make bench-scale` proposes 88 million pairs at 0.7 when each keeps 256) stays within memory.
+MOST_PAIRS = 16
 
 
 @dataclass(frozen=True)
@@ -125,31 +122,28 @@ def near_photo_pairs(
     threads: int = 0,
     progress: bool = False,
 ) -> PhotoPairs:
-    """Every pair of photos at cosine similarity `threshold` or more that the index finds: each photo's image id in
-    `query_ids` (one live image row per photo) is searched for; `photo_of_id` gives the photo of each image id (-1:
-    not a photo of the table, such as an extra view, or another photo's variant rows under the same code). A photo
-    is never paired with itself. `threads`: FAISS's threads for this job (0: as it is)."""
+    """Every pair of photos at cosine similarity `threshold` or more that the partition finds: each photo's image id
+    in `query_ids` (one live image row per photo) is compared with the photos of its own cell and of the cells
+    around it; `photo_of_id` gives the photo of each image id. A photo is never paired with itself, and each keeps
+    its MOST_PAIRS nearest. `threads`: FAISS's threads for this job (0: as they are)."""
     query_ids = np.asarray(query_ids, dtype=np.int64)
-    sources = _sources(live)
-    found_keys, found_scores = [], []
+    query_ids = query_ids[live.is_live(query_ids)]
+    own = _photo(photo_of_id, query_ids)
     photos = max(int(photo_of_id.max()) + 1, 1) if len(photo_of_id) else 1
-    with _faiss_threads(threads), tqdm(total=len(query_ids), desc="Near-duplicates", unit="photo",
-                                       disable=not progress) as bar:  # fmt: skip
-        for start in range(0, len(query_ids), QUERY_CHUNK):
-            chunk = query_ids[start : start + QUERY_CHUNK]
-            live_rows, queries = live.vectors_of(chunk)
-            chunk, queries = chunk[live_rows], queries[live_rows]
-            own = _photo(photo_of_id, chunk)
-            for search, size in sources:
-                query_at, candidate = _neighbours(search, size, queries, own, photo_of_id, threshold)
-                scores = _exact_scores(live, queries[query_at], candidate)
-                other = _photo(photo_of_id, candidate)
-                keep = (scores >= threshold) & (other >= 0) & (other != own[query_at])
-                first = np.minimum(own[query_at][keep], other[keep])
-                second = np.maximum(own[query_at][keep], other[keep])
-                found_keys.append(first * photos + second)
+    found_keys, found_scores = [], []
+    with _faiss_threads(threads):
+        cells = _cells(live, query_ids, progress)
+        with tqdm(total=len(query_ids), desc="Near-duplicates", unit="photo", disable=not progress) as bar:
+            for members, around in cells.joins():
+                vectors = live.vectors_of(query_ids[around])[1]
+                inside = np.isin(around, members, assume_unique=True)
+                at, other, scores = _pairs_over(vectors[inside], vectors, threshold)
+                first, second = own[around[inside][at]], own[around[other]]
+                keep = first != second
+                low, high = np.minimum(first[keep], second[keep]), np.maximum(first[keep], second[keep])
+                found_keys.append(low * photos + high)
                 found_scores.append(scores[keep])
-            bar.update(len(query_ids[start : start + QUERY_CHUNK]))
+                bar.update(len(members))
     keys = np.concatenate(found_keys) if found_keys else np.zeros(0, np.int64)
     scores = np.concatenate(found_scores) if found_scores else np.zeros(0, np.float32)
     order = np.lexsort((-scores, keys))  # each pair's best score first (both directions score the same)
@@ -159,94 +153,93 @@ def near_photo_pairs(
     return PhotoPairs(keys // photos, keys % photos, scores.astype(np.float32))
 
 
-def _sources(live: LiveVectors) -> list[tuple[Search, int]]:
-    """The searches a photo's neighbours come from, with how many vectors each holds: the base (its FAISS structure,
-    or exactly without one) and the delta (exactly)."""
-    base = live.base
-    sources: list[tuple[Search, int]] = []
-    if len(base):
-        if base.ann is not None:
-            index, tuning, widen = base.ann, base.tuning, _widening(base.tuning)
+@dataclass(frozen=True)
+class Cells:
+    """The photos (positions in the query list) by cell: each photo belongs to its nearest cell and is compared with
+    the photos that have that cell among their CELLS_AROUND nearest."""
 
-            def approximate(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-                # a new parameters object per call: FAISS writes into it while searching
-                return index.search(queries, k, params=search_params(index, tuning, widen=widen))
+    nearest: np.ndarray  # (photos, CELLS_AROUND) cell numbers, nearest first
+    count: int
 
-            sources.append((approximate, int(index.ntotal)))
-        else:
-            sources.append((_exact_search(base.vectors, base.ids), len(base)))
-    if len(live.delta_ids):
-        sources.append((_exact_search(live.delta_vectors, live.delta_ids), len(live.delta_ids)))
-    return sources
-
-
-def _widening(tuning: SearchTuning) -> float:
-    """How much wider than its tuning the base is searched: to LEAST_NPROBE lists, or an efSearch of LEAST_EF_SEARCH."""
-    if tuning.nprobe:
-        return max(1.0, LEAST_NPROBE / tuning.nprobe)
-    if tuning.ef_search:
-        return max(1.0, LEAST_EF_SEARCH / tuning.ef_search)
-    return 1.0
+    def joins(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(the photos whose nearest cell it is, the photos around it: every photo with it among its nearest), per
+        cell, as sorted positions."""
+        home = self.nearest[:, 0]
+        by_home = np.argsort(home, kind="stable")
+        home_starts = np.searchsorted(home[by_home], np.arange(self.count + 1))
+        flat = self.nearest.ravel()
+        by_cell = np.argsort(flat, kind="stable")
+        cell_starts = np.searchsorted(flat[by_cell], np.arange(self.count + 1))
+        positions = by_cell // self.nearest.shape[1]
+        for cell in range(self.count):
+            members = by_home[home_starts[cell] : home_starts[cell + 1]]
+            if len(members):
+                yield np.sort(members), np.sort(positions[cell_starts[cell] : cell_starts[cell + 1]])
 
 
-def _exact_search(vectors: np.ndarray, ids: np.ndarray) -> Search:
-    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, at = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        return scores, np.where(at >= 0, ids[np.maximum(at, 0)], -1)
-
-    return search
-
-
-def _neighbours(
-    search: Search, size: int, queries: np.ndarray, own: np.ndarray, photo_of_id: np.ndarray, threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(query positions, candidate ids): the neighbours of each query that may be at the threshold, by the source's
-    (possibly approximate) scores. A query whose neighbours all are, yet name few other photos, is searched again
-    with more (NEIGHBOURS, MOST_NEIGHBOURS)."""
-    near = threshold - APPROXIMATE_MARGIN
-    pending = np.arange(len(queries))
-    k = NEIGHBOURS
-    found_at, found_ids = [], []
-    while len(pending):
-        wanted = min(k, size)
-        scores, ids = search(np.ascontiguousarray(queries[pending]), wanted)
-        close = (ids >= 0) & (scores >= near)
-        rows, columns = np.nonzero(close)
-        found_at.append(pending[rows])
-        found_ids.append(ids[rows, columns])
-        if wanted >= min(MOST_NEIGHBOURS, size):
-            break
-        # Searched again: every neighbour close, and few of them other photos than the query's own.
-        others = _photo(photo_of_id, ids)
-        others = np.where(close & (others >= 0) & (others != own[pending][:, None]), others, -1)
-        again = close.all(axis=1) & (_distinct(others) < NEIGHBOURS // 2)
-        pending, k = pending[again], k * 4
-    return np.concatenate(found_at), np.concatenate(found_ids)
+def _cells(live: LiveVectors, query_ids: np.ndarray, progress: bool) -> Cells:
+    """The partition the photos are joined in: the base's own IVF cells (its coarse quantizer) when it has them, one
+    cell holding every photo when they are few, else cells learned now by k-means on a sample."""
+    count = len(query_ids)
+    quantizer = _ivf_quantizer(live.base)
+    if quantizer is None and count <= EXACT_PHOTOS:
+        return Cells(np.zeros((count, 1), dtype=np.int64), 1)
+    if quantizer is None:
+        quantizer = _learned_quantizer(live, query_ids)
+    around = min(CELLS_AROUND, quantizer.ntotal)
+    nearest = np.zeros((count, around), dtype=np.int64)
+    for start in tqdm(range(0, count, ASSIGN_CHUNK), desc="Cells", unit="chunk", disable=not progress):
+        vectors = live.vectors_of(query_ids[start : start + ASSIGN_CHUNK])[1]
+        nearest[start : start + len(vectors)] = quantizer.search(vectors, around)[1]
+    return Cells(nearest, int(quantizer.ntotal))
 
 
-def _distinct(codes: np.ndarray) -> np.ndarray:
-    """Per row, how many distinct values >= 0 it holds."""
-    ordered = np.sort(codes, axis=1)
-    fresh = np.ones_like(ordered, dtype=bool)
-    fresh[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    return (fresh & (ordered >= 0)).sum(axis=1)
+def _ivf_quantizer(base: BaseSegment) -> faiss.Index | None:
+    """The coarse quantizer of the base's IVF structure (its cells' centroids), or None when it has none."""
+    ivf = None if base.ann is None else ivf_of(base.ann)
+    return None if ivf is None else faiss.downcast_index(ivf.quantizer)
+
+
+def _learned_quantizer(live: LiveVectors, query_ids: np.ndarray) -> faiss.Index:
+    """Cells for a base without IVF cells (HNSW, or another structure): k-means on a seeded sample, about the square
+    root of the photos' count of cells, as an IVF index of "auto" would have."""
+    count = len(query_ids)
+    cells = 2 ** round(math.log2(math.sqrt(count)))
+    sample = np.random.default_rng(0).choice(count, size=min(count, TRAIN_PER_CELL * cells), replace=False)
+    vectors = live.vectors_of(query_ids[np.sort(sample)])[1]
+    kmeans = faiss.Kmeans(vectors.shape[1], cells, niter=10, seed=0, spherical=True)
+    kmeans.train(vectors)
+    quantizer = faiss.IndexFlatIP(vectors.shape[1])
+    quantizer.add(kmeans.centroids)
+    return quantizer
+
+
+def _pairs_over(
+    queries: np.ndarray, vectors: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query row, vector row, cosine) of every query's vectors at the threshold or more, its MOST_PAIRS best; by
+    blocks of queries, so that the similarity block stays near BLOCK_SCORES numbers."""
+    rows = max(1, BLOCK_SCORES // max(1, len(vectors)))
+    found = []
+    for start in range(0, len(queries), rows):
+        scores = queries[start : start + rows] @ vectors.T
+        over = scores >= threshold
+        crowded = np.flatnonzero(over.sum(axis=1) > MOST_PAIRS)
+        if len(crowded):  # photos with many near ones: their best link them to the rest of their group
+            best = np.argpartition(-scores[crowded], MOST_PAIRS, axis=1)[:, :MOST_PAIRS]
+            over[crowded] = False
+            over[crowded[:, None], best] = True
+        at, other = np.nonzero(over)
+        found.append((at + start, other, scores[at, other]))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate(parts) for parts in zip(*found, strict=True))
 
 
 def _photo(photo_of_id: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The photo code of each image id, -1 for ids the table does not know."""
     inside = (ids >= 0) & (ids < len(photo_of_id))
     return np.where(inside, photo_of_id[np.where(inside, ids, 0)], -1)
-
-
-def _exact_scores(live: LiveVectors, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Each query's cosine with its candidate's live vector; -inf where the candidate is no longer live."""
-    if not len(candidates):
-        return np.zeros(0, np.float32)
-    order = np.argsort(candidates, kind="stable")  # the memory map read in order: each page once
-    live_rows, vectors = live.vectors_of(candidates[order])
-    scores = np.empty(len(candidates), dtype=np.float32)
-    scores[order] = np.where(live_rows, np.einsum("nd,nd->n", queries[order], vectors), -np.inf)
-    return scores
 
 
 @contextmanager

@@ -93,7 +93,7 @@ class DuplicateReport:
 
 
 @dataclass(frozen=True)
-class _Photos:
+class Photos:
     """The live photos of the index's model: one image id per photo to search with, each image id's photo (-1: an
     extra view, or no photo of this model), which products each photo is of, and each product's sku and category."""
 
@@ -136,7 +136,7 @@ def find_duplicates(
     try:
         model_key, dim = base.manifest["model_key"], int(base.vectors.shape[1])
         live = LiveVectors.of(base, store.vectors.changes_since(base.built_through, model_key, dim))
-        photos = _read_photos(store, model_key, live)
+        photos = read_photos(store, model_key, live)
         found = near_photo_pairs(
             live, photos.query_ids, photos.photo_of_id, threshold, threads=threads or cpu_count(), progress=progress
         )
@@ -162,7 +162,7 @@ def find_duplicates(
     return DuplicateReport(summary, pairs, proposed, unreadable)
 
 
-def _same_pictures(photos: _Photos, found: PhotoPairs, threads: int, progress: bool) -> tuple[PhotoPairs, int]:
+def _same_pictures(photos: Photos, found: PhotoPairs, threads: int, progress: bool) -> tuple[PhotoPairs, int]:
     """The pairs whose photos are one picture (match_scores at MATCH or more), and how many of their photos could not
     be read. Only the photos of proposed pairs are decoded."""
     involved, where = np.unique(np.concatenate([found.first, found.second]), return_inverse=True)
@@ -174,7 +174,7 @@ def _same_pictures(photos: _Photos, found: PhotoPairs, threads: int, progress: b
     return kept, int((row < 0).sum())
 
 
-def _read_photos(store: Store, model_key: str, live: LiveVectors) -> _Photos:
+def read_photos(store: Store, model_key: str, live: LiveVectors) -> Photos:
     """The photo table of the live image rows of this model whose vectors the index holds."""
     query = (
         select(
@@ -202,7 +202,7 @@ def _read_photos(store: Store, model_key: str, live: LiveVectors) -> _Photos:
     photo_of_id = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
     photo_of_id[ids] = photo
     skus, categories = _product_fields(store, product_ids)
-    return _Photos(
+    return Photos(
         query_ids=ids[first_row],
         photo_of_id=photo_of_id,
         files=names,
@@ -248,7 +248,7 @@ def _expand(starts: np.ndarray, products: np.ndarray, first: np.ndarray, second:
     return a, b, source
 
 
-def _product_pairs(photos: _Photos, found: PhotoPairs, category_only: bool):
+def _product_pairs(photos: Photos, found: PhotoPairs, category_only: bool):
     """(first, second, similarity): pairs of products (indices, first < second), each with the similarity of its
     closest photos, less the pairs of one product, of variants (products sharing a photo) and, with
     category_only, of two categories."""
