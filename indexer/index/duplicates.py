@@ -22,10 +22,9 @@ from indexer.index.ann import ivf_of
 from indexer.index.segments import BaseSegment, rows_by_id
 from indexer.storage.vectors import Changes
 
-# A photo is compared with every photo whose nearest cells (this many) hold its own nearest one. A near-copy's
-# vector is close to its photo's, so it falls into the same cell or the next. On the 1,000,000 clustered 1024-d
-# vectors of `make bench-scale` (IVF1024), against an exact scan of a sample (bench/README.md, "Near-duplicates"):
-# see the recall figures there.
+# A photo is compared with every photo of its nearest cells (this many). A near-copy's vector is close to its
+# photo's, so it falls into the same cell or the next (bench/README.md, "Near-duplicates at scale": recall against an
+# exact scan of a sample of the 1,000,000 1024-d vectors of `make bench-scale`).
 CELLS_AROUND = 2
 # Photos below which (a base without IVF cells) every photo is compared with every other, as one cell.
 EXACT_PHOTOS = 20_000
@@ -123,40 +122,54 @@ def near_photo_pairs(
     progress: bool = False,
 ) -> PhotoPairs:
     """Every pair of photos at cosine similarity `threshold` or more that the partition finds: each photo's image id
-    in `query_ids` (one live image row per photo) is compared with the photos of its own cell and of the cells
-    around it; `photo_of_id` gives the photo of each image id. A photo is never paired with itself, and each keeps
-    its MOST_PAIRS nearest. `threads`: FAISS's threads for this job (0: as they are)."""
+    in `query_ids` (one live image row per photo) is compared with the photos of its CELLS_AROUND nearest cells, and
+    keeps its MOST_PAIRS nearest of them; `photo_of_id` gives the photo of each image id. A photo is never paired
+    with itself. `threads`: FAISS's threads for this job (0: as they are)."""
     query_ids = np.asarray(query_ids, dtype=np.int64)
     query_ids = query_ids[live.is_live(query_ids)]
     own = _photo(photo_of_id, query_ids)
-    photos = max(int(photo_of_id.max()) + 1, 1) if len(photo_of_id) else 1
-    found_keys, found_scores = [], []
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     with _faiss_threads(threads):
         cells = _cells(live, query_ids, progress)
         with tqdm(total=len(query_ids), desc="Near-duplicates", unit="photo", disable=not progress) as bar:
             for members, around in cells.joins():
                 vectors = live.vectors_of(query_ids[around])[1]
                 inside = np.isin(around, members, assume_unique=True)
-                at, other, scores = _pairs_over(vectors[inside], vectors, threshold)
-                first, second = own[around[inside][at]], own[around[other]]
-                keep = first != second
-                low, high = np.minimum(first[keep], second[keep]), np.maximum(first[keep], second[keep])
-                found_keys.append(low * photos + high)
-                found_scores.append(scores[keep])
+                # the photos around the cell against the photos in it: each photo meets every photo of its cells
+                at, other, scores = _pairs_over(vectors, vectors[inside], threshold)
+                query, candidate = around[at], around[inside][other]
+                keep = own[query] != own[candidate]
+                found.append((query[keep], candidate[keep], scores[keep]))
                 bar.update(len(members))
-    keys = np.concatenate(found_keys) if found_keys else np.zeros(0, np.int64)
-    scores = np.concatenate(found_scores) if found_scores else np.zeros(0, np.float32)
-    order = np.lexsort((-scores, keys))  # each pair's best score first (both directions score the same)
+    if not found:
+        return PhotoPairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    query, candidate, scores = _nearest_of_each(*(np.concatenate(parts) for parts in zip(*found, strict=True)))
+    photos = max(int(photo_of_id.max()) + 1, 1) if len(photo_of_id) else 1
+    first, second = own[query], own[candidate]
+    keys = np.minimum(first, second) * photos + np.maximum(first, second)
+    order = np.lexsort((-scores, keys))  # each pair once (both directions score the same)
     keys, scores = keys[order], scores[order]
     first_of_pair = np.r_[True, keys[1:] != keys[:-1]] if len(keys) else np.zeros(0, bool)
     keys, scores = keys[first_of_pair], scores[first_of_pair]
     return PhotoPairs(keys // photos, keys % photos, scores.astype(np.float32))
 
 
+def _nearest_of_each(
+    query: np.ndarray, candidate: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's MOST_PAIRS best candidates over all its cells (each cell gave its own best)."""
+    order = np.lexsort((-scores, query))
+    query, candidate, scores = query[order], candidate[order], scores[order]
+    starts = np.r_[0, np.flatnonzero(query[1:] != query[:-1]) + 1] if len(query) else np.zeros(0, np.int64)
+    rank = np.arange(len(query)) - np.repeat(starts, np.diff(np.r_[starts, len(query)]))
+    keep = rank < MOST_PAIRS
+    return query[keep], candidate[keep], scores[keep]
+
+
 @dataclass(frozen=True)
 class Cells:
-    """The photos (positions in the query list) by cell: each photo belongs to its nearest cell and is compared with
-    the photos that have that cell among their CELLS_AROUND nearest."""
+    """The photos (positions in the query list) by cell: each photo belongs to its nearest cell, and is compared with
+    the photos of its CELLS_AROUND nearest cells (as an IVF search probing that many lists)."""
 
     nearest: np.ndarray  # (photos, CELLS_AROUND) cell numbers, nearest first
     count: int
