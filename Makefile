@@ -197,7 +197,7 @@ endif
 # DUPLICATES=1: 300 near-copies planted in a copy of CATALOG (indexed in WORK, default a temporary folder), the
 # near-duplicate finder's precision and recall by threshold, to eval/duplicates/.
 eval: weights migrate
-	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category] [WORDS=<column>] [COMPARE=1 [COARSE=coarse_category] [VIEWS=flip,crop]]"; exit 2; }
+	@test -n "$(CATALOG)" || { echo "usage: make eval CATALOG=<folder> [METADATA=<csv>] [QUERIES=<csv>] [LABEL=category] [WORDS=<column>] [COMPARE=1 [COARSE=coarse_category] [VIEWS=flip,crop]] [DUPLICATES=1 [WORK=<folder>]] [RECOMMEND=1 [TRIALS=n]]"; exit 2; }
 ifdef COMPARE
 	$(PY) -m eval.compare --catalog "$(CATALOG)" $(if $(METADATA),--metadata "$(METADATA)") \
 	  --queries "$(QUERIES)" $(if $(COARSE),--coarse-label "$(COARSE)") $(if $(VIEWS),--views "$(VIEWS)")
