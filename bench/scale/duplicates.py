@@ -13,8 +13,7 @@ from bench.scale import log
 from bench.scale.commands import run_cli
 from indexer.config import cpu_count, load_settings
 from indexer.index.duplicates import MOST_PAIRS, LiveVectors, near_photo_pairs
-from indexer.index.segments import load_base
-from indexer.jobs.duplicates import read_photos
+from indexer.jobs.duplicates import live_photos
 from indexer.storage.store import Store
 
 # Photos whose pairs are checked against an exact scan of every photo.
@@ -44,22 +43,13 @@ def proposal_recall(data_dir: Path, seed: int) -> dict[str, object]:
     0.9."""
     settings = load_settings(data_dir=data_dir)
     threshold = settings.duplicates_threshold
-    store = Store.open(settings)
-    base = load_base(settings.index_dir)
-    if base is None:
-        raise RuntimeError(f"no index in {settings.index_dir}")
-    try:
-        model_key, dim = base.manifest["model_key"], int(base.vectors.shape[1])
-        live = LiveVectors.of(base, store.vectors.changes_since(base.built_through, model_key, dim))
-        photos = read_photos(store, model_key, live)
+    with live_photos(settings, Store.open(settings)) as (live, photos):
         started = time.perf_counter()
         pairs = near_photo_pairs(live, photos.query_ids, photos.photo_of_id, threshold, threads=cpu_count())
         seconds = time.perf_counter() - started
         count = len(photos.query_ids)
         sample = np.sort(np.random.default_rng(seed).choice(count, size=min(SAMPLE, count), replace=False))
         best_scores, best_photos = _exact_best(live, photos.query_ids, sample, threshold)
-    finally:
-        base.release()
     found = set((pairs.first.astype(np.int64) * count + pairs.second).tolist())
     # A near-copy is its photo's nearest: "nearest" is each sampled photo's nearest other photo, when at the threshold.
     nearest = np.zeros_like(best_scores, dtype=bool)

@@ -16,6 +16,8 @@ import argparse
 import csv
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,18 +132,10 @@ def find_duplicates(
             f"the duplicate finder needs the faiss backend (index.backend = {settings.index_backend!r}): it searches "
             "the base segment's own FAISS structure; run it with VECTOR_STORE=faiss on a data folder indexed so"
         )
-    base = load_base(settings.index_dir)
-    if base is None:
-        raise DuplicatesError(f"no index in {settings.index_dir} yet: run `make index CATALOG=<folder>` first")
-    try:
-        model_key, dim = base.manifest["model_key"], int(base.vectors.shape[1])
-        live = LiveVectors.of(base, store.vectors.changes_since(base.built_through, model_key, dim))
-        photos = read_photos(store, model_key, live)
+    with live_photos(settings, store) as (live, photos):
         found = near_photo_pairs(
             live, photos.query_ids, photos.photo_of_id, threshold, threads=threads or cpu_count(), progress=progress
         )
-    finally:
-        base.release()
     proposed, unreadable = len(found), 0
     if photo_check:
         found, unreadable = _same_pictures(photos, found, threads, progress)
@@ -160,6 +154,21 @@ def find_duplicates(
         seconds=round(time.perf_counter() - started, 2),
     )
     return DuplicateReport(summary, pairs, proposed, unreadable)
+
+
+@contextmanager
+def live_photos(settings: Settings, store: Store) -> Iterator[tuple[LiveVectors, Photos]]:
+    """The current base with the changes after it applied, and its live photos; the base is let go of afterwards.
+    DuplicatesError when there is no index yet."""
+    base = load_base(settings.index_dir)
+    if base is None:
+        raise DuplicatesError(f"no index in {settings.index_dir} yet: run `make index CATALOG=<folder>` first")
+    try:
+        model_key, dim = base.manifest["model_key"], int(base.vectors.shape[1])
+        live = LiveVectors.of(base, store.vectors.changes_since(base.built_through, model_key, dim))
+        yield live, read_photos(store, model_key, live)
+    finally:
+        base.release()
 
 
 def _same_pictures(photos: Photos, found: PhotoPairs, threads: int, progress: bool) -> tuple[PhotoPairs, int]:
