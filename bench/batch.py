@@ -14,7 +14,6 @@ cache holds (64), so every photo is decoded and embedded.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,8 +26,8 @@ from pathlib import Path
 import requests
 from urllib3.filepost import encode_multipart_formdata
 
-from bench.record import provenance
-from bench.synthetic import real_photos
+from bench.record import emit, provenance
+from bench.synthetic import index_photos, real_photos
 from indexer.config import REPO_ROOT, load_settings, run_with_config
 from tests.support.load import run_wrk, search_bodies, wrk_path
 from tests.support.server import running_server
@@ -167,9 +166,6 @@ def _median_seconds(function, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from indexer.embedding.model import load_embedder
-    from indexer.jobs.indexing import index_catalog
-
     parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--catalog", default=str(REPO_ROOT.parent / "shared" / "datasets" / "grocery-store"),
@@ -184,15 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wrk_path()  # say at once when the load generator is missing
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
-        catalog = Path(tmp) / "catalog"
         source, photos = real_photos(args.index, Path(args.catalog), seed=0)
-        for number, photo in enumerate(photos):
-            path = catalog / photo.category / f"{number:05d}-{Path(photo.name).stem}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(photo.data)
-        settings = load_settings().with_overrides(data_dir=Path(tmp) / "data", catalog_dir=catalog, metadata_path=None)
         print(f"bench: indexing {len(photos)} photos of {source} ...", file=sys.stderr, flush=True)
-        index_catalog(settings, load_embedder(settings, catalog=catalog), catalog, progress=False)
+        settings = index_photos(photos, Path(tmp))
         queries = [photo.data for photo in photos[: args.photos]]
         print(f"bench: {BATCH} photos through the network four ways, and decoded ...", file=sys.stderr, flush=True)
         results = {**provenance(), "precision": settings.precision, "indexed": len(photos)}
@@ -201,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {BATCH} photos a batch against single searches from {CLIENTS} clients, {args.rounds} "
                   "rounds ...", file=sys.stderr, flush=True)  # fmt: skip
             results |= measure_batch(settings.data_dir, queries, args.seconds, args.rounds)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(results, args.out)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -22,8 +21,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-from bench.record import provenance
-from bench.synthetic import real_photos
+from bench.record import emit, provenance
+from bench.synthetic import index_photos, real_photos
 from indexer.config import REPO_ROOT, load_settings, run_with_config
 from tests.support.procfs import process_tree, process_tree_memory_mb
 from tests.support.server import running_server
@@ -103,9 +102,6 @@ def measure_hostile_uploads(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from indexer.embedding.model import load_embedder
-    from indexer.jobs.indexing import index_catalog
-
     parser = argparse.ArgumentParser(prog="python -m bench.hostile_uploads", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--catalog", help="photos to index first (default: the demo catalog or scikit-image's)")
@@ -113,20 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-max-mb", type=int, help="the server's model.image_max_mb (default: config.toml's)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
-        catalog = Path(tmp) / "catalog"
         _, photos = real_photos(24, Path(args.catalog) if args.catalog else None, seed=0)
-        for photo in photos:
-            path = catalog / photo.category / f"{Path(photo.name).stem}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(photo.data)
-        settings = load_settings().with_overrides(data_dir=Path(tmp) / "data", catalog_dir=catalog, metadata_path=None)
-        index_catalog(settings, load_embedder(settings, catalog=catalog), catalog, progress=False)
+        settings = index_photos(photos, Path(tmp))
         measured = measure_hostile_uploads(settings.data_dir, photos[0].data, image_max_mb=args.image_max_mb)
         results = {**provenance(), **measured}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(results, args.out)
     return 0
 
 

@@ -4,6 +4,7 @@ never this machine's."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -75,3 +76,11 @@ def _replace(value: object, ordered: list[tuple[str, str]]) -> object:
     if isinstance(value, list | tuple):
         return [_replace(item, ordered) for item in value]
     return value
+
+
+def emit(results: dict, out: str | None) -> None:
+    """A standalone bench step's figures: printed as JSON, and written to `out` too when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text)

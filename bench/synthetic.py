@@ -108,6 +108,23 @@ def real_photos(limit: int, catalog: Path | None, seed: int) -> tuple[str, list[
     return "scikit-image sample photos", _skimage_crops(limit, seed)
 
 
+def index_photos(photos: list[Photo], folder: Path):
+    """The photos written as a catalog of a folder per category in folder/catalog (numbered, so that equal names
+    stay apart) and indexed into folder/data: the settings over them."""
+    from indexer.config import load_settings
+    from indexer.embedding.model import load_embedder
+    from indexer.jobs.indexing import index_catalog
+
+    catalog = folder / "catalog"
+    for number, photo in enumerate(photos):
+        path = catalog / photo.category / f"{number:05d}-{Path(photo.name).stem}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(photo.data)
+    settings = load_settings().with_overrides(data_dir=folder / "data", catalog_dir=catalog, metadata_path=None)
+    index_catalog(settings, load_embedder(settings, catalog=catalog), catalog, progress=False)
+    return settings
+
+
 def _spread(images: list, limit: int, seed: int) -> list[Photo]:
     """Round-robin over categories (each shuffled), so that every category has an anchor."""
     rng = np.random.default_rng(seed)

@@ -9,10 +9,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from flask import Blueprint, Request, jsonify, render_template, request
 from PIL import Image
 
 from indexer.catalog import served_file
+from indexer.jobs.duplicates import components
 from indexer.storage.duplicates import PairRow, ReportSummary, ReviewedProduct
 from service.api import catalog_search, sku_url
 from service.errors import BadRequest
@@ -115,19 +117,13 @@ def read_review(request: Request) -> Review:
 
 def _linked(pairs: list[PairRow]) -> list[list[PairRow]]:
     """The pairs of one stored group split into the sets still linked (a deleted product may have split it)."""
-    parent: dict[str, str] = {}
-
-    def root(sku: str) -> str:
-        while parent.setdefault(sku, sku) != sku:
-            parent[sku] = parent[parent[sku]]
-            sku = parent[sku]
-        return sku
-
-    for pair in pairs:
-        parent[root(pair.sku)] = root(pair.other_sku)
-    parts: dict[str, list[PairRow]] = {}
-    for pair in pairs:
-        parts.setdefault(root(pair.sku), []).append(pair)
+    skus = sorted({sku for pair in pairs for sku in pair[1:3]})
+    index = {sku: n for n, sku in enumerate(skus)}
+    first = np.array([index[pair.sku] for pair in pairs], dtype=np.int64)
+    second = np.array([index[pair.other_sku] for pair in pairs], dtype=np.int64)
+    parts: dict[int, list[PairRow]] = {}
+    for pair, label in zip(pairs, components(first, second, len(skus))[first], strict=True):
+        parts.setdefault(int(label), []).append(pair)
     return list(parts.values())
 
 
